@@ -1,0 +1,200 @@
+"""Reading a PEFT LoRA adapter directory into per-module weights and scales.
+
+The base model is known here only as data: a map from module name to (in_features,
+out_features). Everything in `adapter_config.json` that changes the math is honoured the way
+PEFT applies it: `r`, `lora_alpha`, `use_rslora`, `rank_pattern`, `alpha_pattern`,
+`target_modules` (list or regex), `layers_to_transform`/`layers_pattern`, `fan_in_fan_out`.
+Weights are read with safetensors only; pickled checkpoints are refused unopened.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+
+
+class AdapterError(ValueError):
+    """An adapter we refuse; the message names the field and the reason."""
+
+
+@dataclass(frozen=True)
+class LoRAWeights:
+    lora_a: torch.Tensor  # [r, in]
+    lora_b: torch.Tensor  # [out, r]
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return self.lora_a.shape[0]
+
+
+@dataclass(frozen=True)
+class LoRAAdapter:
+    name: str
+    path: str
+    config: Mapping
+    modules: Mapping[str, LoRAWeights]  # base-model module name -> weights
+
+    @property
+    def max_rank(self) -> int:
+        return max(w.rank for w in self.modules.values())
+
+
+def _pattern_value(patterns: Mapping[str, float], key: str, default: float) -> float:
+    # PEFT's get_pattern_key: the first pattern that matches a suffix of the module name.
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return value
+    return default
+
+
+def _layer_index(config: Mapping, key: str) -> int | None:
+    patterns = config.get("layers_pattern")
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+        match = None
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+            if match:
+                break
+    return int(match.group("idx")) if match else None
+
+
+def is_targeted(config: Mapping, key: str) -> bool:
+    """PEFT's check_target_module_exists for the fields we honour."""
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        # A regex target ignores layers_to_transform, as in PEFT.
+        return re.fullmatch(targets, key) is not None
+    targets = targets or []
+    if key in targets:
+        return True
+    if not any(key.endswith(f".{t}") for t in targets):
+        return False
+    layers = config.get("layers_to_transform")
+    if layers is None or layers == []:
+        return True
+    index = _layer_index(config, key)
+    if index is None:
+        return False
+    return index == layers if isinstance(layers, int) else index in layers
+
+
+def rank_and_scale(config: Mapping, key: str) -> tuple[int, float]:
+    r = int(_pattern_value(config.get("rank_pattern") or {}, key, config["r"]))
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, key, config.get("lora_alpha", 8))
+    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    return r, scale
+
+
+def _check_config(config: Mapping, max_rank: int) -> None:
+    def refuse(field: str, reason: str) -> None:
+        raise AdapterError(f"adapter_config.json: {field}: {reason}")
+
+    if config.get("peft_type", "LORA") != "LORA":
+        refuse("peft_type", f"only LORA adapters are supported, got {config.get('peft_type')!r}")
+    r = config.get("r")
+    if not isinstance(r, int) or r < 1:
+        refuse("r", f"must be a positive integer, got {r!r}")
+    ranks = [r, *(config.get("rank_pattern") or {}).values()]
+    if max(ranks) > max_rank:
+        refuse("r", f"rank {max(ranks)} exceeds the server's max_lora_rank {max_rank}")
+    if config.get("use_dora"):
+        refuse("use_dora", "DoRA adapters are not supported")
+    if config.get("modules_to_save"):
+        refuse("modules_to_save", "fully fine-tuned modules are not supported")
+    if config.get("bias", "none") != "none":
+        refuse("bias", f"only bias='none' is supported, got {config.get('bias')!r}")
+    if config.get("lora_bias"):
+        refuse("lora_bias", "LoRA bias terms are not supported")
+    if config.get("target_parameters"):
+        refuse("target_parameters", "parameter-targeted LoRA is not supported")
+    if config.get("layer_replication"):
+        refuse("layer_replication", "layer replication is not supported")
+    targets = config.get("target_modules")
+    if not targets or not isinstance(targets, (str, list)):
+        refuse("target_modules", "must be a non-empty list of names or a regex string")
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as e:
+            refuse("target_modules", f"invalid regex: {e}")
+
+
+def load_adapter(
+    path: str | Path,
+    name: str,
+    module_shapes: Mapping[str, tuple[int, int]],  # module name -> (in_features, out_features)
+    max_rank: int,
+    dtype: torch.dtype = torch.float32,
+) -> LoRAAdapter:
+    """Parse and check a PEFT adapter directory against the base model's LoRA-capable modules."""
+    path = Path(path)
+    if not (path / WEIGHTS_FILE).is_file():
+        pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        hint = f" (found {pickled[0]}: pickled checkpoints are never opened)" if pickled else ""
+        raise AdapterError(f"{WEIGHTS_FILE}: missing in {path}{hint}")
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text())
+    except FileNotFoundError:
+        raise AdapterError(f"{CONFIG_FILE}: missing in {path}") from None
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{CONFIG_FILE}: not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{CONFIG_FILE}: must be a JSON object")
+    _check_config(config, max_rank)
+
+    targeted = {key for key in module_shapes if is_targeted(config, key)}
+    if not targeted:
+        raise AdapterError(
+            f"adapter_config.json: target_modules: {config['target_modules']!r} matches no "
+            f"LoRA-capable module of the base model")
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    with safe_open(path / WEIGHTS_FILE, framework="pt") as f:
+        for tensor_key in f.keys():
+            match = _KEY.match(tensor_key)
+            if match is None:
+                raise AdapterError(f"{WEIGHTS_FILE}: unexpected tensor {tensor_key!r}")
+            module = match["module"]
+            if module not in module_shapes:
+                raise AdapterError(
+                    f"{WEIGHTS_FILE}: LoRA on {module!r} is not supported (only the attention "
+                    f"and MLP projections of the base model take LoRA)")
+            if module not in targeted:
+                raise AdapterError(
+                    f"{WEIGHTS_FILE}: tensor {tensor_key!r} is for a module that "
+                    f"adapter_config.json does not target")
+            tensors.setdefault(module, {})[match["ab"]] = f.get_tensor(tensor_key)
+
+    modules = {}
+    for module in sorted(targeted):
+        pair = tensors.get(module, {})
+        if set(pair) != {"A", "B"}:
+            raise AdapterError(f"{WEIGHTS_FILE}: lora_A/lora_B weights missing for {module}")
+        a, b = pair["A"], pair["B"]
+        if a.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise AdapterError(f"{WEIGHTS_FILE}: {module}: dtype {a.dtype} is not F16/BF16/F32")
+        r, scale = rank_and_scale(config, module)
+        fan_in, fan_out = module_shapes[module]
+        # fan_in_fan_out only transposes Conv1D bases; PEFT resets it for nn.Linear, and
+        # LoRA's own A/B keep the [r, in] / [out, r] layout either way.
+        if tuple(a.shape) != (r, fan_in) or tuple(b.shape) != (fan_out, r):
+            raise AdapterError(
+                f"{WEIGHTS_FILE}: {module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} "
+                f"do not match rank {r} and the base module ({fan_in} -> {fan_out})")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise AdapterError(f"{WEIGHTS_FILE}: {module}: contains NaN or Inf")
+        modules[module] = LoRAWeights(a.to(dtype), b.to(dtype), scale)
+    return LoRAAdapter(name=name, path=str(path), config=config, modules=modules)

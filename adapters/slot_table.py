@@ -1,0 +1,68 @@
+"""Which adapter sits in which device slot. Plain Python: no torch here.
+
+A slot holds one adapter's weights next to the model. Requests pin their adapter's slot
+while admitted (`acquire`/`release`); an idle slot is reused least-recently-used first.
+Copying weights into a slot is the injected `load(name, slot)` callback's business.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable
+
+
+class SlotTable:
+    def __init__(self, num_slots: int, load: Callable[[str, int], None]):
+        assert num_slots > 0
+        self.num_slots = num_slots
+        self._load = load
+        self._slots: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recent first
+        self._refs: dict[str, int] = {}
+        self._free = list(range(num_slots - 1, -1, -1))
+
+    def slot_of(self, name: str) -> int | None:
+        return self._slots.get(name)
+
+    def refs(self, name: str) -> int:
+        return self._refs.get(name, 0)
+
+    @property
+    def loaded(self) -> list[str]:
+        """Resident adapters, least recently used first."""
+        return list(self._slots)
+
+    def acquire(self, name: str) -> int | None:
+        """Pin `name` in a slot, loading it if needed; None when every slot is in use."""
+        slot = self._slots.get(name)
+        if slot is None:
+            slot = self._take_slot()
+            if slot is None:
+                return None
+            self._load(name, slot)
+            self._slots[name] = slot
+        self._slots.move_to_end(name)
+        self._refs[name] = self._refs.get(name, 0) + 1
+        return slot
+
+    def release(self, name: str) -> None:
+        refs = self._refs[name] - 1
+        assert refs >= 0
+        if refs:
+            self._refs[name] = refs
+        else:
+            del self._refs[name]
+
+    def evict(self, name: str) -> bool:
+        """Drop an idle adapter from its slot (e.g. unregistered); False if in use or absent."""
+        if name not in self._slots or self._refs.get(name):
+            return False
+        self._free.append(self._slots.pop(name))
+        return True
+
+    def _take_slot(self) -> int | None:
+        if self._free:
+            return self._free.pop()
+        for victim in self._slots:  # least recently used first
+            if not self._refs.get(victim):
+                return self._slots.pop(victim)
+        return None

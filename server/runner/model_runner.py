@@ -1,0 +1,100 @@
+"""Turns a scheduled batch into tensors and runs one forward of the transformers model."""
+
+from __future__ import annotations
+
+import torch
+
+from loraplex.kernels.sgmv import Segments
+
+from ..config import EngineConfig
+from ..engine.scheduler import ScheduledRequest
+from .attention import ATTN_IMPLEMENTATION, AttentionMetadata, PagedKVCache, PrefillSeq
+from .loader import LoadedModel
+from .lora_layers import LoRAModel
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig, num_blocks: int):
+        model = loaded.model
+        assert model.config._attn_implementation == ATTN_IMPLEMENTATION, (
+            "load the model with attn_implementation=ATTN_IMPLEMENTATION")
+        self.model = model
+        self.device = loaded.device
+        self.block_size = config.cache.block_size
+        text_config = model.config.get_text_config()
+        self.num_kv_heads = text_config.num_key_value_heads
+        self.head_dim = getattr(text_config, "head_dim", None) or (
+            text_config.hidden_size // text_config.num_attention_heads)
+        self.num_layers = text_config.num_hidden_layers
+        self.lora = LoRAModel(model, config.lora.max_loras, config.lora.max_lora_rank,
+                              loaded.dtype, loaded.device)
+        self.kv = PagedKVCache(self.num_layers, num_blocks, self.block_size, self.num_kv_heads,
+                               self.head_dim, loaded.dtype, loaded.device)
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[ScheduledRequest]) -> torch.Tensor:
+        """One forward over every scheduled sequence's new tokens.
+
+        Returns fp32 logits `[num_sampling, vocab]` for the sequences with `samples` set, in
+        the order they appear in `scheduled`.
+        """
+        # Grouping sequences by adapter slot makes each adapter's tokens one segment.
+        order = sorted(range(len(scheduled)), key=lambda i: scheduled[i].request.lora_slot)
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        token_slots: list[int] = []
+        prefills: list[PrefillSeq] = []
+        decode_rows: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        last_row: dict[int, int] = {}  # index in `scheduled` -> packed row of its last token
+        for i in order:
+            s = scheduled[i]
+            req, n = s.request, s.num_new_tokens
+            start, row = req.num_computed_tokens, len(input_ids)
+            input_ids += req.pending_token_ids(n)
+            positions += range(start, start + n)
+            slot_mapping += (req.block_ids[p // bs] * bs + p % bs for p in range(start, start + n))
+            token_slots += [req.lora_slot] * n
+            if n == 1:
+                decode_rows.append(row)
+                decode_tables.append(req.block_ids)
+                decode_lens.append(start + 1)
+            else:
+                num_blocks = -(-(start + n) // bs)
+                prefills.append(PrefillSeq(row, n, start + n, self._tensor(req.block_ids[:num_blocks])))
+            if s.samples:
+                last_row[i] = row + n - 1
+
+        meta = AttentionMetadata(
+            cache=self.kv,
+            slot_mapping=self._tensor(slot_mapping),
+            prefills=prefills,
+            decode_rows=self._tensor(decode_rows) if decode_rows else None,
+            decode_block_tables=self._padded(decode_tables) if decode_rows else None,
+            decode_context_lens=self._tensor(decode_lens) if decode_rows else None,
+        )
+        self.lora.context.segments = Segments.from_token_slots(token_slots)
+        keep = [last_row[i] for i in range(len(scheduled)) if i in last_row]
+        if not keep:
+            keep_t = self._tensor([len(input_ids) - 1])  # a chunk-only step samples nothing
+        else:
+            keep_t = self._tensor(keep)
+        out = self.model(
+            input_ids=self._tensor(input_ids)[None],  # [1, T]
+            position_ids=self._tensor(positions)[None],  # [1, T]
+            use_cache=False,
+            logits_to_keep=keep_t,
+            lp_attn=meta,
+        )
+        logits = out.logits[0].float()  # [len(keep_t), vocab]
+        return logits if keep else logits[:0]
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def _padded(self, tables: list[list[int]]) -> torch.Tensor:
+        width = max(len(t) for t in tables)
+        return self._tensor([t + [0] * (width - len(t)) for t in tables])
