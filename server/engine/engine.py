@@ -128,6 +128,20 @@ class LLMEngine:
         if request is not None:
             self._emit([self._finish_output(self._tracked[request_id], "abort")])
 
+    def fail_all(self, message: str) -> None:
+        """End every request with an error output (the engine cannot go on)."""
+        self._fail([t.request for t in self._tracked.values()], message)
+
+    def _fail(self, requests: list[Request], message: str) -> list[RequestOutput]:
+        outputs = []
+        for req in requests:
+            self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+            out = self._finish_output(self._tracked[req.request_id], "error")
+            out.error = message
+            outputs.append(out)
+        self._emit(outputs)
+        return outputs
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
@@ -141,14 +155,8 @@ class LLMEngine:
             logits = self.runner.execute(plan.scheduled)
         except Exception as e:  # a failed forward fails its batch, never the engine
             log.exception("forward failed; failing the %d requests of this step", len(plan.scheduled))
-            outputs = []
-            for s in plan.scheduled:
-                self.scheduler.finish(s.request, RequestStatus.FINISHED_ABORTED)
-                out = self._finish_output(self._tracked[s.request.request_id], "error")
-                out.error = f"internal error: {type(e).__name__}: {e}"
-                outputs.append(out)
-            self._emit(outputs)
-            return outputs
+            return self._fail([s.request for s in plan.scheduled],
+                              f"internal error: {type(e).__name__}: {e}")
         self.scheduler.advance(plan)
         sampling = [s.request for s in plan.scheduled if s.samples]
         tokens, logprobs = self.sampler(logits, sampling)
