@@ -1,0 +1,242 @@
+"""Engine behaviour on a tiny random Llama: refusals, abort, sampling, stops, async front."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from loraplex.server.config import CacheConfig, EngineConfig, SchedulerConfig
+from loraplex.server.engine.async_engine import AsyncEngine
+from loraplex.server.engine.detokenizer import Detokenizer
+from loraplex.server.engine.engine import LLMEngine
+from loraplex.server.engine.request import RequestError, SamplingParams
+from loraplex.server.runner.attention import ATTN_IMPLEMENTATION
+from loraplex.server.runner.loader import LoadedModel
+
+CONFIG = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                     max_position_embeddings=64, initializer_range=0.2)
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+def tiny_model(impl=ATTN_IMPLEMENTATION):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(copy.deepcopy(CONFIG), attn_implementation=impl).eval()
+
+
+def make_engine(num_blocks=64, budget=64):
+    loaded = LoadedModel(tiny_model(), None, torch.device("cpu"), torch.float32, "none", 64, "tiny")
+    config = EngineConfig(cache=CacheConfig(num_blocks=num_blocks, block_size=4),
+                          scheduler=SchedulerConfig(max_num_batched_tokens=budget))
+    return LLMEngine(config, loaded)
+
+
+def run(engine, requests):
+    """requests: {id: (prompt, params)} -> {id: (tokens, finish_reason)}"""
+    outs: dict[str, list] = {}
+    reasons: dict[str, str] = {}
+
+    def collect(out):
+        outs.setdefault(out.request_id, []).extend(out.new_token_ids)
+        if out.finished:
+            reasons[out.request_id] = out.finish_reason
+
+    for rid, (prompt, params) in requests.items():
+        engine.add_request(rid, prompt, params, callback=collect)
+    while engine.has_unfinished():
+        engine.step()
+    return {rid: (outs.get(rid, []), reasons[rid]) for rid in requests}
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return make_engine()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Greedy continuations from transformers' own generate (sdpa attention)."""
+    model = tiny_model("sdpa")
+
+    def greedy(prompt, n):
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+        return out[0, len(prompt):].tolist()
+    return greedy
+
+
+def test_bad_requests_are_refused_and_the_rest_served(engine, reference):
+    with pytest.raises(RequestError) as e:
+        engine.add_request("x1", [1, 2], SamplingParams(max_tokens=4), adapter="nope")
+    assert e.value.param == "model" and e.value.code == "model_not_found"
+    assert "nope" in str(e.value)
+    with pytest.raises(RequestError) as e:
+        engine.add_request("x2", list(range(1, 65)), SamplingParams(max_tokens=1))
+    assert e.value.param == "prompt" and "maximum context length is 64" in str(e.value)
+    with pytest.raises(RequestError) as e:
+        engine.add_request("x3", [1, 2, 3], SamplingParams(max_tokens=62))
+    assert e.value.param == "max_tokens"
+    with pytest.raises(RequestError) as e:
+        SamplingParams(max_tokens=0)
+    assert e.value.param == "max_tokens"
+    with pytest.raises(RequestError) as e:
+        engine.add_request("x4", [1, 500], SamplingParams(max_tokens=2))
+    assert e.value.param == "prompt" and "vocabulary" in str(e.value)
+    with pytest.raises(RequestError):
+        engine.add_request("x5", [], SamplingParams(max_tokens=2))
+    assert not engine.has_unfinished()  # nothing half-queued
+
+    got = run(engine, {"a": ([3, 4, 5], SamplingParams(max_tokens=6, **GREEDY)),
+                       "b": ([9, 8], SamplingParams(max_tokens=5, **GREEDY))})
+    assert got["a"] == (reference([3, 4, 5], 6), "length")
+    assert got["b"] == (reference([9, 8], 5), "length")
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+def test_duplicate_request_id_refused(engine):
+    engine.add_request("dup", [1, 2], SamplingParams(max_tokens=2, **GREEDY))
+    with pytest.raises(RequestError):
+        engine.add_request("dup", [1, 2], SamplingParams(max_tokens=2, **GREEDY))
+    while engine.has_unfinished():
+        engine.step()
+
+
+def test_abort_mid_generation_leaves_others_exact(engine, reference):
+    outs: dict[str, list] = {}
+    finals = {}
+
+    def collect(out):
+        outs.setdefault(out.request_id, []).extend(out.new_token_ids)
+        if out.finished:
+            finals[out.request_id] = out.finish_reason
+
+    engine.add_request("keep", [5, 6, 7], SamplingParams(max_tokens=10, **GREEDY), callback=collect)
+    engine.add_request("drop", [5, 6, 7], SamplingParams(max_tokens=10, **GREEDY), callback=collect)
+    for _ in range(3):
+        engine.step()
+    engine.abort("drop")
+    engine.abort("drop")  # twice is harmless
+    while engine.has_unfinished():
+        engine.step()
+    assert finals == {"drop": "abort", "keep": "length"}
+    assert len(outs["drop"]) == 3
+    assert outs["keep"] == reference([5, 6, 7], 10)
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(engine):
+    params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=1234,
+                            ignore_eos=True)
+    alone = run(engine, {"s1": ([1, 2, 3], params)})["s1"][0]
+    crowd = run(engine, {"s2": ([1, 2, 3], params),
+                         "noise": ([4, 4], SamplingParams(max_tokens=12, temperature=1.0)),
+                         "s3": ([1, 2, 3], params)})
+    assert crowd["s2"][0] == alone and crowd["s3"][0] == alone
+    other = run(engine, {"s4": ([1, 2, 3], SamplingParams(max_tokens=12, temperature=1.0,
+                                                          seed=99, ignore_eos=True))})
+    assert other["s4"][0] != alone
+
+
+def test_top_k_one_is_greedy(engine, reference):
+    got = run(engine, {"k": ([7, 7, 1], SamplingParams(max_tokens=8, temperature=0.8, top_k=1,
+                                                       ignore_eos=True))})
+    assert got["k"][0] == reference([7, 7, 1], 8)
+
+
+def test_stop_token_ids_and_eos(engine, reference):
+    expected = reference([2, 4, 6], 8)
+    stop_at = expected[3]
+    first = expected.index(stop_at)
+    got = run(engine, {"st": ([2, 4, 6], SamplingParams(max_tokens=8, temperature=0.0,
+                                                        stop_token_ids=(stop_at,)))})
+    assert got["st"] == (expected[:first + 1], "stop")
+    engine.eos_token_ids = {expected[0]}
+    try:
+        got = run(engine, {"eos": ([2, 4, 6], SamplingParams(max_tokens=8, temperature=0.0)),
+                           "ign": ([2, 4, 6], SamplingParams(max_tokens=8, **GREEDY))})
+    finally:
+        engine.eos_token_ids = set()
+    assert got["eos"] == (expected[:1], "stop")
+    assert got["ign"] == (expected, "length")
+
+
+def test_failed_forward_fails_its_batch_only():
+    engine = make_engine()
+    real = engine.runner.execute
+    calls = {"n": 0}
+
+    def flaky(scheduled):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("boom")
+        return real(scheduled)
+
+    engine.runner.execute = flaky
+    errors = {}
+    engine.add_request("a", [1, 2, 3], SamplingParams(max_tokens=5, **GREEDY),
+                       callback=lambda o: o.finished and errors.setdefault(o.request_id, o.error))
+    while engine.has_unfinished():
+        engine.step()
+    assert "boom" in errors["a"]
+    got = run(engine, {"b": ([1, 2, 3], SamplingParams(max_tokens=5, **GREEDY))})
+    assert got["b"][1] == "length" and len(got["b"][0]) == 5
+
+
+class CharTokenizer:
+    """Token i is chr(i); token 0 decodes to nothing (a special token)."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids if i)
+
+
+@pytest.mark.parametrize("stop,tokens,text,stopped", [
+    ((), "hello", "hello", False),
+    (("lo",), "hello world", "hel", True),
+    (("wor", "o w"), "hello world", "hell", True),  # the earliest match wins
+    (("xyz",), "abcxy", "abcxy", False),
+])
+def test_detokenizer_stop_strings_never_stream(stop, tokens, text, stopped):
+    d = Detokenizer(CharTokenizer(), stop)
+    streamed, hit = "", False
+    for ch in tokens:
+        hit = d.add(ord(ch))
+        streamed += d.take(final=hit)
+        if hit:
+            break
+    if not hit:
+        streamed += d.take(final=True)
+    assert (streamed, hit) == (text, stopped)
+
+
+def test_async_engine_streams_refuses_and_aborts():
+    engine = make_engine()
+    front = AsyncEngine(engine)
+
+    async def scenario():
+        tokens = []
+        async for out in front.generate([1, 2, 3], SamplingParams(max_tokens=6, **GREEDY)):
+            tokens += out.new_token_ids
+        with pytest.raises(RequestError):
+            async for _ in front.generate([1], SamplingParams(max_tokens=2), adapter="nope"):
+                pass
+        stream = front.generate([4, 5], SamplingParams(max_tokens=40, **GREEDY), request_id="gone")
+        async for _ in stream:
+            break  # the client went away
+        await stream.aclose()
+        for _ in range(100):
+            if not await asyncio.wrap_future(front.call(lambda e: e.has_unfinished())):
+                break
+            await asyncio.sleep(0.01)
+        return tokens
+
+    try:
+        tokens = asyncio.run(scenario())
+        assert len(tokens) == 6
+        assert not front.call(lambda e: e.has_unfinished()).result(timeout=5)
+        assert front.call(lambda e: e.blocks.usage).result(timeout=5) == 0.0
+    finally:
+        front.shutdown()
