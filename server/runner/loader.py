@@ -104,7 +104,9 @@ def _log(msg: str) -> None:
     print(f"[loraplex] {msg}", file=sys.stderr, flush=True)
 
 
-def convert_gguf(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
+def convert_gguf(
+    gguf_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None
+) -> pathlib.Path:
     """Convert a GGUF file into a safetensors transformers directory, once.
 
     Returns `<cache root>/gguf/<stem>-<hash>/`. The GGUF is dequantized (to float32) by
