@@ -86,3 +86,19 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    host: str = "0.0.0.0"  # vLLM's default: every interface (containers need it)
+    port: int = 8000
+    served_model_name: str | None = None  # None: the model's own name
+    api_key: str | None = None  # one shared key for /v1 routes, as vLLM's --api-key
+    lora_modules: tuple[tuple[str, str], ...] = ()  # (name, path) loaded at start-up
+    max_body_mb: float = 8.0
+    max_in_flight: int = 1024
+
+    def __post_init__(self) -> None:
+        assert 0 <= self.port < 65536
+        assert self.max_body_mb > 0 and self.max_in_flight > 0

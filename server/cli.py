@@ -1,0 +1,111 @@
+"""`loraplex serve [MODEL]`: the command line, with vLLM's flag names where they exist."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .config import (CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig,
+                     ServerConfig)
+
+
+def _lora_modules(values: list[str]) -> tuple[tuple[str, str], ...]:
+    """vLLM's forms: `name=path`, or JSON `{"name": ..., "path": ...}`."""
+    pairs = []
+    for value in values:
+        if value.lstrip().startswith("{"):
+            try:
+                spec = json.loads(value)
+                pairs.append((spec["name"], spec["path"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise argparse.ArgumentTypeError(
+                    f"--lora-modules: {value!r} is not JSON with 'name' and 'path'") from None
+        elif "=" in value:
+            name, path = value.split("=", 1)
+            pairs.append((name, path))
+        else:
+            raise argparse.ArgumentTypeError(f"--lora-modules: expected name=path, got {value!r}")
+    return tuple(pairs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loraplex", description="Multi-LoRA inference server with an OpenAI-compatible API.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser(
+        "serve", help="serve a base model and its LoRA adapters over HTTP",
+        description="Serve a base model and LoRA adapters with an OpenAI-compatible API. "
+                    "Without MODEL, the embedded SmolLM2-135M-Instruct is served.")
+    serve.add_argument("model", nargs="?", default=None,
+                       help="a transformers directory (safetensors) or a .gguf file")
+    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", default=None,
+                       help="the name clients use for the base model")
+    serve.add_argument("--api-key", default=None, help="require this bearer key on /v1 routes")
+    serve.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
+                       help="adapters to load at start-up: name=path or JSON {name, path}")
+    model = serve.add_argument_group("model")
+    model.add_argument("--quantization", choices=["nf4", "int8", "none"], default=None,
+                       help="default: nf4 on CUDA, none on the CPU")
+    model.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                       default="auto")
+    model.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto)")
+    model.add_argument("--max-model-len", type=int, default=None)
+    model.add_argument("--model-cache", default=None,
+                       help="where GGUF conversions are cached (default ~/.cache/loraplex)")
+    lora = serve.add_argument_group("adapters")
+    lora.add_argument("--max-loras", type=int, default=LoRAConfig.max_loras,
+                      help="adapters resident next to the model at once")
+    lora.add_argument("--max-lora-rank", type=int, default=LoRAConfig.max_lora_rank)
+    engine = serve.add_argument_group("engine")
+    engine.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs)
+    engine.add_argument("--max-num-batched-tokens", type=int,
+                        default=SchedulerConfig.max_num_batched_tokens)
+    engine.add_argument("--block-size", type=int, default=CacheConfig.block_size)
+    engine.add_argument("--num-kv-blocks", type=int, default=None,
+                        help="exact KV cache size in blocks (default: from memory)")
+    engine.add_argument("--kv-cache-memory-gb", type=float, default=CacheConfig.kv_cache_memory_gb,
+                        help="KV cache size on the CPU")
+    engine.add_argument("--gpu-memory-utilization", type=float,
+                        default=CacheConfig.gpu_memory_utilization)
+    serve.add_argument("--log-level", default="info",
+                       choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        engine=EngineConfig(
+            model=ModelConfig(model=args.model, quantization=args.quantization, dtype=args.dtype,
+                              device=args.device, max_model_len=args.max_model_len,
+                              cache_dir=args.model_cache),
+            cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_kv_blocks,
+                              kv_cache_memory_gb=args.kv_cache_memory_gb,
+                              gpu_memory_utilization=args.gpu_memory_utilization),
+            scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
+                                      max_num_batched_tokens=args.max_num_batched_tokens),
+            lora=LoRAConfig(max_loras=args.max_loras, max_lora_rank=args.max_lora_rank),
+        ),
+        host=args.host, port=args.port, served_model_name=args.served_model_name,
+        api_key=args.api_key, lora_modules=_lora_modules(args.lora_modules),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config = config_from_args(args)
+    except (argparse.ArgumentTypeError, AssertionError) as e:
+        print(f"loraplex: error: {e}", file=sys.stderr)
+        return 2
+    from .serve import serve  # the model stack loads only once arguments are good
+
+    return serve(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

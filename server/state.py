@@ -1,0 +1,105 @@
+"""What the HTTP handlers share: the engine front, the tokenizer, limits and model cards."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from starlette.requests import Request
+
+from .engine.async_engine import AsyncEngine
+from .protocol import APIError
+
+
+@dataclass
+class ServerState:
+    engine: AsyncEngine
+    served_model_name: str
+    max_model_len: int
+    max_body_bytes: int = 8 * 2**20
+    max_in_flight: int = 1024  # requests queued or running before 503
+    created: int = field(default_factory=lambda: int(time.time()))
+    in_flight: int = 0
+
+    @property
+    def tokenizer(self):
+        return self.engine.engine.tokenizer
+
+    # ---- admission ------------------------------------------------------------------
+
+    def check_capacity(self, needed: int) -> None:
+        if self.in_flight + needed > self.max_in_flight:
+            raise APIError(503, "the server is at capacity; retry shortly", None,
+                           "queue_full", headers={"Retry-After": "1"})
+
+    def may_use(self, request: Request, adapter: str) -> bool:
+        """Whether the caller may see `adapter` (every caller, until tenants exist)."""
+        return True
+
+    async def read_body(self, request: Request) -> bytes:
+        """The body, refused with 413 as soon as it passes the limit (never buffered whole)."""
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise APIError(413, f"the request body exceeds {self.max_body_bytes} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise APIError(413, f"the request body exceeds {self.max_body_bytes} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    # ---- prompts --------------------------------------------------------------------
+
+    def prompt_ids(self, prompt: str | list[int], param: str = "prompt") -> list[int]:
+        """Token ids of a prompt, checked against the vocabulary and the context length."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise APIError(400, "this model has no tokenizer: send token ids", param)
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        else:
+            ids = prompt
+        vocab = self.engine.engine.vocab_size
+        if not ids:
+            raise APIError(400, "the prompt is empty", param)
+        if any(not 0 <= t < vocab for t in ids):
+            raise APIError(400, f"token ids must be in [0, {vocab})", param)
+        if len(ids) >= self.max_model_len:
+            raise APIError(400, f"This model's maximum context length is {self.max_model_len} "
+                                f"tokens. However, your prompt has {len(ids)} tokens.", param)
+        return ids
+
+    def check_length(self, prompt_len: int, max_tokens: int) -> None:
+        if prompt_len + max_tokens > self.max_model_len:
+            raise APIError(
+                400, f"This model's maximum context length is {self.max_model_len} tokens. "
+                     f"However, you requested {prompt_len + max_tokens} tokens ({prompt_len} in "
+                     f"the prompt, {max_tokens} in the completion).", "max_tokens")
+
+    def render_chat(self, messages: list[dict]) -> str:
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise APIError(400, "this model has no chat template; use /v1/completions",
+                           "messages")
+        try:
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                      tokenize=False)
+        except Exception as e:  # a template may reject a conversation (e.g. role order)
+            raise APIError(400, f"the chat template rejected the messages: {e}",
+                           "messages") from None
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id]) if self.tokenizer else str(token_id)
+
+    # ---- models ---------------------------------------------------------------------
+
+    def model_cards(self, request: Request) -> list[dict]:
+        """vLLM's /v1/models entries: the base, then each adapter the caller may use."""
+        base = {"id": self.served_model_name, "object": "model", "created": self.created,
+                "owned_by": "loraplex", "root": self.served_model_name, "parent": None,
+                "max_model_len": self.max_model_len}
+        cards = [base]
+        for name, adapter in sorted(self.engine.engine.adapters.items()):
+            if self.may_use(request, name):
+                cards.append(dict(base, id=name, root=adapter.path,
+                                  parent=self.served_model_name))
+        return cards
