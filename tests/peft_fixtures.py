@@ -378,6 +378,19 @@ class PeftReference:
             logits = self.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
         return logits[0, -1].float().cpu()
 
+    @torch.no_grad()
+    def incremental_logits(self, prompt_ids: Sequence[int], adapter: str | None,
+                           max_new_tokens: int) -> list[torch.Tensor]:
+        """fp32 logits [vocab] of each greedy step as `generate` (with its KV cache) saw them:
+        the same decode as `greedy`, for comparing with `step_logits`' full forwards."""
+        ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self._device())
+        with self._select(adapter):
+            out = self.model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=None,
+                pad_token_id=self.pad_token_id, output_logits=True, return_dict_in_generate=True)
+        return [step[0].float().cpu() for step in out.logits]
+
     def logits_fn(self, prompt_ids: Sequence[int], adapter: str | None):
         """`generated -> step_logits(prompt_ids, adapter, generated)`, for explain_mismatch."""
         prompt = list(prompt_ids)

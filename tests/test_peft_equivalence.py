@@ -14,6 +14,7 @@ import random
 from dataclasses import dataclass
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 from peft_fixtures import ADAPTER_SPECS, PeftReference, assert_tokens_match, make_adapters, \
     save_tiny_model
@@ -71,7 +72,7 @@ SCENARIOS = {
     # name: (engine overrides, arrive_every)
     "all_at_once": (dict(), 0),
     "staggered_arrivals": (dict(), 3),
-    "preemption": (dict(num_blocks=24, block_size=4), 2),
+    "preemption": (dict(num_blocks=16, block_size=4), 0),
     "few_slots_chunked": (dict(max_loras=4, budget=16), 0),
 }
 
@@ -96,6 +97,9 @@ class Setup:
         self.model_cfg = model_cfg
         self.adapters = make_adapters(fresh_dense, adapter_dir, adapter_specs)
         self.reference = PeftReference(fresh, self.adapters)
+        # The engine warms its model up before serving; so does the oracle, so that no
+        # compared forward is a layer's first (bitsandbytes computes those differently).
+        self.reference.greedy([1, 2, 3], None, 1)
         self.cases = make_cases(prompt_pool, list(self.adapters))
         self.expected = {c.rid: self.reference.greedy(c.prompt, c.adapter, c.max_tokens)
                          for c in self.cases}
@@ -106,11 +110,54 @@ class Setup:
             engine.register_adapter(name, str(path))
         return engine
 
-    def check(self, got: dict[str, list[int]], scenario: str) -> None:
+    def check(self, got: dict[str, list[int]], scenario: str, engine: LLMEngine) -> None:
+        """Every request token-exact against the oracle.
+
+        NF4 on the CPU is the one exception, and a bounded one: bitsandbytes' fused CPU
+        kernel rounds activations to bf16, so the oracle's own logits differ between two
+        valid evaluation orders (its incremental decode and a full forward) by up to a few
+        logits on these adapters (in fp32 the two are bit-identical). There a first
+        divergence passes only if our token trails the oracle's choice by less than the
+        oracle's own disagreement at that position and our whole top-20 distribution lies
+        within twice that disagreement; tokens after it are not comparable, and such ties
+        are capped at a quarter of the requests.
+        """
+        noisy = self.model_cfg.quantization == "nf4"
+        ties = []
         for c in self.cases:
-            assert_tokens_match(self.expected[c.rid], got[c.rid],
-                                self.reference.logits_fn(c.prompt, c.adapter),
-                                context=f"{scenario}: {c.rid} adapter={c.adapter}")
+            context = f"{scenario}: {c.rid} adapter={c.adapter}"
+            expected, tokens = self.expected[c.rid], got[c.rid]
+            if not noisy or tokens == expected:
+                assert_tokens_match(expected, tokens, self.reference.logits_fn(c.prompt, c.adapter),
+                                    context=context)
+                continue
+            pos = next(i for i, (a, b) in enumerate(zip(expected, tokens)) if a != b)
+            self._check_tie(engine, c, pos, tokens[pos], context)
+            ties.append(f"{c.rid}@{pos}")
+        assert len(ties) <= len(self.cases) // 4, f"{scenario}: too many divergences: {ties}"
+
+    def _check_tie(self, engine: LLMEngine, case: Case, pos: int, got_token: int,
+                   context: str) -> None:
+        prefix = self.expected[case.rid][:pos]
+        inc = self.reference.incremental_logits(case.prompt, case.adapter, pos + 1)[pos]
+        full = self.reference.step_logits(case.prompt, case.adapter, prefix)
+        noise = (inc - full).abs().max().item()
+        margin = (inc.max() - inc[got_token]).item()
+        assert margin <= noise, (
+            f"{context}: REAL MISMATCH at {pos}: our token {got_token} is {margin:.3f} below the "
+            f"oracle's choice, beyond the oracle's own disagreement {noise:.3f}")
+        ref_lp = torch.log_softmax(inc, -1)
+        spread = (ref_lp - torch.log_softmax(full, -1)).abs().max().item()
+        top: list = []
+        engine.add_request(f"{case.rid}-probe", case.prompt + prefix,
+                           SamplingParams(max_tokens=1, temperature=0.0, logprobs=20),
+                           case.adapter, callback=lambda out: top.extend(out.new_logprobs))
+        while engine.has_unfinished():
+            engine.step()
+        for token, logprob in top[0].top:
+            assert abs(ref_lp[token].item() - logprob) <= 2 * spread, (
+                f"{context}: our log-prob of token {token} at {pos} is {logprob:.3f}, the "
+                f"oracle's {ref_lp[token].item():.3f}: beyond twice its own spread {spread:.3f}")
 
 
 def _adapters_change_output(setup: Setup, prompts: list[list[int]], n: int = 16) -> None:
@@ -125,7 +172,7 @@ def _run_scenarios(setup: Setup) -> None:
     for scenario, (overrides, arrive_every) in SCENARIOS.items():
         engine = setup.engine(**overrides)
         got, preemptions, mixed = run(engine, setup.cases, arrive_every)
-        setup.check(got, scenario)
+        setup.check(got, scenario, engine)
         assert mixed > 0, "no step mixed several adapters"
         if scenario == "preemption":
             assert preemptions > 0, "the KV budget was meant to force preemption"
@@ -158,7 +205,7 @@ def test_tiny_sliding_window_matches_transformers(tmp_path):
                   tmp_path / "adapters", TINY_PROMPTS, specs)
     engine = setup.engine(budget=16)
     got, _, _ = run(engine, setup.cases, arrive_every=2)
-    setup.check(got, "sliding_window")
+    setup.check(got, "sliding_window", engine)
 
 
 # ---- the embedded SmolLM2-135M-Instruct: fp32 and NF4 --------------------------------------
@@ -191,5 +238,5 @@ def test_embedded_mixed_batches_match_peft(tmp_path, embedded_dir, quantization)
         overrides, arrive_every = SCENARIOS[scenario]
         engine = setup.engine(**overrides)
         got, preemptions, _ = run(engine, setup.cases, arrive_every)
-        setup.check(got, scenario)
+        setup.check(got, scenario, engine)
         assert scenario != "preemption" or preemptions > 0

@@ -62,6 +62,7 @@ class LLMEngine:
         self.vocab_size = model_config.vocab_size
         num_blocks = config.cache.num_blocks or self._num_kv_blocks(model_config)
         self.runner = ModelRunner(self.loaded, config, num_blocks)
+        self.runner.warm_up()
         # A lone request must always fit in the cache, so the context is capped by its size.
         self.max_model_len = min(self.loaded.max_model_len, num_blocks * config.cache.block_size)
         self.blocks = BlockManager(num_blocks, config.cache.block_size)

@@ -7,6 +7,7 @@ import torch
 from loraplex.kernels.sgmv import Segments
 
 from ..config import EngineConfig
+from ..engine.request import Request, SamplingParams
 from ..engine.scheduler import ScheduledRequest
 from .attention import ATTN_IMPLEMENTATION, AttentionMetadata, PagedKVCache, PrefillSeq
 from .loader import LoadedModel
@@ -30,6 +31,17 @@ class ModelRunner:
                               loaded.dtype, loaded.device)
         self.kv = PagedKVCache(self.num_layers, num_blocks, self.block_size, self.num_kv_heads,
                                self.head_dim, loaded.dtype, loaded.device)
+
+    def warm_up(self) -> None:
+        """One throwaway forward before serving. bitsandbytes repacks 4-bit weights at a
+        layer's first forward on the CPU and computes differently afterwards, and CUDA
+        initializes lazily: after this, every request's forward takes the same path."""
+        num_tokens = min(8, self.block_size * self.kv.k.shape[1])
+        dummy = Request("warm-up", [0] * num_tokens, SamplingParams(max_tokens=1))
+        dummy.block_ids = list(range(-(-num_tokens // self.block_size)))
+        # The blocks written here are free again: their contents are never read before
+        # a real request overwrites them.
+        self.execute([ScheduledRequest.of(dummy, num_tokens)])
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledRequest]) -> torch.Tensor:
