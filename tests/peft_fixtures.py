@@ -47,14 +47,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import warnings
-import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from loraplex.loadtest.fixtures import make_adapter
 
 __all__ = [
     "ARCHS",
@@ -215,35 +215,6 @@ def _quiet_peft():
         yield
 
 
-def _adapter_seed(name: str, seed: int) -> int:
-    # Stable per name (not per position), so adding a spec leaves the others' weights alone.
-    return (zlib.crc32(name.encode()) + 1_000_003 * seed) % (2**31)
-
-
-@torch.no_grad()
-def _rescale_lora(peft_model, adapter_name: str, rel_norm: float) -> None:
-    """Scale every lora_B so that ||scaling * B @ A||_F == rel_norm * ||W_base||_F."""
-    from peft.tuners.lora import LoraLayer
-    from peft.utils.integrations import dequantize_module_weight
-
-    found = 0
-    for module_name, module in peft_model.named_modules():
-        if not isinstance(module, LoraLayer) or adapter_name not in module.lora_A:
-            continue
-        a = module.lora_A[adapter_name].weight
-        b = module.lora_B[adapter_name].weight
-        scaling = module.scaling[adapter_name]
-        base = dequantize_module_weight(module.get_base_layer())
-        delta_norm = torch.linalg.matrix_norm(scaling * (b.double() @ a.double())).item()
-        target = rel_norm * torch.linalg.matrix_norm(base.double()).item()
-        if not (delta_norm > 0 and math.isfinite(delta_norm)):
-            raise RuntimeError(f"{module_name}: LoRA delta has norm {delta_norm}")
-        b.mul_(target / delta_norm)
-        found += 1
-    if not found:
-        raise RuntimeError(f"adapter {adapter_name!r} wrapped no module")
-
-
 def make_adapters(
     model_factory: Callable[[], torch.nn.Module],
     out_dir,
@@ -259,20 +230,13 @@ def make_adapters(
     Saved with safetensors: `adapter_config.json` + `adapter_model.safetensors`.
     Returns {name: directory}, in `specs` order.
     """
-    from peft import LoraConfig, get_peft_model
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     for name, spec in specs.items():
-        base = model_factory()
-        config = LoraConfig(**dict(spec))
-        with torch.random.fork_rng(devices=[]), _quiet_peft():
-            torch.manual_seed(_adapter_seed(name, seed))
-            peft_model = get_peft_model(base, config, adapter_name="default")
-        _rescale_lora(peft_model, "default", rel_norm)
         path = out_dir / name
-        peft_model.save_pretrained(path, safe_serialization=True)
+        with _quiet_peft():
+            make_adapter(model_factory(), path, dict(spec), name, seed, rel_norm)
         if spec.get("fan_in_fan_out"):
             # PEFT mutated the config to False for nn.Linear before saving; record what the
             # user asked for, as a real adapter made this way would carry it.
@@ -283,7 +247,6 @@ def make_adapters(
         if not (path / "adapter_model.safetensors").is_file():  # pragma: no cover
             raise RuntimeError(f"{path}: PEFT wrote no adapter_model.safetensors")
         paths[name] = path
-        del peft_model, base
     return paths
 
 

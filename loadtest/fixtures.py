@@ -1,0 +1,80 @@
+"""PEFT LoRA adapters with non-trivial weights, for tests and benchmarks.
+
+`init_lora_weights=False` leaves A and B at nn.Linear's default init, whose product is
+anywhere from a tenth to ten times the base weight depending on rank, alpha and width. Each
+lora_B is therefore rescaled so that `||scale * B @ A||_F = rel_norm * ||W_base||_F`: for a
+random input every targeted layer's output moves by about `rel_norm`, whatever the rank or the
+model size. The adapter's own scale (alpha/r, rsLoRA, patterns) stays baked in, so a server
+that applies the wrong scale produces different tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from pathlib import Path
+
+import torch
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def adapter_seed(name: str, seed: int = 0) -> int:
+    """Stable per name, so adding an adapter leaves the others' weights alone."""
+    return (zlib.crc32(name.encode()) + 1_000_003 * seed) % (2**31)
+
+
+@torch.no_grad()
+def rescale_lora_b(peft_model, adapter_name: str, rel_norm: float) -> None:
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.integrations import dequantize_module_weight
+
+    found = 0
+    for module_name, module in peft_model.named_modules():
+        if not isinstance(module, LoraLayer) or adapter_name not in module.lora_A:
+            continue
+        a = module.lora_A[adapter_name].weight
+        b = module.lora_B[adapter_name].weight
+        base = dequantize_module_weight(module.get_base_layer())
+        delta = torch.linalg.matrix_norm(module.scaling[adapter_name] * (b.double() @ a.double()))
+        if not (delta.item() > 0 and math.isfinite(delta.item())):
+            raise RuntimeError(f"{module_name}: LoRA delta has norm {delta.item()}")
+        b.mul_(rel_norm * torch.linalg.matrix_norm(base.double()).item() / delta.item())
+        found += 1
+    if not found:
+        raise RuntimeError(f"adapter {adapter_name!r} wrapped no module")
+
+
+def make_adapter(base_model, path: str | Path, lora_kwargs: dict, name: str, seed: int = 0,
+                 rel_norm: float = 0.3) -> Path:
+    """Wrap `base_model` (consumed) with one LoRA, draw its weights, save it as PEFT does."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(**{"task_type": "CAUSAL_LM", "lora_dropout": 0.0, "bias": "none",
+                           "init_lora_weights": False, **lora_kwargs})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(adapter_seed(name, seed))
+        peft_model = get_peft_model(base_model, config, adapter_name="default")
+    rescale_lora_b(peft_model, "default", rel_norm)
+    path = Path(path)
+    peft_model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def make_benchmark_adapters(base_factory, out_dir: str | Path, count: int,
+                            ranks: tuple[int, ...] = (8, 16, 32, 64),
+                            targets: list[str] | None = None, seed: int = 0,
+                            progress=None) -> dict[str, Path]:
+    """`count` adapters `bench-000`... cycling through `ranks`, alpha = 2 * rank, on `targets`
+    (every linear projection by default). `base_factory()` must return a fresh base."""
+    out_dir = Path(out_dir)
+    paths = {}
+    for i in range(count):
+        name = f"bench-{i:03d}"
+        r = ranks[i % len(ranks)]
+        paths[name] = make_adapter(base_factory(), out_dir / name,
+                                   {"r": r, "lora_alpha": 2 * r,
+                                    "target_modules": targets or ALL_LINEAR}, name, seed)
+        if progress is not None:
+            progress(i + 1, count)
+    return paths
