@@ -3,12 +3,13 @@
 Tokens are grouped into contiguous segments that share one adapter slot. For each segment
 with slot s >= 0 and rank r = ranks[s] > 0:
 
-    y[seg] += ((x[seg] @ A[s, :r].T) @ B[s, :, :r].T) * scales[s]
+    y[seg] += scales[s] * (x[seg] @ A[s, :r].T) @ B[s, :, :r].T
 
-Slots store every adapter padded to the largest rank, but only the first `ranks[s]` rows of
-A and columns of B are read, so a rank-4 adapter costs rank-4 work next to a rank-64 one.
-The product order (shrink, expand, then scale) is PEFT's, so results match it bit for bit
-wherever the matmuls do.
+Storage is PEFT's layout per slot, padded to the largest rank: `lora_a [slots, max_rank, in]`,
+`lora_b [slots, out, max_rank]`. Only a slot's first r rows of A and columns of B are read, so
+a rank-4 adapter costs rank-4 work next to a rank-64 one. The torch reference makes PEFT's own
+calls on those slices (`F.linear`, then scale, then add), so on the CPU its arithmetic is
+PEFT's bit for bit.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -58,14 +60,18 @@ def sgmv_ref(
     ranks: list[int],  # [num_slots] rank of each slot for this module, 0 if untargeted
     scales: list[float],  # [num_slots]
 ) -> torch.Tensor:
-    """Plain torch reference: one shrink and one expand per segment."""
+    """Plain torch reference: one shrink and one expand per segment, scaled and added in
+    PEFT's order (expand, scale, add) so that rounding matches PEFT's too."""
+    if x.dtype != lora_a.dtype:
+        x = x.to(lora_a.dtype)
     for i, slot in enumerate(segments.slots):
-        if slot < 0 or ranks[slot] == 0:
+        r = ranks[slot] if slot >= 0 else 0
+        if r == 0:
             continue
-        a, b, r = segments.starts[i], segments.starts[i + 1], ranks[slot]
-        xs = x[a:b].to(lora_a.dtype)
-        delta = (xs @ lora_a[slot, :r].T) @ lora_b[slot, :, :r].T * scales[slot]
-        y[a:b] += delta.to(y.dtype)
+        a, b = segments.starts[i], segments.starts[i + 1]
+        shrunk = F.linear(x[a:b], lora_a[slot, :r])  # [n, r]
+        delta = F.linear(shrunk, lora_b[slot, :, :r]).mul_(scales[slot])  # [n, out]
+        y[a:b] += delta if delta.dtype == y.dtype else delta.to(y.dtype)
     return y
 
 
