@@ -77,9 +77,11 @@ SCENARIOS = {
 }
 
 
-def engine_config(model: ModelConfig, num_blocks=512, block_size=16, max_loras=16, budget=2048):
+def engine_config(model: ModelConfig, num_blocks=512, block_size=16, max_loras=16, budget=2048,
+                  max_seqs=256):
     return EngineConfig(model=model, cache=CacheConfig(num_blocks=num_blocks, block_size=block_size),
-                        scheduler=SchedulerConfig(max_num_batched_tokens=budget),
+                        scheduler=SchedulerConfig(max_num_batched_tokens=budget,
+                                                  max_num_seqs=max_seqs),
                         lora=LoRAConfig(max_loras=max_loras, max_lora_rank=64))
 
 
@@ -113,10 +115,10 @@ class Setup:
     def check(self, got: dict[str, list[int]], scenario: str, engine: LLMEngine) -> None:
         """Every request token-exact against the oracle.
 
-        NF4 on the CPU is the one exception, and a bounded one: bitsandbytes' fused CPU
-        kernel rounds activations to bf16, so the oracle's own logits differ between two
-        valid evaluation orders (its incremental decode and a full forward) by up to a few
-        logits on these adapters (in fp32 the two are bit-identical). There a first
+        NF4 on the CPU is the one exception, and a bounded one: bitsandbytes' CPU kernel
+        rounds activations to bf16, so the oracle's own logits differ between two valid
+        evaluation orders (its incremental decode and a full forward) by up to a few logits
+        on these adapters (in fp32 the two are bit-identical). There a first
         divergence passes only if our token trails the oracle's choice by less than the
         oracle's own disagreement at that position and our whole top-20 distribution lies
         within twice that disagreement; tokens after it are not comparable, and such ties
@@ -206,6 +208,32 @@ def test_tiny_sliding_window_matches_transformers(tmp_path):
     engine = setup.engine(budget=16)
     got, _, _ = run(engine, setup.cases, arrive_every=2)
     setup.check(got, "sliding_window", engine)
+
+
+def test_tiny_int8_matches_peft_one_sequence_per_step(tmp_path):
+    """LLM.int8 (bitsandbytes' int8, outlier threshold 6.0) computes the columns where any
+    row of the batch has an outlier in higher precision, for every row: a sequence's output
+    depends on its batch-mates (next test). So int8 is compared one sequence per forward,
+    where the engine must match PEFT exactly; mixed batches must still complete."""
+    model_dir = save_tiny_model("qwen2", tmp_path / "model")
+    setup = Setup(ModelConfig(model=str(model_dir), quantization="int8"),
+                  tmp_path / "adapters", TINY_PROMPTS, ADAPTER_SPECS)
+    _adapters_change_output(setup, TINY_PROMPTS)
+    got, _, _ = run(setup.engine(max_seqs=1), setup.cases, arrive_every=2)
+    setup.check(got, "one_sequence_per_step", None)
+    got, _, mixed = run(setup.engine(), setup.cases)
+    assert mixed > 0 and all(len(got[c.rid]) == c.max_tokens for c in setup.cases)
+
+
+def test_llm_int8_rows_depend_on_their_batch(tmp_path):
+    linear = load_model(ModelConfig(model=str(save_tiny_model("llama", tmp_path)),
+                                    quantization="int8")).model.model.layers[0].mlp.down_proj
+    x = torch.randn(8, linear.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        alone = linear(x[1:2])
+        x[0, 3] = 20.0  # an outlier in another row of the batch
+        together = linear(x)[1:2]
+    assert not torch.equal(alone, together)
 
 
 # ---- the embedded SmolLM2-135M-Instruct: fp32 and NF4 --------------------------------------
