@@ -2,7 +2,8 @@
 
 A slot holds one adapter's weights next to the model. Requests pin their adapter's slot
 while admitted (`acquire`/`release`); an idle slot is reused least-recently-used first.
-Copying weights into a slot is the injected `load(name, slot)` callback's business.
+Copying weights into a slot is the injected `load(name, slot)` callback's business;
+`unload(name, slot)` hears of every eviction.
 """
 
 from __future__ import annotations
@@ -12,10 +13,14 @@ from typing import Callable
 
 
 class SlotTable:
-    def __init__(self, num_slots: int, load: Callable[[str, int], None]):
+    def __init__(self, num_slots: int, load: Callable[[str, int], None],
+                 unload: Callable[[str, int], None] | None = None):
         assert num_slots > 0
         self.num_slots = num_slots
         self._load = load
+        self._unload = unload
+        self.hits = 0  # acquisitions that found the adapter resident
+        self.misses = 0
         self._slots: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recent first
         self._refs: dict[str, int] = {}
         self._free = list(range(num_slots - 1, -1, -1))
@@ -38,8 +43,11 @@ class SlotTable:
             slot = self._take_slot()
             if slot is None:
                 return None
+            self.misses += 1
             self._load(name, slot)
             self._slots[name] = slot
+        else:
+            self.hits += 1
         self._slots.move_to_end(name)
         self._refs[name] = self._refs.get(name, 0) + 1
         return slot
@@ -56,7 +64,10 @@ class SlotTable:
         """Drop an idle adapter from its slot (e.g. unregistered); False if in use or absent."""
         if name not in self._slots or self._refs.get(name):
             return False
-        self._free.append(self._slots.pop(name))
+        slot = self._slots.pop(name)
+        self._free.append(slot)
+        if self._unload is not None:
+            self._unload(name, slot)
         return True
 
     def _take_slot(self) -> int | None:
@@ -64,5 +75,8 @@ class SlotTable:
             return self._free.pop()
         for victim in self._slots:  # least recently used first
             if not self._refs.get(victim):
-                return self._slots.pop(victim)
+                slot = self._slots.pop(victim)
+                if self._unload is not None:
+                    self._unload(victim, slot)
+                return slot
         return None

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 from importlib.metadata import PackageNotFoundError, version
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from .auth import Keyring, authorize
 from .engine.request import RequestError
 from .protocol import APIError
-from .routes import openai
+from .routes import admin, openai
 from .state import ServerState
 
 log = logging.getLogger("loraplex.server")
@@ -54,35 +55,45 @@ async def health(request: Request) -> Response:
     return Response(status_code=200)
 
 
+async def metrics_route(request: Request) -> Response:
+    state: ServerState = request.app.state.loraplex
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
 async def version_route(request: Request) -> Response:
     return JSONResponse({"version": _version()})
 
 
-class APIKeyMiddleware:
-    """One shared bearer key on /v1 routes (vLLM's --api-key); compared in constant time."""
+class AuthMiddleware:
+    """Resolves the caller once per request (`request.state.principal`) and refuses what
+    the route table does not allow it, before any handler runs."""
 
-    def __init__(self, app, api_key: str):
+    def __init__(self, app, keyring: Keyring):
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.keyring = keyring
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
-                error = APIError(401, "invalid or missing API key", None, "invalid_api_key")
-                response = JSONResponse(error.body(), status_code=401)
-                return await response(scope, receive, send)
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        header = dict(scope["headers"]).get(b"authorization")
+        try:
+            principal = authorize(self.keyring, scope["path"],
+                                  header.decode("latin-1") if header else None)
+        except APIError as e:
+            response = JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+            return await response(scope, receive, send)
+        scope.setdefault("state", {})["principal"] = principal
         return await self.app(scope, receive, send)
 
 
-def build_app(state: ServerState, api_key: str | None = None) -> Starlette:
+def build_app(state: ServerState) -> Starlette:
     app = Starlette(
         routes=[Route("/health", health), Route("/ping", health, methods=["GET", "POST"]),
-                Route("/version", version_route), *openai.routes],
+                Route("/version", version_route), Route("/metrics", metrics_route),
+                *openai.routes, *admin.routes],
         exception_handlers={APIError: _api_error, RequestError: _request_error,
                             HTTPException: _http_error, Exception: _internal_error},
     )
     app.state.loraplex = state
-    if api_key:
-        app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    app.add_middleware(AuthMiddleware, keyring=state.keyring)
     return app

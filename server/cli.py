@@ -45,8 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", default=None,
                        help="the name clients use for the base model")
     serve.add_argument("--api-key", default=None, help="require this bearer key on /v1 routes")
+    serve.add_argument("--admin-key", default=None,
+                       help="bearer key for the adapter admin API (off without it)")
+    serve.add_argument("--tenant-keys", default=None, metavar="FILE",
+                       help="JSON file mapping tenant keys to adapter patterns and rates")
     serve.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
                        help="adapters to load at start-up: name=path or JSON {name, path}")
+    serve.add_argument("--adapter-store", default=None, metavar="DIR",
+                       help="where uploaded adapters are kept (default: ~/.cache/loraplex/adapters)")
+    serve.add_argument("--allowed-lora-dirs", nargs="+", default=[], metavar="DIR",
+                       help="directories /v1/load_lora_adapter may load from")
+    serve.add_argument("--max-adapter-mb", type=float, default=ServerConfig.max_adapter_mb,
+                       help="largest adapter upload accepted")
     model = serve.add_argument_group("model")
     model.add_argument("--quantization", choices=["nf4", "int8", "none"], default=None,
                        help="default: nf4 on CUDA, none on the CPU")
@@ -90,7 +100,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             lora=LoRAConfig(max_loras=args.max_loras, max_lora_rank=args.max_lora_rank),
         ),
         host=args.host, port=args.port, served_model_name=args.served_model_name,
-        api_key=args.api_key, lora_modules=_lora_modules(args.lora_modules),
+        api_key=args.api_key, admin_key=args.admin_key, tenant_keys=args.tenant_keys,
+        lora_modules=_lora_modules(args.lora_modules), adapter_store=args.adapter_store,
+        allowed_lora_dirs=tuple(args.allowed_lora_dirs), max_adapter_mb=args.max_adapter_mb,
     )
 
 

@@ -95,7 +95,12 @@ class ServerConfig:
     port: int = 8000
     served_model_name: str | None = None  # None: the model's own name
     api_key: str | None = None  # one shared key for /v1 routes, as vLLM's --api-key
+    admin_key: str | None = None  # adapter management; without it the admin API is off
+    tenant_keys: str | None = None  # JSON file: tenants, their keys, adapters and rates
     lora_modules: tuple[tuple[str, str], ...] = ()  # (name, path) loaded at start-up
+    adapter_store: str | None = None  # uploaded adapters; None: <model cache>/adapters
+    allowed_lora_dirs: tuple[str, ...] = ()  # where /v1/load_lora_adapter may read
+    max_adapter_mb: float = 1024.0
     max_body_mb: float = 8.0
     max_in_flight: int = 1024
 

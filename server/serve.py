@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
+from pathlib import Path
 
 import uvicorn
 
 from .app import build_app
+from .auth import Keyring
 from .config import ServerConfig
 from .engine.async_engine import AsyncEngine
 from .engine.engine import LLMEngine
-from .state import ServerState
+from .metrics import Metrics
+from loraplex.adapters.store import AdapterStore
+from loraplex.adapters.validate import Limits
+
+from .state import AdapterInfo, ServerState
 
 log = logging.getLogger("loraplex.server")
 
@@ -29,21 +36,43 @@ def build_state(config: ServerConfig) -> ServerState:
     _say(f"model ready in {time.monotonic() - t0:.1f}s: {engine.loaded.quantization} on "
          f"{engine.loaded.device}, {engine.blocks.num_blocks} KV blocks, "
          f"max_model_len {engine.max_model_len}")
+    store = AdapterStore(config.adapter_store or _default_store(config))
+    info = {}
+    stored = store.list()
+    for i, s in enumerate(stored, 1):  # uploads survive restarts
+        engine.register_adapter(s.name, str(s.path))
+        info[s.name] = AdapterInfo(s.sha256, s.size, s.created, "upload")
+        _say(f"stored adapter {i}/{len(stored)}: {s.name}")
     for i, (name, path) in enumerate(config.lora_modules, 1):
         engine.register_adapter(name, path)
+        info[name] = AdapterInfo.of_dir(Path(path), "path")
         _say(f"adapter {i}/{len(config.lora_modules)}: {name} <- {path}")
+    served_name = config.served_model_name or engine.loaded.name
+    metrics = Metrics(served_name)
+    engine.stat_loggers.append(metrics)  # before the engine thread starts
     return ServerState(
         engine=AsyncEngine(engine),
-        served_model_name=config.served_model_name or engine.loaded.name,
+        served_model_name=served_name,
         max_model_len=engine.max_model_len,
+        metrics=metrics,
+        keyring=Keyring.load(config.admin_key, config.api_key, config.tenant_keys),
+        store=store,
+        upload_limits=Limits(max_weights_bytes=int(config.max_adapter_mb * 2**20)),
+        allowed_lora_dirs=config.allowed_lora_dirs,
+        adapter_info=info,
         max_body_bytes=int(config.max_body_mb * 2**20),
         max_in_flight=config.max_in_flight,
     )
 
 
+def _default_store(config: ServerConfig) -> Path:
+    root = config.engine.model.cache_dir or os.environ.get("LORAPLEX_CACHE")
+    return Path(root or Path.home() / ".cache" / "loraplex") / "adapters"
+
+
 def serve(config: ServerConfig) -> int:
     state = build_state(config)
-    app = build_app(state, api_key=config.api_key)
+    app = build_app(state)
     host = "localhost" if config.host in ("0.0.0.0", "::") else config.host
     _say(f"serving {state.served_model_name} at http://{host}:{config.port}/v1")
     names = sorted(state.engine.engine.adapters)

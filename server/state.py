@@ -2,13 +2,40 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from starlette.requests import Request
 
+from loraplex.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
+from loraplex.adapters.store import AdapterStore
+from loraplex.adapters.validate import Limits
+
+from .auth import Keyring, Principal, check_rate
 from .engine.async_engine import AsyncEngine
+from .metrics import Metrics
 from .protocol import APIError
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What the admin API reports about an adapter's files."""
+
+    sha256: str
+    size: int
+    created: float
+    source: str  # "upload" (in the store) or "path" (loaded from a directory)
+
+    @classmethod
+    def of_dir(cls, path: Path, source: str) -> AdapterInfo:
+        digest, size = hashlib.sha256(), 0
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            data = (path / name).read_bytes()
+            digest.update(data)
+            size += len(data)
+        return cls(digest.hexdigest(), size, (path / WEIGHTS_FILE).stat().st_mtime, source)
 
 
 @dataclass
@@ -16,6 +43,12 @@ class ServerState:
     engine: AsyncEngine
     served_model_name: str
     max_model_len: int
+    metrics: Metrics
+    store: AdapterStore
+    keyring: Keyring = field(default_factory=Keyring)
+    upload_limits: Limits = field(default_factory=Limits)
+    allowed_lora_dirs: tuple[str, ...] = ()
+    adapter_info: dict[str, AdapterInfo] = field(default_factory=dict)
     max_body_bytes: int = 8 * 2**20
     max_in_flight: int = 1024  # requests queued or running before 503
     created: int = field(default_factory=lambda: int(time.time()))
@@ -32,9 +65,16 @@ class ServerState:
             raise APIError(503, "the server is at capacity; retry shortly", None,
                            "queue_full", headers={"Retry-After": "1"})
 
+    @staticmethod
+    def principal(request: Request) -> Principal:
+        return request.state.principal
+
     def may_use(self, request: Request, adapter: str) -> bool:
-        """Whether the caller may see `adapter` (every caller, until tenants exist)."""
-        return True
+        """Whether the caller may see and call `adapter`."""
+        return self.principal(request).may_use(adapter)
+
+    def check_rate(self, request: Request, tokens: int) -> None:
+        check_rate(self.keyring, self.principal(request), tokens)
 
     async def read_body(self, request: Request) -> bytes:
         """The body, refused with 413 as soon as it passes the limit (never buffered whole)."""

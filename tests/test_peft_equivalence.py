@@ -23,7 +23,7 @@ from loraplex.server.config import (CacheConfig, EngineConfig, LoRAConfig, Model
                                     SchedulerConfig)
 from loraplex.server.engine.engine import LLMEngine
 from loraplex.server.engine.request import SamplingParams
-from loraplex.server.runner.loader import convert_gguf, embedded_gguf_path, load_model
+from loraplex.server.runner.loader import load_model
 
 
 @dataclass(frozen=True)
@@ -246,11 +246,6 @@ SENTENCES = [
     "Once upon a time",
     "def fibonacci(n):",
 ]
-
-
-@pytest.fixture(scope="module")
-def embedded_dir():
-    return convert_gguf(embedded_gguf_path())
 
 
 @pytest.mark.slow

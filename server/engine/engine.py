@@ -21,6 +21,7 @@ from .detokenizer import Detokenizer
 from .request import Request, RequestError, RequestStatus, SamplingParams
 from .sampler import Sampler, TokenLogprobs
 from .scheduler import Scheduler
+from .stats import FinishedStats, StatLogger, StepStats
 
 log = logging.getLogger("loraplex.engine")
 
@@ -67,36 +68,84 @@ class LLMEngine:
         self.max_model_len = min(self.loaded.max_model_len, num_blocks * config.cache.block_size)
         self.blocks = BlockManager(num_blocks, config.cache.block_size)
         self.adapters: dict[str, LoRAAdapter] = {}
-        self.slots = SlotTable(config.lora.max_loras,
-                               lambda name, slot: self.runner.lora.load(slot, self.adapters[name]))
+        self.pinned: set[str] = set()
+        self.slots = SlotTable(config.lora.max_loras, self._load_slot, self._unloaded_slot)
         self.scheduler = Scheduler(config.scheduler, self.blocks, self.slots)
         self.sampler = Sampler()
         self.eos_token_ids = self._eos_token_ids()
         self._tracked: dict[str, _Tracked] = {}
+        # Metrics consumers (e.g. Prometheus) get a StepStats after every step that did work.
+        self.stat_loggers: list[StatLogger] = []
+        self._stats = StepStats()
+        self._slot_counts = (0, 0)  # hits, misses already reported
         log.info("engine ready: %s (%s, %s), %d KV blocks of %d tokens, max_model_len %d",
                  self.loaded.name, self.loaded.quantization, self.loaded.dtype, num_blocks,
                  config.cache.block_size, self.max_model_len)
 
     # ---- adapters -------------------------------------------------------------------
 
-    def register_adapter(self, name: str, path: str) -> LoRAAdapter:
-        """Parse, check and keep an adapter; it is copied into a slot when first requested."""
-        adapter = load_adapter(path, name, self.runner.lora.module_shapes,
-                               self.config.lora.max_lora_rank, self.loaded.dtype)
-        if self.slots.refs(name):
+    def parse_adapter(self, name: str, path: str) -> LoRAAdapter:
+        """Read and check a PEFT adapter against this model. Touches no engine state, so it
+        may run on any thread (disk reads stay off the engine loop)."""
+        return load_adapter(path, name, self.runner.lora.module_shapes,
+                            self.config.lora.max_lora_rank, self.loaded.dtype)
+
+    def install_adapter(self, adapter: LoRAAdapter) -> None:
+        """Serve `adapter` under its name; it is copied into a slot when first requested.
+        Replacing a name is refused while requests of the old version are queued or running."""
+        name = adapter.name
+        if self.is_busy(name):
             raise RequestError(f"adapter {name!r} is serving requests; try again when idle",
-                               param="name")
+                               param="name", code="adapter_busy")
         self.slots.evict(name)  # a slot holding the old weights must not be reused
         self.adapters[name] = adapter
+        self._stats.residency.setdefault(name, {})["host"] = 1
+
+    def register_adapter(self, name: str, path: str) -> LoRAAdapter:
+        adapter = self.parse_adapter(name, path)
+        self.install_adapter(adapter)
         return adapter
 
     def unregister_adapter(self, name: str) -> None:
         if name not in self.adapters:
             raise RequestError(f"adapter {name!r} not found", param="name", code="model_not_found")
-        if self.slots.refs(name):
-            raise RequestError(f"adapter {name!r} is serving requests", param="name")
+        if self.is_busy(name):
+            raise RequestError(f"adapter {name!r} is serving requests", param="name",
+                               code="adapter_busy")
+        self.pinned.discard(name)
         self.slots.evict(name)
         del self.adapters[name]
+        self._stats.residency.setdefault(name, {})["host"] = 0
+
+    def pin(self, name: str) -> None:
+        """Keep an adapter in a device slot until unpinned."""
+        if name not in self.adapters:
+            raise RequestError(f"adapter {name!r} not found", param="name", code="model_not_found")
+        if name in self.pinned:
+            return
+        if self.slots.acquire(name) is None:
+            raise RequestError("every adapter slot is in use; try again later", param="name",
+                               code="adapter_busy")
+        self.pinned.add(name)
+
+    def unpin(self, name: str) -> None:
+        if name in self.pinned:
+            self.pinned.remove(name)
+            self.slots.release(name)
+
+    def is_busy(self, name: str) -> bool:
+        """Whether requests for `name` are queued or running (a pin is not a request)."""
+        refs = self.slots.refs(name) - (name in self.pinned)
+        return refs > 0 or any(r.adapter == name for r in self.scheduler.waiting)
+
+    def _load_slot(self, name: str, slot: int) -> None:
+        t0 = time.perf_counter()
+        self.runner.lora.load(slot, self.adapters[name])
+        self._stats.adapter_load_seconds.append(time.perf_counter() - t0)
+        self._stats.residency.setdefault(name, {})["device"] = 1
+
+    def _unloaded_slot(self, name: str, slot: int) -> None:
+        self._stats.residency.setdefault(name, {})["device"] = 0
 
     # ---- requests -------------------------------------------------------------------
 
@@ -128,10 +177,12 @@ class LLMEngine:
         request = self.scheduler.abort(request_id)
         if request is not None:
             self._emit([self._finish_output(self._tracked[request_id], "abort")])
+            self._publish()
 
     def fail_all(self, message: str) -> None:
         """End every request with an error output (the engine cannot go on)."""
         self._fail([t.request for t in self._tracked.values()], message)
+        self._publish()
 
     def _fail(self, requests: list[Request], message: str) -> list[RequestOutput]:
         outputs = []
@@ -156,20 +207,30 @@ class LLMEngine:
             logits = self.runner.execute(plan.scheduled)
         except Exception as e:  # a failed forward fails its batch, never the engine
             log.exception("forward failed; failing the %d requests of this step", len(plan.scheduled))
-            return self._fail([s.request for s in plan.scheduled],
-                              f"internal error: {type(e).__name__}: {e}")
+            outputs = self._fail([s.request for s in plan.scheduled],
+                                 f"internal error: {type(e).__name__}: {e}")
+            self._publish()
+            return outputs
         self.scheduler.advance(plan)
         sampling = [s.request for s in plan.scheduled if s.samples]
         tokens, logprobs = self.sampler(logits, sampling)
         outputs = [self._append(req, tok, lp) for req, tok, lp in zip(sampling, tokens, logprobs)]
         self._emit(outputs)
+        self._publish()
         return outputs
 
     def _append(self, req: Request, token: int, logprobs: TokenLogprobs | None) -> RequestOutput:
         tracked = self._tracked[req.request_id]
         req.output_token_ids.append(token)
+        now = time.monotonic()
         if req.first_token_time is None:
-            req.first_token_time = time.monotonic()
+            req.first_token_time = now
+            self._stats.ttft_seconds.append(now - req.arrival_time)
+            self._stats.prompt_tokens += req.num_prompt_tokens
+        else:
+            self._stats.inter_token_seconds.append(now - req.last_token_time)
+        req.last_token_time = now
+        self._stats.generation_tokens += 1
         stopped_by_string = tracked.detokenizer.add(token) if tracked.detokenizer else False
         p = req.params
         reason = None
@@ -198,16 +259,39 @@ class LLMEngine:
                              num_output_tokens=req.num_output_tokens)
 
     def _emit(self, outputs: list[RequestOutput]) -> None:
+        now = time.monotonic()
         for out in outputs:
             tracked = self._tracked[out.request_id]
             if out.finished:
                 del self._tracked[out.request_id]
                 self.sampler.forget(out.request_id)
+                req = tracked.request
+                self._stats.finished.append(FinishedStats(
+                    out.finish_reason or "abort", req.adapter, req.num_prompt_tokens,
+                    req.num_output_tokens, now - req.arrival_time,
+                    None if req.admitted_time is None else req.admitted_time - req.arrival_time))
             if tracked.callback is not None:
                 try:
                     tracked.callback(out)
                 except Exception:  # a consumer's bug must not stop everyone else's stream
                     log.exception("output callback of %s failed", out.request_id)
+
+    def _publish(self) -> None:
+        stats, self._stats = self._stats, StepStats()
+        if not self.stat_loggers:
+            return
+        sched = self.scheduler
+        stats.num_running, stats.num_waiting = sched.num_running, sched.num_waiting
+        stats.kv_cache_usage = self.blocks.usage
+        stats.max_loras = self.config.lora.max_loras
+        stats.running_adapters = tuple(sorted({r.adapter for r in sched.running if r.adapter}))
+        stats.waiting_adapters = tuple(sorted({r.adapter for r in sched.waiting if r.adapter}))
+        hits, misses = self.slots.hits, self.slots.misses
+        stats.adapter_hits = hits - self._slot_counts[0]
+        stats.adapter_misses = misses - self._slot_counts[1]
+        self._slot_counts = (hits, misses)
+        for logger in self.stat_loggers:
+            logger.record(stats)
 
     # ---- helpers --------------------------------------------------------------------
 

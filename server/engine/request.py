@@ -85,7 +85,10 @@ class Request:
     block_ids: list[int] = field(default_factory=list)
     lora_slot: int = -1  # slot of `adapter` while admitted; -1 for none
     num_preemptions: int = 0
+    # Monotonic timestamps for latency metrics.
+    admitted_time: float | None = None  # first admitted to the running batch
     first_token_time: float | None = None
+    last_token_time: float | None = None
 
     def __post_init__(self) -> None:
         assert self.prompt_token_ids, "a request needs at least one prompt token"

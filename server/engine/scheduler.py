@@ -8,6 +8,7 @@ preempted: its blocks are freed and it goes back to the front of the queue to re
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -103,6 +104,8 @@ class Scheduler:
                 request.lora_slot = slot
             self.waiting.popleft()
             self.blocks.allocate(request, num_new)
+            if request.admitted_time is None:
+                request.admitted_time = time.monotonic()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             out.scheduled.append(ScheduledRequest.of(request, num_new))

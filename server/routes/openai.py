@@ -29,6 +29,7 @@ class Job:
     request_id: str
     created: int
     model: str
+    tenant: str | None = None
 
     @property
     def num_choices(self) -> int:
@@ -81,6 +82,7 @@ async def _outputs(job: Job) -> AsyncIterator[tuple[int, RequestOutput]]:
 
     state.in_flight += job.num_choices
     tasks = [asyncio.create_task(pump(i, job.prompts[i // n])) for i in range(job.num_choices)]
+    generated = 0
     try:
         remaining = job.num_choices
         while remaining:
@@ -88,9 +90,12 @@ async def _outputs(job: Job) -> AsyncIterator[tuple[int, RequestOutput]]:
             if isinstance(item, Exception):
                 raise item
             remaining -= item.finished
+            generated += len(item.new_token_ids)
             yield index, item
     finally:
         state.in_flight -= job.num_choices
+        state.metrics.observe_request(job.adapter, job.tenant,
+                                      sum(len(p) for p in job.prompts), generated)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -148,8 +153,9 @@ def _prepare(state: ServerState, request: Request, gen: GenerationRequest,
     for p in ids:
         state.check_length(len(p), gen.params.max_tokens)
     state.check_capacity(len(ids) * gen.n)
+    state.check_rate(request, gen.n * sum(len(p) + gen.params.max_tokens for p in ids))
     return Job(state, gen, ids, adapter, new_id(prefix), now(),
-               gen.model or state.served_model_name)
+               gen.model or state.served_model_name, state.principal(request).tenant)
 
 
 # ---- /v1/completions ------------------------------------------------------------------

@@ -1,0 +1,220 @@
+"""Operator routes: upload, list, inspect, delete, pin adapters; vLLM's load/unload."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from loraplex.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, AdapterError
+from loraplex.adapters.validate import check_config_bytes, check_name, check_safetensors
+
+from ..engine.request import RequestError
+from ..protocol import APIError
+from ..state import AdapterInfo, ServerState
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.loraplex
+
+
+def _refuse(e: Exception) -> APIError:
+    if isinstance(e, RequestError):
+        status = 404 if e.code == "model_not_found" else 409 if e.code == "adapter_busy" else 400
+        return APIError(status, str(e), e.param, e.code)
+    return APIError(400, str(e), None, "invalid_adapter")
+
+
+def _limited(request: Request, limit: int) -> Request:
+    """The same request, whose body stream raises 413 as soon as it passes `limit`."""
+    received = 0
+
+    async def receive():
+        nonlocal received
+        message = await request.receive()
+        received += len(message.get("body", b""))
+        if received > limit:
+            raise APIError(413, f"the upload exceeds {limit} bytes")
+        return message
+
+    return Request(request.scope, receive)
+
+
+async def _engine(state: ServerState, fn):
+    try:
+        return await asyncio.wrap_future(state.engine.call(fn))
+    except RequestError as e:
+        raise _refuse(e) from None
+
+
+async def upload(request: Request) -> Response:
+    """multipart/form-data: `name`, `config` (adapter_config.json), `weights`
+    (adapter_model.safetensors). Checked whole before anything is stored or served."""
+    state = _state(request)
+    limits = state.upload_limits
+    limit = limits.max_weights_bytes + limits.max_config_bytes + (1 << 20)
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"the upload exceeds {limit} bytes")
+    form = await _limited(request, limit).form(max_files=2, max_fields=3,
+                                                max_part_size=limits.max_config_bytes)
+    try:
+        name, config, weights = form.get("name"), form.get("config"), form.get("weights")
+        if not isinstance(name, str):
+            raise APIError(400, "the form needs a 'name' field", "name")
+        if not isinstance(weights, UploadFile):
+            raise APIError(400, "the form needs a 'weights' file (adapter_model.safetensors)",
+                           "weights")
+        if config is None:
+            raise APIError(400, "the form needs a 'config' field (adapter_config.json)", "config")
+        config_bytes = await config.read() if isinstance(config, UploadFile) else config.encode()
+        with tempfile.TemporaryDirectory(prefix="tmp-", dir=state.store.root) as tmp:
+            staged = Path(tmp)
+            with open(staged / WEIGHTS_FILE, "wb") as f:
+                await run_in_threadpool(shutil.copyfileobj, weights.file, f)
+            (staged / CONFIG_FILE).write_bytes(config_bytes)
+            try:
+                check_name(name, state.served_model_name)
+                check_config_bytes(config_bytes, limits)
+                await run_in_threadpool(check_safetensors, staged / WEIGHTS_FILE, limits)
+                adapter = await run_in_threadpool(state.engine.engine.parse_adapter, name, tmp)
+            except AdapterError as e:
+                raise _refuse(e) from None
+            if await _engine(state, lambda e: e.is_busy(name)):
+                raise APIError(409, f"adapter {name!r} is serving requests; try again when idle",
+                               "name", "adapter_busy")
+            previous = state.store.get(name)
+            stored = await run_in_threadpool(state.store.put, name, config_bytes,
+                                             staged / WEIGHTS_FILE)
+    finally:
+        await form.close()
+    adapter = dataclasses.replace(adapter, path=str(stored.path))
+    try:
+        await _engine(state, lambda e: e.install_adapter(adapter))
+    except APIError:
+        # Serving did not change, so neither may the store.
+        if previous is None:
+            state.store.delete(name)
+        else:
+            state.store.restore(previous)
+        raise
+    state.adapter_info[name] = AdapterInfo(stored.sha256, stored.size, stored.created, "upload")
+    return JSONResponse(await _describe(state, name), status_code=201)
+
+
+async def _describe(state: ServerState, name: str) -> dict:
+    adapter = state.engine.engine.adapters.get(name)
+    if adapter is None:
+        raise APIError(404, f"adapter {name!r} not found", "name", "model_not_found")
+    slot, pinned = await _engine(state, lambda e: (e.slots.slot_of(name), name in e.pinned))
+    info = state.adapter_info.get(name)
+    return {
+        "id": name, "object": "adapter", "parent": state.served_model_name,
+        "rank": adapter.max_rank,
+        "ranks": sorted({w.rank for w in adapter.modules.values()}),
+        "targets": sorted({m.rsplit(".", 1)[-1] for m in adapter.modules}),
+        "modules": len(adapter.modules),
+        "size": info.size if info else None, "sha256": info.sha256 if info else None,
+        "created": int(info.created) if info else None, "source": info.source if info else None,
+        "residency": "device" if slot is not None else "host", "pinned": pinned,
+    }
+
+
+async def list_adapters(request: Request) -> Response:
+    state = _state(request)
+    names = sorted(state.engine.engine.adapters)
+    return JSONResponse({"object": "list", "data": [await _describe(state, n) for n in names]})
+
+
+async def get_adapter(request: Request) -> Response:
+    return JSONResponse(await _describe(_state(request), request.path_params["name"]))
+
+
+async def delete_adapter(request: Request) -> Response:
+    state, name = _state(request), request.path_params["name"]
+    await _engine(state, lambda e: e.unregister_adapter(name))
+    await run_in_threadpool(state.store.delete, name)
+    state.adapter_info.pop(name, None)
+    return JSONResponse({"id": name, "object": "adapter", "deleted": True})
+
+
+async def pin(request: Request) -> Response:
+    state, name = _state(request), request.path_params["name"]
+    await _engine(state, lambda e: e.pin(name))
+    return JSONResponse(await _describe(state, name))
+
+
+async def unpin(request: Request) -> Response:
+    state, name = _state(request), request.path_params["name"]
+    if name not in state.engine.engine.adapters:
+        raise APIError(404, f"adapter {name!r} not found", "name", "model_not_found")
+    await _engine(state, lambda e: e.unpin(name))
+    return JSONResponse(await _describe(state, name))
+
+
+async def _json(request: Request, state: ServerState) -> dict:
+    try:
+        body = json.loads(await state.read_body(request))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    return body
+
+
+async def load_lora_adapter(request: Request) -> Response:
+    """vLLM's `{"lora_name", "lora_path"}`: a directory on this machine, inside one of the
+    directories the operator allowed (--allowed-lora-dirs)."""
+    state = _state(request)
+    body = await _json(request, state)
+    name, path = body.get("lora_name"), body.get("lora_path")
+    if not isinstance(path, str) or not path:
+        raise APIError(400, "lora_path must be a directory path", "lora_path")
+    resolved = Path(path).resolve()
+    if not any(resolved.is_relative_to(Path(d).resolve()) for d in state.allowed_lora_dirs):
+        raise APIError(403, "lora_path is outside the directories this server may load from "
+                            "(--allowed-lora-dirs)", "lora_path", "path_not_allowed")
+    try:
+        check_name(name, state.served_model_name)
+        if not (resolved / WEIGHTS_FILE).is_file():
+            raise AdapterError(f"lora_path: no {WEIGHTS_FILE} in {path} (pickled checkpoints "
+                               f"are not loaded)")
+        await run_in_threadpool(check_safetensors, resolved / WEIGHTS_FILE, state.upload_limits)
+        adapter = await run_in_threadpool(state.engine.engine.parse_adapter, name, str(resolved))
+    except AdapterError as e:
+        raise _refuse(e) from None
+    await _engine(state, lambda e: e.install_adapter(adapter))
+    state.adapter_info[name] = await run_in_threadpool(AdapterInfo.of_dir, resolved, "path")
+    return JSONResponse({"id": name, "object": "adapter", "loaded": True})
+
+
+async def unload_lora_adapter(request: Request) -> Response:
+    state = _state(request)
+    name = (await _json(request, state)).get("lora_name")
+    if not isinstance(name, str):
+        raise APIError(400, "lora_name must be a string", "lora_name")
+    await _engine(state, lambda e: e.unregister_adapter(name))
+    if state.adapter_info.pop(name, None) is not None and state.store.get(name):
+        await run_in_threadpool(state.store.delete, name)
+    return JSONResponse({"id": name, "object": "adapter", "unloaded": True})
+
+
+routes = [
+    Route("/v1/adapters", upload, methods=["POST"]),
+    Route("/v1/adapters", list_adapters, methods=["GET"]),
+    Route("/v1/adapters/{name:path}/pin", pin, methods=["POST"]),
+    Route("/v1/adapters/{name:path}/unpin", unpin, methods=["POST"]),
+    Route("/v1/adapters/{name:path}", get_adapter, methods=["GET"]),
+    Route("/v1/adapters/{name:path}", delete_adapter, methods=["DELETE"]),
+    Route("/v1/load_lora_adapter", load_lora_adapter, methods=["POST"]),
+    Route("/v1/unload_lora_adapter", unload_lora_adapter, methods=["POST"]),
+]
