@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .auth import Keyring, authorize
+from .engine.async_engine import EngineDeadError
 from .engine.request import RequestError
 from .protocol import APIError
 from .routes import admin, openai
@@ -38,6 +39,10 @@ async def _request_error(request: Request, exc: Exception) -> Response:
     return await _api_error(request, APIError.from_request_error(exc))
 
 
+async def _engine_dead(request: Request, exc: Exception) -> Response:
+    return await _api_error(request, APIError(503, str(exc), None, "engine_dead"))
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     status = getattr(exc, "status_code", 500)
     return await _api_error(request, APIError(status, str(getattr(exc, "detail", exc))))
@@ -52,6 +57,8 @@ async def health(request: Request) -> Response:
     state: ServerState = request.app.state.loraplex
     if not state.engine.alive:
         return JSONResponse(APIError(503, "the engine is not running").body(), status_code=503)
+    if state.draining:
+        return JSONResponse(APIError(503, "the server is shutting down").body(), status_code=503)
     return Response(status_code=200)
 
 
@@ -92,7 +99,8 @@ def build_app(state: ServerState) -> Starlette:
                 Route("/version", version_route), Route("/metrics", metrics_route),
                 *openai.routes, *admin.routes],
         exception_handlers={APIError: _api_error, RequestError: _request_error,
-                            HTTPException: _http_error, Exception: _internal_error},
+                            HTTPException: _http_error, EngineDeadError: _engine_dead,
+                            Exception: _internal_error},
     )
     app.state.loraplex = state
     app.add_middleware(AuthMiddleware, keyring=state.keyring)

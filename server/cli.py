@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="directories /v1/load_lora_adapter may load from")
     serve.add_argument("--max-adapter-mb", type=float, default=ServerConfig.max_adapter_mb,
                        help="largest adapter upload accepted")
+    serve.add_argument("--drain-timeout", type=float, default=ServerConfig.drain_timeout,
+                       help="seconds in-flight requests get to finish after SIGTERM")
     model = serve.add_argument_group("model")
     model.add_argument("--quantization", choices=["nf4", "int8", "none"], default=None,
                        help="default: nf4 on CUDA, none on the CPU")
@@ -103,6 +105,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         api_key=args.api_key, admin_key=args.admin_key, tenant_keys=args.tenant_keys,
         lora_modules=_lora_modules(args.lora_modules), adapter_store=args.adapter_store,
         allowed_lora_dirs=tuple(args.allowed_lora_dirs), max_adapter_mb=args.max_adapter_mb,
+        drain_timeout=args.drain_timeout,
     )
 
 

@@ -101,6 +101,7 @@ class ServerConfig:
     adapter_store: str | None = None  # uploaded adapters; None: <model cache>/adapters
     allowed_lora_dirs: tuple[str, ...] = ()  # where /v1/load_lora_adapter may read
     max_adapter_mb: float = 1024.0
+    drain_timeout: float = 30.0  # seconds requests in flight get to finish after SIGTERM
     max_body_mb: float = 8.0
     max_in_flight: int = 1024
 

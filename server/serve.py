@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -70,6 +71,33 @@ def _default_store(config: ServerConfig) -> Path:
     return Path(root or Path.home() / ".cache" / "loraplex") / "adapters"
 
 
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM/SIGINT: refuse new work with 503 and let requests in flight finish, for at
+    most `drain_timeout` seconds, then stop. A second signal stops at once."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState, drain_timeout: float):
+        super().__init__(config)
+        self.state = state
+        self.drain_timeout = drain_timeout
+
+    def handle_exit(self, sig, frame) -> None:
+        if self.state.draining:
+            self.force_exit = True
+            self.should_exit = True
+            return
+        self.state.draining = True
+        _say(f"draining: {self.state.in_flight} requests in flight, new ones get 503")
+        threading.Thread(target=self._drain, name="loraplex-drain", daemon=True).start()
+
+    def _drain(self) -> None:
+        deadline = time.monotonic() + self.drain_timeout
+        while self.state.in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.state.in_flight:
+            _say(f"drain timeout: stopping with {self.state.in_flight} requests in flight")
+        self.should_exit = True
+
+
 def serve(config: ServerConfig) -> int:
     state = build_state(config)
     app = build_app(state)
@@ -77,8 +105,11 @@ def serve(config: ServerConfig) -> int:
     _say(f"serving {state.served_model_name} at http://{host}:{config.port}/v1")
     names = sorted(state.engine.engine.adapters)
     _say(f"adapters: {', '.join(names) if names else '(none yet)'}")
+    server = DrainingServer(uvicorn.Config(app, host=config.host, port=config.port,
+                                           log_level="warning"), state, config.drain_timeout)
     try:
-        uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+        server.run()
     finally:
         state.engine.shutdown()
+    _say("stopped")
     return 0

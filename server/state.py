@@ -53,6 +53,7 @@ class ServerState:
     max_in_flight: int = 1024  # requests queued or running before 503
     created: int = field(default_factory=lambda: int(time.time()))
     in_flight: int = 0
+    draining: bool = False  # SIGTERM received: finish what runs, accept nothing new
 
     @property
     def tokenizer(self):
@@ -61,6 +62,9 @@ class ServerState:
     # ---- admission ------------------------------------------------------------------
 
     def check_capacity(self, needed: int) -> None:
+        if self.draining:
+            raise APIError(503, "the server is shutting down", None, "shutting_down",
+                           headers={"Retry-After": "5"})
         if self.in_flight + needed > self.max_in_flight:
             raise APIError(503, "the server is at capacity; retry shortly", None,
                            "queue_full", headers={"Retry-After": "1"})
