@@ -3,7 +3,7 @@
 Three kinds of key: the admin key (`--admin-key`: adapter management, and everything else),
 one shared key (`--api-key`, as vLLM's: every model), and tenant keys (`--tenant-keys FILE`:
 a tenant sees and calls only the adapters its patterns allow, plus the base model). With no
-key configured at all, inference is open, as in vLLM. Keys are compared in constant time.
+shared or tenant key configured, inference is open, as in vLLM. Keys are compared in constant time.
 
 The tenant file is JSON:
 
@@ -107,7 +107,9 @@ class Keyring:
 
     @property
     def inference_open(self) -> bool:
-        return not (self.api_key or self.tenants or self.admin_key)
+        """No --api-key and no tenants: inference is open (the admin key guards only the
+        admin API)."""
+        return not (self.api_key or self.tenants)
 
     def identify(self, authorization: str | None) -> Principal | None:
         """The caller behind an Authorization header; None if absent or unknown."""
