@@ -44,7 +44,11 @@ class SlotTable:
             if slot is None:
                 return None
             self.misses += 1
-            self._load(name, slot)
+            try:
+                self._load(name, slot)
+            except BaseException:
+                self._free.append(slot)  # the slot stays usable; its old occupant is gone
+                raise
             self._slots[name] = slot
         else:
             self.hits += 1

@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--max-loras", type=int, default=LoRAConfig.max_loras,
                       help="adapters resident next to the model at once")
     lora.add_argument("--max-lora-rank", type=int, default=LoRAConfig.max_lora_rank)
+    lora.add_argument("--max-cpu-loras", type=int, default=None,
+                      help="adapters kept parsed in host memory (default: --max-loras); the "
+                           "rest are re-read from disk when requested")
     engine = serve.add_argument_group("engine")
     engine.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs)
     engine.add_argument("--max-num-batched-tokens", type=int,
@@ -99,7 +102,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                               gpu_memory_utilization=args.gpu_memory_utilization),
             scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                       max_num_batched_tokens=args.max_num_batched_tokens),
-            lora=LoRAConfig(max_loras=args.max_loras, max_lora_rank=args.max_lora_rank),
+            lora=LoRAConfig(max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+                            max_cpu_loras=args.max_cpu_loras),
         ),
         host=args.host, port=args.port, served_model_name=args.served_model_name,
         api_key=args.api_key, admin_key=args.admin_key, tenant_keys=args.tenant_keys,

@@ -74,10 +74,19 @@ class LoRAConfig:
 
     max_loras: int = 8
     max_lora_rank: int = 64
+    # Parsed adapters kept in host memory (vLLM's --max-cpu-loras); None: as many as
+    # max_loras, as in vLLM. The rest are re-read from disk when requested.
+    max_cpu_loras: int | None = None
 
     def __post_init__(self) -> None:
         assert self.max_loras > 0
         assert self.max_lora_rank > 0
+        assert self.max_cpu_loras is None or self.max_cpu_loras >= self.max_loras, (
+            "max_cpu_loras must be at least max_loras")
+
+    @property
+    def cpu_capacity(self) -> int:
+        return self.max_cpu_loras or self.max_loras
 
 
 @dataclass(frozen=True)

@@ -142,7 +142,7 @@ class ServerState:
                 "owned_by": "loraplex", "root": self.served_model_name, "parent": None,
                 "max_model_len": self.max_model_len}
         cards = [base]
-        for name, adapter in sorted(self.engine.engine.adapters.items()):
+        for name, adapter in sorted(self.engine.engine.adapters.items()):  # AdapterSummary
             if self.may_use(request, name):
                 cards.append(dict(base, id=name, root=adapter.path,
                                   parent=self.served_model_name))

@@ -36,7 +36,7 @@ def make_engine(num_blocks=64, budget=64):
 
 
 def run(engine, requests):
-    """requests: {id: (prompt, params)} -> {id: (tokens, finish_reason)}"""
+    """requests: {id: (prompt, params[, adapter])} -> {id: (tokens, finish_reason)}"""
     outs: dict[str, list] = {}
     reasons: dict[str, str] = {}
 
@@ -45,8 +45,8 @@ def run(engine, requests):
         if out.finished:
             reasons[out.request_id] = out.finish_reason
 
-    for rid, (prompt, params) in requests.items():
-        engine.add_request(rid, prompt, params, callback=collect)
+    for rid, (prompt, params, *adapter) in requests.items():
+        engine.add_request(rid, prompt, params, *adapter, callback=collect)
     while engine.has_unfinished():
         engine.step()
     return {rid: (outs.get(rid, []), reasons[rid]) for rid in requests}
@@ -240,3 +240,40 @@ def test_async_engine_streams_refuses_and_aborts():
         assert front.call(lambda e: e.blocks.usage).result(timeout=5) == 0.0
     finally:
         front.shutdown()
+
+
+def test_evicted_adapters_reload_exactly_and_a_broken_one_fails_alone(tmp_path):
+    import shutil
+
+    from peft_fixtures import ADAPTER_SPECS, PeftReference, make_adapters
+
+    from loraplex.server.config import LoRAConfig
+
+    names = ["r8_attn", "r16_all", "patterns", "regex_qk"]
+    paths = make_adapters(lambda: tiny_model("sdpa"), tmp_path,
+                          {n: ADAPTER_SPECS[n] for n in names})
+    loaded = LoadedModel(tiny_model(), None, torch.device("cpu"), torch.float32, "none", 64, "t")
+    engine = LLMEngine(EngineConfig(cache=CacheConfig(num_blocks=64, block_size=4),
+                                    lora=LoRAConfig(max_loras=1, max_cpu_loras=2)), loaded)
+    for name, path in paths.items():
+        engine.register_adapter(name, str(path))
+    assert len(engine.host) == 2  # only the two most recent stay parsed in host memory
+    reference = PeftReference(lambda: tiny_model("sdpa"), paths)
+    params = SamplingParams(max_tokens=5, **GREEDY)
+    # One slot, two host entries, four adapters: every switch reloads, often from disk.
+    for round_ in range(2):
+        for name in names:
+            got = run(engine, {f"{name}-{round_}": ([3, 4, 5], params, name)})
+            assert got[f"{name}-{round_}"][0] == reference.greedy([3, 4, 5], name, 5), name
+    assert engine.slots.misses >= 8
+    broken = next(n for n in names if n not in engine.host and engine.slots.slot_of(n) is None)
+    shutil.rmtree(paths[broken])
+    errors = {}
+    engine.add_request("bad", [3, 4, 5], params, adapter=broken,
+                       callback=lambda o: o.finished and errors.setdefault("bad", o.error))
+    engine.add_request("good", [3, 4, 5], params)
+    while engine.has_unfinished():
+        engine.step()
+    assert "could not be loaded" in errors["bad"]
+    assert run(engine, {"after": ([3, 4, 5], params)})["after"][1] == "length"
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks

@@ -156,3 +156,29 @@ def test_sigterm_drains_in_flight_requests_then_exits(tmp_path, embedded_dir):
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_error_mid_stream_is_a_data_event_then_done(live):
+    url, state = live
+    engine = state.engine.engine
+    real, calls = engine.runner.execute, {"n": 0}
+
+    def failing_third_step(scheduled):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected forward failure")
+        return real(scheduled)
+
+    engine.runner.execute = failing_third_step
+    try:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=30, json={
+                "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 50,
+                "stream": True}) as r:
+            events = [l[5:].strip() for l in r.iter_lines() if l.startswith("data:")]
+    finally:
+        engine.runner.execute = real
+    assert r.status_code == 200 and events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert "injected forward failure" in error["message"] and error["type"]
+    ok = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+    assert ok.status_code == 200  # the server goes on

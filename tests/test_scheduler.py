@@ -226,3 +226,18 @@ class TestSamplingParams:
         with pytest.raises(RequestError) as e:
             SamplingParams(**kwargs)
         assert e.value.param == param
+
+
+class TestHostCache:
+    def test_lru_put_get_drop(self):
+        from loraplex.adapters.registry import HostCache
+
+        cache = HostCache(2)
+        assert cache.put("a", 1) == [] and cache.put("b", 2) == []
+        assert cache.get("a") == 1  # a is now the most recent
+        assert cache.put("c", 3) == ["b"]
+        assert "b" not in cache and cache.get("b") is None and len(cache) == 2
+        assert cache.put("a", 10) == [] and cache.get("a") == 10  # refresh, no eviction
+        cache.drop("a")
+        cache.drop("zzz")
+        assert len(cache) == 1 and "c" in cache

@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from loraplex.adapters.peft_format import LoRAAdapter, load_adapter
+from loraplex.adapters.registry import AdapterSummary, HostCache
 from loraplex.adapters.slot_table import SlotTable
 
 from ..config import EngineConfig
@@ -51,6 +52,12 @@ class _Tracked:
     callback: OutputCallback | None
 
 
+class AdapterLoadError(RuntimeError):
+    def __init__(self, name: str, cause: Exception):
+        super().__init__(f"adapter {name!r} could not be loaded: {cause}")
+        self.name = name
+
+
 class LLMEngine:
     """Synchronous engine. `add_request` and `abort` between `step` calls; see
     `AsyncEngine` for the thread-safe front the HTTP server uses."""
@@ -67,7 +74,10 @@ class LLMEngine:
         # A lone request must always fit in the cache, so the context is capped by its size.
         self.max_model_len = min(self.loaded.max_model_len, num_blocks * config.cache.block_size)
         self.blocks = BlockManager(num_blocks, config.cache.block_size)
-        self.adapters: dict[str, LoRAAdapter] = {}
+        # Every registered adapter, by name; the weights of at most max_cpu_loras of them
+        # stay parsed in host memory, the rest are re-read from their directory on demand.
+        self.adapters: dict[str, AdapterSummary] = {}
+        self.host: HostCache[LoRAAdapter] = HostCache(config.lora.cpu_capacity)
         self.pinned: set[str] = set()
         self.slots = SlotTable(config.lora.max_loras, self._load_slot, self._unloaded_slot)
         self.scheduler = Scheduler(config.scheduler, self.blocks, self.slots)
@@ -98,8 +108,8 @@ class LLMEngine:
             raise RequestError(f"adapter {name!r} is serving requests; try again when idle",
                                param="name", code="adapter_busy")
         self.slots.evict(name)  # a slot holding the old weights must not be reused
-        self.adapters[name] = adapter
-        self._stats.residency.setdefault(name, {})["host"] = 1
+        self.adapters[name] = AdapterSummary.of(adapter)
+        self._keep_in_host(adapter)
 
     def register_adapter(self, name: str, path: str) -> LoRAAdapter:
         adapter = self.parse_adapter(name, path)
@@ -115,7 +125,13 @@ class LLMEngine:
         self.pinned.discard(name)
         self.slots.evict(name)
         del self.adapters[name]
+        self.host.drop(name)
         self._stats.residency.setdefault(name, {})["host"] = 0
+
+    def _keep_in_host(self, adapter: LoRAAdapter) -> None:
+        self._stats.residency.setdefault(adapter.name, {})["host"] = 1
+        for evicted in self.host.put(adapter.name, adapter):
+            self._stats.residency.setdefault(evicted, {})["host"] = 0
 
     def pin(self, name: str) -> None:
         """Keep an adapter in a device slot until unpinned."""
@@ -140,7 +156,14 @@ class LLMEngine:
 
     def _load_slot(self, name: str, slot: int) -> None:
         t0 = time.perf_counter()
-        self.runner.lora.load(slot, self.adapters[name])
+        adapter = self.host.get(name)
+        if adapter is None:  # evicted from host memory: read it again
+            try:
+                adapter = self.parse_adapter(name, self.adapters[name].path)
+            except Exception as e:
+                raise AdapterLoadError(name, e) from e
+            self._keep_in_host(adapter)
+        self.runner.lora.load(slot, adapter)
         self._stats.adapter_load_seconds.append(time.perf_counter() - t0)
         self._stats.residency.setdefault(name, {})["device"] = 1
 
@@ -200,7 +223,16 @@ class LLMEngine:
     # ---- the loop -------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        plan = self.scheduler.schedule()
+        try:
+            plan = self.scheduler.schedule()
+        except AdapterLoadError as e:
+            # Its requests fail; anything admitted before the failure is planned again next
+            # step, as nothing was computed for it.
+            log.error("%s", e)
+            doomed = [t.request for t in self._tracked.values() if t.request.adapter == e.name]
+            outputs = self._fail(doomed, str(e))
+            self._publish()
+            return outputs
         if plan.empty:
             return []
         try:

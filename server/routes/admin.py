@@ -115,17 +115,17 @@ async def _describe(state: ServerState, name: str) -> dict:
     adapter = state.engine.engine.adapters.get(name)
     if adapter is None:
         raise APIError(404, f"adapter {name!r} not found", "name", "model_not_found")
-    slot, pinned = await _engine(state, lambda e: (e.slots.slot_of(name), name in e.pinned))
+    slot, pinned, host = await _engine(
+        state, lambda e: (e.slots.slot_of(name), name in e.pinned, name in e.host))
     info = state.adapter_info.get(name)
     return {
         "id": name, "object": "adapter", "parent": state.served_model_name,
-        "rank": adapter.max_rank,
-        "ranks": sorted({w.rank for w in adapter.modules.values()}),
-        "targets": sorted({m.rsplit(".", 1)[-1] for m in adapter.modules}),
-        "modules": len(adapter.modules),
+        "rank": adapter.max_rank, "ranks": list(adapter.ranks), "targets": list(adapter.targets),
+        "modules": adapter.num_modules,
         "size": info.size if info else None, "sha256": info.sha256 if info else None,
         "created": int(info.created) if info else None, "source": info.source if info else None,
-        "residency": "device" if slot is not None else "host", "pinned": pinned,
+        "residency": "device" if slot is not None else "host" if host else "disk",
+        "pinned": pinned,
     }
 
 
