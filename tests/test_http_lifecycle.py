@@ -182,3 +182,19 @@ def test_error_mid_stream_is_a_data_event_then_done(live):
     assert "injected forward failure" in error["message"] and error["type"]
     ok = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2})
     assert ok.status_code == 200  # the server goes on
+
+
+def test_body_over_the_limit_is_413(live):
+    url, state = live
+    big = b'{"prompt": "' + b"x" * (state.max_body_bytes + 1) + b'"}'
+    r = httpx.post(f"{url}/v1/completions", content=big,
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
+
+    def chunks():  # no Content-Length: the limit holds while the body streams in
+        yield big[: len(big) // 2]
+        yield big[len(big) // 2:]
+
+    r = httpx.post(f"{url}/v1/completions", content=chunks(),
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 413
