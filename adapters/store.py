@@ -86,10 +86,6 @@ class AdapterStore:
         self._write_record(name, sha, created)
         return self._stored(name, sha, created)
 
-    def restore(self, previous: StoredAdapter) -> None:
-        """Point a name back at an earlier version (undoing a `put` that was not served)."""
-        self._write_record(previous.name, previous.sha256, previous.created)
-
     def _write_record(self, name: str, sha: str, created: float) -> None:
         record = self._record_file(self.names, name)
         tmp_record = record.with_suffix(".tmp")

@@ -257,7 +257,7 @@ def test_evicted_adapters_reload_exactly_and_a_broken_one_fails_alone(tmp_path):
                                     lora=LoRAConfig(max_loras=1, max_cpu_loras=2)), loaded)
     for name, path in paths.items():
         engine.register_adapter(name, str(path))
-    assert len(engine.host) == 2  # only the two most recent stay parsed in host memory
+    assert len(engine.adapter_manager.host) == 2  # only the two most recent stay parsed in host memory
     reference = PeftReference(lambda: tiny_model("sdpa"), paths)
     params = SamplingParams(max_tokens=5, **GREEDY)
     # One slot, two host entries, four adapters: every switch reloads, often from disk.
@@ -266,7 +266,8 @@ def test_evicted_adapters_reload_exactly_and_a_broken_one_fails_alone(tmp_path):
             got = run(engine, {f"{name}-{round_}": ([3, 4, 5], params, name)})
             assert got[f"{name}-{round_}"][0] == reference.greedy([3, 4, 5], name, 5), name
     assert engine.slots.misses >= 8
-    broken = next(n for n in names if n not in engine.host and engine.slots.slot_of(n) is None)
+    broken = next(n for n in names if not engine.adapter_manager.in_host(n)
+                  and engine.adapter_manager.slot_of(n) is None)
     shutil.rmtree(paths[broken])
     errors = {}
     engine.add_request("bad", [3, 4, 5], params, adapter=broken,
@@ -277,3 +278,48 @@ def test_evicted_adapters_reload_exactly_and_a_broken_one_fails_alone(tmp_path):
     assert "could not be loaded" in errors["bad"]
     assert run(engine, {"after": ([3, 4, 5], params)})["after"][1] == "length"
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+def test_replacing_an_adapter_mid_generation_keeps_old_requests_on_old_weights(tmp_path):
+    from peft_fixtures import ADAPTER_SPECS, PeftReference, make_adapters
+
+    from loraplex.server.config import LoRAConfig
+
+    specs = {"old": ADAPTER_SPECS["r8_attn"], "new": ADAPTER_SPECS["r16_all"]}
+    paths = make_adapters(lambda: tiny_model("sdpa"), tmp_path, specs)
+    reference = PeftReference(lambda: tiny_model("sdpa"), paths)
+    loaded = LoadedModel(tiny_model(), None, torch.device("cpu"), torch.float32, "none", 64, "t")
+    engine = LLMEngine(EngineConfig(cache=CacheConfig(num_blocks=64, block_size=4),
+                                    lora=LoRAConfig(max_loras=2)), loaded)
+    engine.register_adapter("tenant/x", str(paths["old"]))
+    tokens: dict[str, list[int]] = {}
+
+    def submit(rid, prompt):
+        engine.add_request(rid, prompt, SamplingParams(max_tokens=8, **GREEDY), "tenant/x",
+                           callback=lambda o: tokens.setdefault(o.request_id, []).extend(
+                               o.new_token_ids))
+
+    submit("running", [3, 4, 5])
+    submit("queued", [6, 7])
+    engine.step()
+    engine.step()
+    engine.register_adapter("tenant/x", str(paths["new"]))  # a new version, mid-generation
+    submit("after", [3, 4, 5])
+    while engine.has_unfinished():
+        engine.step()
+    assert tokens["running"] == reference.greedy([3, 4, 5], "old", 8)
+    assert tokens["queued"] == reference.greedy([6, 7], "old", 8)
+    assert tokens["after"] == reference.greedy([3, 4, 5], "new", 8)
+    assert tokens["after"] != tokens["running"]
+    # The old version is gone once its requests ended: one version, one slot at most.
+    assert engine.slots.loaded == [k for k in engine.slots.loaded if k.startswith("tenant/x@2")]
+
+    submit("doomed", [3, 4, 5])
+    engine.step()
+    engine.unregister_adapter("tenant/x")  # removal lets requests in flight finish
+    with pytest.raises(RequestError):
+        submit("refused", [3, 4, 5])
+    while engine.has_unfinished():
+        engine.step()
+    assert tokens["doomed"] == tokens["after"]
+    assert engine.slots.loaded == [] and len(engine.adapter_manager.host) == 0

@@ -97,11 +97,10 @@ class AsyncEngine:
                 else:
                     self._wake.wait()
                     self._wake.clear()
-        except BaseException as e:  # noqa: BLE001 - recorded for /health, then re-raised
+        except BaseException as e:  # noqa: BLE001 - recorded for /health; the thread ends
             self.error = e
             log.exception("engine thread died")
             self._fail_pending(e)
-            raise
 
     def _drain_inbox(self) -> None:
         while True:

@@ -10,13 +10,12 @@ from typing import Callable
 import torch
 
 from loraplex.adapters.peft_format import LoRAAdapter, load_adapter
-from loraplex.adapters.registry import AdapterSummary, HostCache
-from loraplex.adapters.slot_table import SlotTable
 
 from ..config import EngineConfig
 from ..runner.attention import ATTN_IMPLEMENTATION, PagedKVCache
 from ..runner.loader import LoadedModel, load_model
 from ..runner.model_runner import ModelRunner
+from .adapter_manager import AdapterLoadError, AdapterManager
 from .block_manager import BlockManager
 from .detokenizer import Detokenizer
 from .request import Request, RequestError, RequestStatus, SamplingParams
@@ -52,12 +51,6 @@ class _Tracked:
     callback: OutputCallback | None
 
 
-class AdapterLoadError(RuntimeError):
-    def __init__(self, name: str, cause: Exception):
-        super().__init__(f"adapter {name!r} could not be loaded: {cause}")
-        self.name = name
-
-
 class LLMEngine:
     """Synchronous engine. `add_request` and `abort` between `step` calls; see
     `AsyncEngine` for the thread-safe front the HTTP server uses."""
@@ -74,12 +67,10 @@ class LLMEngine:
         # A lone request must always fit in the cache, so the context is capped by its size.
         self.max_model_len = min(self.loaded.max_model_len, num_blocks * config.cache.block_size)
         self.blocks = BlockManager(num_blocks, config.cache.block_size)
-        # Every registered adapter, by name; the weights of at most max_cpu_loras of them
-        # stay parsed in host memory, the rest are re-read from their directory on demand.
-        self.adapters: dict[str, AdapterSummary] = {}
-        self.host: HostCache[LoRAAdapter] = HostCache(config.lora.cpu_capacity)
-        self.pinned: set[str] = set()
-        self.slots = SlotTable(config.lora.max_loras, self._load_slot, self._unloaded_slot)
+        self.adapter_manager = AdapterManager(config.lora, self.runner.lora, self.parse_adapter,
+                                              lambda: self._stats)
+        self.adapters = self.adapter_manager.current  # name -> AdapterSummary being served
+        self.slots = self.adapter_manager.slots
         self.scheduler = Scheduler(config.scheduler, self.blocks, self.slots)
         self.sampler = Sampler()
         self.eos_token_ids = self._eos_token_ids()
@@ -101,15 +92,9 @@ class LLMEngine:
                             self.config.lora.max_lora_rank, self.loaded.dtype)
 
     def install_adapter(self, adapter: LoRAAdapter) -> None:
-        """Serve `adapter` under its name; it is copied into a slot when first requested.
-        Replacing a name is refused while requests of the old version are queued or running."""
-        name = adapter.name
-        if self.is_busy(name):
-            raise RequestError(f"adapter {name!r} is serving requests; try again when idle",
-                               param="name", code="adapter_busy")
-        self.slots.evict(name)  # a slot holding the old weights must not be reused
-        self.adapters[name] = AdapterSummary.of(adapter)
-        self._keep_in_host(adapter)
+        """Serve `adapter` under its name. Replacing a name makes a new version: requests
+        already bound to the old one finish on its weights, new ones get the new weights."""
+        self.adapter_manager.install(adapter)
 
     def register_adapter(self, name: str, path: str) -> LoRAAdapter:
         adapter = self.parse_adapter(name, path)
@@ -117,58 +102,8 @@ class LLMEngine:
         return adapter
 
     def unregister_adapter(self, name: str) -> None:
-        if name not in self.adapters:
-            raise RequestError(f"adapter {name!r} not found", param="name", code="model_not_found")
-        if self.is_busy(name):
-            raise RequestError(f"adapter {name!r} is serving requests", param="name",
-                               code="adapter_busy")
-        self.pinned.discard(name)
-        self.slots.evict(name)
-        del self.adapters[name]
-        self.host.drop(name)
-        self._stats.residency.setdefault(name, {})["host"] = 0
-
-    def _keep_in_host(self, adapter: LoRAAdapter) -> None:
-        self._stats.residency.setdefault(adapter.name, {})["host"] = 1
-        for evicted in self.host.put(adapter.name, adapter):
-            self._stats.residency.setdefault(evicted, {})["host"] = 0
-
-    def pin(self, name: str) -> None:
-        """Keep an adapter in a device slot until unpinned."""
-        if name not in self.adapters:
-            raise RequestError(f"adapter {name!r} not found", param="name", code="model_not_found")
-        if name in self.pinned:
-            return
-        if self.slots.acquire(name) is None:
-            raise RequestError("every adapter slot is in use; try again later", param="name",
-                               code="adapter_busy")
-        self.pinned.add(name)
-
-    def unpin(self, name: str) -> None:
-        if name in self.pinned:
-            self.pinned.remove(name)
-            self.slots.release(name)
-
-    def is_busy(self, name: str) -> bool:
-        """Whether requests for `name` are queued or running (a pin is not a request)."""
-        refs = self.slots.refs(name) - (name in self.pinned)
-        return refs > 0 or any(r.adapter == name for r in self.scheduler.waiting)
-
-    def _load_slot(self, name: str, slot: int) -> None:
-        t0 = time.perf_counter()
-        adapter = self.host.get(name)
-        if adapter is None:  # evicted from host memory: read it again
-            try:
-                adapter = self.parse_adapter(name, self.adapters[name].path)
-            except Exception as e:
-                raise AdapterLoadError(name, e) from e
-            self._keep_in_host(adapter)
-        self.runner.lora.load(slot, adapter)
-        self._stats.adapter_load_seconds.append(time.perf_counter() - t0)
-        self._stats.residency.setdefault(name, {})["device"] = 1
-
-    def _unloaded_slot(self, name: str, slot: int) -> None:
-        self._stats.residency.setdefault(name, {})["device"] = 0
+        """Stop serving `name`; its requests in flight finish first."""
+        self.adapter_manager.remove(name)
 
     # ---- requests -------------------------------------------------------------------
 
@@ -188,10 +123,12 @@ class LLMEngine:
                 f"This model's maximum context length is {self.max_model_len} tokens. However, "
                 f"you requested {n + params.max_tokens} tokens ({n} in the prompt, "
                 f"{params.max_tokens} in the completion).", param=param)
-        request = Request(request_id, prompt_ids, params, adapter)
         detok = Detokenizer(self.tokenizer, params.stop) if self.tokenizer is not None else None
         if params.stop and detok is None:
             raise RequestError("stop strings need a tokenizer", param="stop")
+        # The request is bound to the adapter version serving now (see AdapterManager).
+        key = self.adapter_manager.bind(adapter) if adapter is not None else None
+        request = Request(request_id, prompt_ids, params, key)
         self._tracked[request_id] = _Tracked(request, detok, callback)
         self.scheduler.add(request)
         return request
@@ -229,7 +166,7 @@ class LLMEngine:
             # Its requests fail; anything admitted before the failure is planned again next
             # step, as nothing was computed for it.
             log.error("%s", e)
-            doomed = [t.request for t in self._tracked.values() if t.request.adapter == e.name]
+            doomed = [t.request for t in self._tracked.values() if t.request.adapter == e.key]
             outputs = self._fail(doomed, str(e))
             self._publish()
             return outputs
@@ -298,8 +235,13 @@ class LLMEngine:
                 del self._tracked[out.request_id]
                 self.sampler.forget(out.request_id)
                 req = tracked.request
+                if req.adapter is not None:
+                    name = self.adapter_manager.name_of(req.adapter)
+                    self.adapter_manager.unbind(req.adapter)
+                else:
+                    name = None
                 self._stats.finished.append(FinishedStats(
-                    out.finish_reason or "abort", req.adapter, req.num_prompt_tokens,
+                    out.finish_reason or "abort", name, req.num_prompt_tokens,
                     req.num_output_tokens, now - req.arrival_time,
                     None if req.admitted_time is None else req.admitted_time - req.arrival_time))
             if tracked.callback is not None:
@@ -316,8 +258,11 @@ class LLMEngine:
         stats.num_running, stats.num_waiting = sched.num_running, sched.num_waiting
         stats.kv_cache_usage = self.blocks.usage
         stats.max_loras = self.config.lora.max_loras
-        stats.running_adapters = tuple(sorted({r.adapter for r in sched.running if r.adapter}))
-        stats.waiting_adapters = tuple(sorted({r.adapter for r in sched.waiting if r.adapter}))
+        name_of = self.adapter_manager.name_of
+        stats.running_adapters = tuple(sorted({name_of(r.adapter) for r in sched.running
+                                               if r.adapter}))
+        stats.waiting_adapters = tuple(sorted({name_of(r.adapter) for r in sched.waiting
+                                               if r.adapter}))
         hits, misses = self.slots.hits, self.slots.misses
         stats.adapter_hits = hits - self._slot_counts[0]
         stats.adapter_misses = misses - self._slot_counts[1]

@@ -89,24 +89,13 @@ async def upload(request: Request) -> Response:
                 adapter = await run_in_threadpool(state.engine.engine.parse_adapter, name, tmp)
             except AdapterError as e:
                 raise _refuse(e) from None
-            if await _engine(state, lambda e: e.is_busy(name)):
-                raise APIError(409, f"adapter {name!r} is serving requests; try again when idle",
-                               "name", "adapter_busy")
-            previous = state.store.get(name)
             stored = await run_in_threadpool(state.store.put, name, config_bytes,
                                              staged / WEIGHTS_FILE)
     finally:
         await form.close()
+    # A new version: requests running on the old one finish on its weights.
     adapter = dataclasses.replace(adapter, path=str(stored.path))
-    try:
-        await _engine(state, lambda e: e.install_adapter(adapter))
-    except APIError:
-        # Serving did not change, so neither may the store.
-        if previous is None:
-            state.store.delete(name)
-        else:
-            state.store.restore(previous)
-        raise
+    await _engine(state, lambda e: e.install_adapter(adapter))
     state.adapter_info[name] = AdapterInfo(stored.sha256, stored.size, stored.created, "upload")
     return JSONResponse(await _describe(state, name), status_code=201)
 
@@ -115,8 +104,9 @@ async def _describe(state: ServerState, name: str) -> dict:
     adapter = state.engine.engine.adapters.get(name)
     if adapter is None:
         raise APIError(404, f"adapter {name!r} not found", "name", "model_not_found")
-    slot, pinned, host = await _engine(
-        state, lambda e: (e.slots.slot_of(name), name in e.pinned, name in e.host))
+    slot, pinned, host = await _engine(state, lambda e: (
+        e.adapter_manager.slot_of(name), e.adapter_manager.is_pinned(name),
+        e.adapter_manager.in_host(name)))
     info = state.adapter_info.get(name)
     return {
         "id": name, "object": "adapter", "parent": state.served_model_name,
@@ -149,7 +139,7 @@ async def delete_adapter(request: Request) -> Response:
 
 async def pin(request: Request) -> Response:
     state, name = _state(request), request.path_params["name"]
-    await _engine(state, lambda e: e.pin(name))
+    await _engine(state, lambda e: e.adapter_manager.pin(name))
     return JSONResponse(await _describe(state, name))
 
 
@@ -157,7 +147,7 @@ async def unpin(request: Request) -> Response:
     state, name = _state(request), request.path_params["name"]
     if name not in state.engine.engine.adapters:
         raise APIError(404, f"adapter {name!r} not found", "name", "model_not_found")
-    await _engine(state, lambda e: e.unpin(name))
+    await _engine(state, lambda e: e.adapter_manager.unpin(name))
     return JSONResponse(await _describe(state, name))
 
 

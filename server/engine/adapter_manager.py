@@ -1,0 +1,176 @@
+"""Adapters as the engine sees them: named versions, the host-memory tier, device slots, pins.
+
+Every install of a name is a new version with its own key (`name@N`). A request is bound to
+the version current when it arrives, and slots and the host cache hold versions, so replacing
+an adapter never changes the weights under a running request, and nothing cached for old
+content is reused. A replaced or removed version lives until its last request ends.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import Counter
+from typing import Callable
+
+from loraplex.adapters.peft_format import LoRAAdapter
+from loraplex.adapters.registry import AdapterSummary, HostCache
+from loraplex.adapters.slot_table import SlotTable
+
+from ..config import LoRAConfig
+from ..runner.lora_layers import LoRAModel
+from .request import RequestError
+from .stats import StepStats
+
+
+class AdapterLoadError(RuntimeError):
+    def __init__(self, key: str, name: str, cause: Exception):
+        super().__init__(f"adapter {name!r} could not be loaded: {cause}")
+        self.key = key
+
+
+def _not_found(name: str) -> RequestError:
+    return RequestError(f"adapter {name!r} not found", param="name", code="model_not_found")
+
+
+class AdapterManager:
+    def __init__(self, config: LoRAConfig, lora: LoRAModel,
+                 parse: Callable[[str, str], LoRAAdapter], stats: Callable[[], StepStats]):
+        self._lora = lora
+        self._parse = parse
+        self._stats = stats  # the engine's accumulator for the current step
+        self.current: dict[str, AdapterSummary] = {}  # name -> serving version
+        self._versions: dict[str, AdapterSummary] = {}  # key -> every live version
+        self._keys: dict[str, str] = {}  # name -> key of the serving version
+        self._requests: Counter[str] = Counter()  # key -> unfinished requests bound to it
+        self._retired: set[str] = set()  # keys no longer serving, awaiting their last request
+        self._pinned: dict[str, str] = {}  # name -> pinned key
+        self._counter = itertools.count(1)
+        self.host: HostCache[LoRAAdapter] = HostCache(config.cpu_capacity)
+        self.slots = SlotTable(config.max_loras, self._load_slot, self._unloaded_slot)
+
+    # ---- what callers see -------------------------------------------------------------
+
+    def name_of(self, key: str) -> str:
+        return self._versions[key].name
+
+    def slot_of(self, name: str) -> int | None:
+        key = self._keys.get(name)
+        return None if key is None else self.slots.slot_of(key)
+
+    def in_host(self, name: str) -> bool:
+        key = self._keys.get(name)
+        return key is not None and key in self.host
+
+    def is_pinned(self, name: str) -> bool:
+        return name in self._pinned
+
+    def is_busy(self, name: str) -> bool:
+        """Whether requests bound to any version of `name` are unfinished."""
+        return any(n and self._versions[k].name == name for k, n in self._requests.items())
+
+    # ---- changes ----------------------------------------------------------------------
+
+    def install(self, adapter: LoRAAdapter) -> str:
+        """Serve `adapter` under its name from now on; returns its version key."""
+        name = adapter.name
+        key = f"{name}@{next(self._counter)}"
+        old = self._keys.get(name)
+        self._versions[key] = AdapterSummary.of(adapter)
+        self._keys[name] = key
+        self.current[name] = self._versions[key]
+        self._keep_in_host(key, adapter)
+        if old is not None:
+            repin = self._pinned.pop(name, None) is not None
+            if repin:
+                self.slots.release(old)
+            self._retire(old)
+            if repin:
+                self.pin(name)
+        return key
+
+    def remove(self, name: str) -> None:
+        """Stop serving `name`; requests already bound to it finish on its weights."""
+        key = self._keys.pop(name, None)
+        if key is None:
+            raise _not_found(name)
+        del self.current[name]
+        if self._pinned.pop(name, None) is not None:
+            self.slots.release(key)
+        self._retire(key)
+
+    def pin(self, name: str) -> None:
+        """Keep the serving version of `name` in a device slot until unpinned."""
+        key = self._keys.get(name)
+        if key is None:
+            raise _not_found(name)
+        if name in self._pinned:
+            return
+        if self.slots.acquire(key) is None:
+            raise RequestError("every adapter slot is in use; try again later", param="name",
+                               code="adapter_busy")
+        self._pinned[name] = key
+
+    def unpin(self, name: str) -> None:
+        key = self._pinned.pop(name, None)
+        if key is not None:
+            self.slots.release(key)
+
+    # ---- requests ---------------------------------------------------------------------
+
+    def bind(self, name: str) -> str | None:
+        """The version key a new request for `name` uses; None if `name` is not served."""
+        key = self._keys.get(name)
+        if key is not None:
+            self._requests[key] += 1
+        return key
+
+    def unbind(self, key: str) -> None:
+        self._requests[key] -= 1
+        if not self._requests[key]:
+            del self._requests[key]
+            if key in self._retired:
+                self._drop(key)
+
+    # ---- internals --------------------------------------------------------------------
+
+    def _retire(self, key: str) -> None:
+        if self._requests[key]:
+            self._retired.add(key)
+        else:
+            self._drop(key)
+
+    def _drop(self, key: str) -> None:
+        self.slots.evict(key)
+        self.host.drop(key)
+        name = self._versions.pop(key).name
+        self._retired.discard(key)
+        self._requests.pop(key, None)
+        if name not in self._keys:
+            self._stats().residency.setdefault(name, {})["host"] = 0
+
+    def _keep_in_host(self, key: str, adapter: LoRAAdapter) -> None:
+        self._stats().residency.setdefault(adapter.name, {})["host"] = 1
+        for evicted in self.host.put(key, adapter):
+            if evicted in self._versions and self._keys.get(self.name_of(evicted)) == evicted:
+                self._stats().residency.setdefault(self.name_of(evicted), {})["host"] = 0
+
+    def _load_slot(self, key: str, slot: int) -> None:
+        t0 = time.perf_counter()
+        adapter = self.host.get(key)
+        if adapter is None:  # evicted from host memory: read it again
+            summary = self._versions[key]
+            try:
+                adapter = self._parse(summary.name, summary.path)
+            except Exception as e:
+                raise AdapterLoadError(key, summary.name, e) from e
+            self._keep_in_host(key, adapter)
+        self._lora.load(slot, adapter)
+        stats = self._stats()
+        stats.adapter_load_seconds.append(time.perf_counter() - t0)
+        stats.residency.setdefault(self.name_of(key), {})["device"] = 1
+
+    def _unloaded_slot(self, key: str, slot: int) -> None:
+        name = self._versions[key].name
+        if self._keys.get(name, key) == key:  # not when an old version leaves for a new one
+            self._stats().residency.setdefault(name, {})["device"] = 0
