@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import regex
 import torch
 from safetensors import safe_open
 
@@ -26,6 +27,27 @@ _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weigh
 
 class AdapterError(ValueError):
     """An adapter we refuse; the message names the field and the reason."""
+
+
+# Patterns come from operators' (or tenants') files, so each match gets a time limit: a
+# catastrophically backtracking regex is refused instead of stalling the server.
+MATCH_SECONDS = 0.05
+MAX_PATTERN_CHARS = 1024
+
+
+def _match(pattern: str, key: str, field: str, full: bool):
+    """`regex` (re-compatible) match with a time limit; the Match or None."""
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise AdapterError(f"adapter_config.json: {field}: pattern longer than "
+                           f"{MAX_PATTERN_CHARS} characters")
+    try:
+        compiled = regex.compile(pattern)
+        return (compiled.fullmatch if full else compiled.match)(key, timeout=MATCH_SECONDS)
+    except regex.error as e:
+        raise AdapterError(f"adapter_config.json: {field}: invalid regex: {e}") from None
+    except TimeoutError:
+        raise AdapterError(f"adapter_config.json: {field}: regex {pattern!r} takes too long "
+                           f"to match (catastrophic backtracking?)") from None
 
 
 @dataclass(frozen=True)
@@ -51,10 +73,11 @@ class LoRAAdapter:
         return max(w.rank for w in self.modules.values())
 
 
-def _pattern_value(patterns: Mapping[str, float], key: str, default: float) -> float:
+def _pattern_value(patterns: Mapping[str, float], key: str, default: float,
+                   field: str) -> float:
     # PEFT's get_pattern_key: the first pattern that matches a suffix of the module name.
     for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", key):
+        if _match(rf"(.*\.)?({pattern})$", key, field, full=False) is not None:
             return value
     return default
 
@@ -66,7 +89,8 @@ def _layer_index(config: Mapping, key: str) -> int | None:
     else:
         match = None
         for pattern in [patterns] if isinstance(patterns, str) else patterns:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+            match = _match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key, "layers_pattern",
+                           full=False)
             if match:
                 break
     return int(match.group("idx")) if match else None
@@ -77,7 +101,7 @@ def is_targeted(config: Mapping, key: str) -> bool:
     targets = config.get("target_modules")
     if isinstance(targets, str):
         # A regex target ignores layers_to_transform, as in PEFT.
-        return re.fullmatch(targets, key) is not None
+        return _match(targets, key, "target_modules", full=True) is not None
     targets = targets or []
     if key in targets:
         return True
@@ -93,8 +117,9 @@ def is_targeted(config: Mapping, key: str) -> bool:
 
 
 def rank_and_scale(config: Mapping, key: str) -> tuple[int, float]:
-    r = int(_pattern_value(config.get("rank_pattern") or {}, key, config["r"]))
-    alpha = _pattern_value(config.get("alpha_pattern") or {}, key, config.get("lora_alpha", 8))
+    r = int(_pattern_value(config.get("rank_pattern") or {}, key, config["r"], "rank_pattern"))
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, key, config.get("lora_alpha", 8),
+                           "alpha_pattern")
     scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     return r, scale
 
@@ -108,6 +133,11 @@ def _check_config(config: Mapping, max_rank: int) -> None:
     r = config.get("r")
     if not isinstance(r, int) or r < 1:
         refuse("r", f"must be a positive integer, got {r!r}")
+    for field in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(field) or {}
+        if not isinstance(patterns, dict) or not all(
+                isinstance(v, (int, float)) and v > 0 for v in patterns.values()):
+            refuse(field, "must map module patterns to positive numbers")
     ranks = [r, *(config.get("rank_pattern") or {}).values()]
     if max(ranks) > max_rank:
         refuse("r", f"rank {max(ranks)} exceeds the server's max_lora_rank {max_rank}")
@@ -126,11 +156,19 @@ def _check_config(config: Mapping, max_rank: int) -> None:
     targets = config.get("target_modules")
     if not targets or not isinstance(targets, (str, list)):
         refuse("target_modules", "must be a non-empty list of names or a regex string")
-    if isinstance(targets, str):
-        try:
-            re.compile(targets)
-        except re.error as e:
-            refuse("target_modules", f"invalid regex: {e}")
+    if config.get("use_rslora") not in (None, False, True):
+        refuse("use_rslora", "must be true or false")
+    alpha = config.get("lora_alpha", 8)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+        refuse("lora_alpha", f"must be a positive number, got {alpha!r}")
+
+
+def _same_base(claimed: str, base_names: Collection[str]) -> bool:
+    """PEFT records the base model as a hub id or a local path; either may name ours."""
+    def last(name: str) -> str:
+        return name.rstrip("/").rsplit("/", 1)[-1].lower()
+
+    return claimed in base_names or last(claimed) in {last(n) for n in base_names if n}
 
 
 def load_adapter(
@@ -139,8 +177,10 @@ def load_adapter(
     module_shapes: Mapping[str, tuple[int, int]],  # module name -> (in_features, out_features)
     max_rank: int,
     dtype: torch.dtype = torch.float32,
+    base_names: Collection[str] | None = None,  # None: any base_model_name_or_path is accepted
 ) -> LoRAAdapter:
-    """Parse and check a PEFT adapter directory against the base model's LoRA-capable modules."""
+    """Parse and check a PEFT adapter directory against the base model's LoRA-capable modules.
+    With `base_names`, an adapter that says it was trained on another base is refused."""
     path = Path(path)
     if not (path / WEIGHTS_FILE).is_file():
         pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
@@ -155,6 +195,12 @@ def load_adapter(
     if not isinstance(config, dict):
         raise AdapterError(f"{CONFIG_FILE}: must be a JSON object")
     _check_config(config, max_rank)
+    claimed = config.get("base_model_name_or_path")
+    if base_names is not None and claimed and not _same_base(str(claimed), base_names):
+        raise AdapterError(
+            f"adapter_config.json: base_model_name_or_path: the adapter was trained on "
+            f"{claimed!r}, not on the served model ({', '.join(sorted(base_names))}); start "
+            f"the server with --allow-base-mismatch to serve it anyway")
 
     targeted = {key for key in module_shapes if is_targeted(config, key)}
     if not targeted:

@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--max-cpu-loras", type=int, default=None,
                       help="adapters kept parsed in host memory (default: --max-loras); the "
                            "rest are re-read from disk when requested")
+    lora.add_argument("--allow-base-mismatch", action="store_true",
+                      help="serve adapters whose base_model_name_or_path names another model")
     engine = serve.add_argument_group("engine")
     engine.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs)
     engine.add_argument("--max-num-batched-tokens", type=int,
@@ -103,7 +105,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                       max_num_batched_tokens=args.max_num_batched_tokens),
             lora=LoRAConfig(max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
-                            max_cpu_loras=args.max_cpu_loras),
+                            max_cpu_loras=args.max_cpu_loras,
+                            allow_base_mismatch=args.allow_base_mismatch),
         ),
         host=args.host, port=args.port, served_model_name=args.served_model_name,
         api_key=args.api_key, admin_key=args.admin_key, tenant_keys=args.tenant_keys,

@@ -77,6 +77,8 @@ class LoRAConfig:
     # Parsed adapters kept in host memory (vLLM's --max-cpu-loras); None: as many as
     # max_loras, as in vLLM. The rest are re-read from disk when requested.
     max_cpu_loras: int | None = None
+    # Serve adapters whose base_model_name_or_path names another model.
+    allow_base_mismatch: bool = False
 
     def __post_init__(self) -> None:
         assert self.max_loras > 0

@@ -74,6 +74,10 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.blocks, self.slots)
         self.sampler = Sampler()
         self.eos_token_ids = self._eos_token_ids()
+        # What adapters may name as their base (hub id or path): see load_adapter.
+        self.base_names = {n for n in (self.loaded.name,
+                                       getattr(self.loaded.model.config, "_name_or_path", ""))
+                           if n}
         self._tracked: dict[str, _Tracked] = {}
         # Metrics consumers (e.g. Prometheus) get a StepStats after every step that did work.
         self.stat_loggers: list[StatLogger] = []
@@ -89,7 +93,8 @@ class LLMEngine:
         """Read and check a PEFT adapter against this model. Touches no engine state, so it
         may run on any thread (disk reads stay off the engine loop)."""
         return load_adapter(path, name, self.runner.lora.module_shapes,
-                            self.config.lora.max_lora_rank, self.loaded.dtype)
+                            self.config.lora.max_lora_rank, self.loaded.dtype,
+                            None if self.config.lora.allow_base_mismatch else self.base_names)
 
     def install_adapter(self, adapter: LoRAAdapter) -> None:
         """Serve `adapter` under its name. Replacing a name makes a new version: requests
