@@ -20,8 +20,8 @@ import regex
 import torch
 from safetensors import safe_open
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
+from .store import CONFIG_FILE, WEIGHTS_FILE
+
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from starlette.requests import Request
 
-from loraplex.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
+from loraplex.adapters.store import CONFIG_FILE, WEIGHTS_FILE
 from loraplex.adapters.store import AdapterStore
 from loraplex.adapters.validate import Limits
 

@@ -15,7 +15,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from loraplex.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, AdapterError
+from loraplex.adapters.peft_format import AdapterError
+from loraplex.adapters.store import CONFIG_FILE, WEIGHTS_FILE
 from loraplex.adapters.validate import check_config_bytes, check_name, check_safetensors
 
 from ..engine.request import RequestError
