@@ -323,3 +323,68 @@ def test_replacing_an_adapter_mid_generation_keeps_old_requests_on_old_weights(t
         engine.step()
     assert tokens["doomed"] == tokens["after"]
     assert engine.slots.loaded == [] and len(engine.adapter_manager.host) == 0
+
+
+def test_concurrent_register_replace_remove_and_use_of_one_name(tmp_path):
+    import concurrent.futures
+    import random
+    import threading
+
+    from peft_fixtures import ADAPTER_SPECS, PeftReference, make_adapters
+
+    from loraplex.server.config import LoRAConfig
+
+    paths = make_adapters(lambda: tiny_model("sdpa"), tmp_path,
+                          {"v1": ADAPTER_SPECS["r8_attn"], "v2": ADAPTER_SPECS["r16_all"]})
+    reference = PeftReference(lambda: tiny_model("sdpa"), paths)
+    allowed = {tuple(reference.greedy([3, 4, 5], v, 4)) for v in ("v1", "v2")}
+    loaded = LoadedModel(tiny_model(), None, torch.device("cpu"), torch.float32, "none", 64, "t")
+    front = AsyncEngine(LLMEngine(EngineConfig(cache=CacheConfig(num_blocks=64, block_size=4),
+                                               lora=LoRAConfig(max_loras=2)), loaded))
+    served, refused = [], []
+    lock = threading.Lock()
+
+    def worker(seed):
+        rng = random.Random(seed)
+        for i in range(15):
+            action = rng.choice(["v1", "v2", "remove", "use", "use"])
+            if action in ("v1", "v2"):
+                front.call(lambda e: e.register_adapter("x", str(paths[action]))).result(30)
+            elif action == "remove":
+                try:
+                    front.call(lambda e: e.unregister_adapter("x")).result(30)
+                except RequestError:
+                    pass  # already gone
+            else:
+                done, out = threading.Event(), []
+
+                def collect(o):
+                    out.extend(o.new_token_ids)
+                    if o.finished:
+                        done.set()
+                try:
+                    front.submit([3, 4, 5], SamplingParams(max_tokens=4, **GREEDY), "x",
+                                 collect).result(30)
+                except RequestError:
+                    with lock:
+                        refused.append(seed)
+                    continue
+                assert done.wait(30)
+                with lock:
+                    served.append(tuple(out))
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(worker, range(8)))
+        engine = front.engine
+        manager = front.call(lambda e: e.adapter_manager).result(5)
+        assert not front.call(lambda e: e.has_unfinished()).result(5)
+        assert served and set(served) <= allowed  # each ran wholly on one version
+        # Nothing leaked: only the serving version (if any) is still known anywhere.
+        live = set(manager._keys.values())
+        assert set(manager._versions) == live and not manager._retired
+        assert set(engine.slots.loaded) <= live and all(
+            engine.slots.refs(k) == 0 for k in engine.slots.loaded)
+        assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+    finally:
+        front.shutdown()
