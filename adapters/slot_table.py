@@ -3,7 +3,8 @@
 A slot holds one adapter's weights next to the model. Requests pin their adapter's slot
 while admitted (`acquire`/`release`); an idle slot is reused least-recently-used first.
 Copying weights into a slot is the injected `load(name, slot)` callback's business;
-`unload(name, slot)` hears of every eviction.
+`unload(name, slot)` hears of every eviction, and `ready(name)` may say an adapter cannot be
+loaded yet (its weights are still on their way), in which case no slot is taken.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from typing import Callable
 
 class SlotTable:
     def __init__(self, num_slots: int, load: Callable[[str, int], None],
-                 unload: Callable[[str, int], None] | None = None):
+                 unload: Callable[[str, int], None] | None = None,
+                 ready: Callable[[str], bool] | None = None):
         assert num_slots > 0
         self.num_slots = num_slots
         self._load = load
         self._unload = unload
+        self._ready = ready
         self.hits = 0  # acquisitions that found the adapter resident
         self.misses = 0
         self._slots: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recent first
@@ -37,9 +40,12 @@ class SlotTable:
         return list(self._slots)
 
     def acquire(self, name: str) -> int | None:
-        """Pin `name` in a slot, loading it if needed; None when every slot is in use."""
+        """Pin `name` in a slot, loading it if needed; None when every slot is in use or the
+        adapter is not ready to load."""
         slot = self._slots.get(name)
         if slot is None:
+            if self._ready is not None and not self._ready(name):
+                return None
             slot = self._take_slot()
             if slot is None:
                 return None

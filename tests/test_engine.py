@@ -388,3 +388,42 @@ def test_concurrent_register_replace_remove_and_use_of_one_name(tmp_path):
         assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
     finally:
         front.shutdown()
+
+
+def test_decoding_goes_on_while_an_adapter_is_read_from_disk(tmp_path):
+    import time as _time
+
+    from peft_fixtures import ADAPTER_SPECS, PeftReference, make_adapters
+
+    from loraplex.server.config import LoRAConfig
+
+    paths = make_adapters(lambda: tiny_model("sdpa"), tmp_path,
+                          {"warm": ADAPTER_SPECS["r8_attn"], "cold": ADAPTER_SPECS["r16_all"]})
+    reference = PeftReference(lambda: tiny_model("sdpa"), paths)
+    loaded = LoadedModel(tiny_model(), None, torch.device("cpu"), torch.float32, "none", 64, "t")
+    engine = LLMEngine(EngineConfig(cache=CacheConfig(num_blocks=64, block_size=4),
+                                    lora=LoRAConfig(max_loras=2, max_cpu_loras=2)), loaded)
+    engine.register_adapter("cold", str(paths["cold"]))
+    engine.register_adapter("warm", str(paths["warm"]))
+    engine.register_adapter("filler", str(paths["warm"]))  # pushes "cold" out of host memory
+    assert not engine.adapter_manager.in_host("cold")
+    manager, real_parse = engine.adapter_manager, engine.adapter_manager._parse
+
+    def slow_parse(name, path):
+        _time.sleep(0.5)
+        return real_parse(name, path)
+
+    manager._parse = slow_parse
+    tokens: dict[str, list[int]] = {"warm": [], "cold": []}
+    for rid, adapter, n in (("warm", "warm", 40), ("cold", "cold", 5)):
+        engine.add_request(rid, [3, 4, 5], SamplingParams(max_tokens=n, **GREEDY), adapter,
+                           callback=lambda o: tokens[o.request_id].extend(o.new_token_ids))
+    warm_tokens_before_cold = None
+    while engine.has_unfinished():
+        engine.step()
+        if tokens["cold"] and warm_tokens_before_cold is None:
+            warm_tokens_before_cold = len(tokens["warm"])
+    # The warm request decoded on while "cold" was read (0.5 s): it did not wait for the load.
+    assert warm_tokens_before_cold >= 10
+    assert tokens["warm"] == reference.greedy([3, 4, 5], "warm", 40)
+    assert tokens["cold"] == reference.greedy([3, 4, 5], "cold", 5)

@@ -4,13 +4,19 @@ Every install of a name is a new version with its own key (`name@N`). A request 
 the version current when it arrives, and slots and the host cache hold versions, so replacing
 an adapter never changes the weights under a running request, and nothing cached for old
 content is reused. A replaced or removed version lives until its last request ends.
+
+Reading an adapter from disk happens on a loader thread, never on the engine thread: a slot
+is only taken once the weights are in host memory (the scheduler's head request waits, the
+running batch goes on decoding), and adapters of waiting requests are fetched ahead.
 """
 
 from __future__ import annotations
 
 import itertools
+import queue
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from loraplex.adapters.peft_format import LoRAAdapter
@@ -47,7 +53,13 @@ class AdapterManager:
         self._pinned: dict[str, str] = {}  # name -> pinned key
         self._counter = itertools.count(1)
         self.host: HostCache[LoRAAdapter] = HostCache(config.cpu_capacity)
-        self.slots = SlotTable(config.max_loras, self._load_slot, self._unloaded_slot)
+        self.slots = SlotTable(config.max_loras, self._load_slot, self._unloaded_slot,
+                               self._ready)
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="loraplex-adapter-load")
+        self._fetching: set[str] = set()
+        self._fetched: queue.SimpleQueue[tuple[str, LoRAAdapter | Exception]] = (
+            queue.SimpleQueue())
+        self.on_fetched: Callable[[], None] = lambda: None  # wakes an idle engine loop
 
     # ---- what callers see -------------------------------------------------------------
 
@@ -132,6 +144,47 @@ class AdapterManager:
             if key in self._retired:
                 self._drop(key)
 
+    # ---- reading from disk, off the engine thread -------------------------------------
+
+    def prefetch(self, keys: list[str]) -> None:
+        """Start reading these versions into host memory, at most as many as it holds."""
+        for key in keys[: self.host.capacity]:
+            if key in self._versions and key not in self.host and key not in self._fetching:
+                self._fetching.add(key)
+                summary = self._versions[key]
+                self._loader.submit(self._fetch, key, summary.name, summary.path)
+
+    def _fetch(self, key: str, name: str, path: str) -> None:  # on the loader thread
+        try:
+            self._fetched.put((key, self._parse(name, path)))
+        except Exception as e:  # noqa: BLE001 - handed to the engine thread
+            self._fetched.put((key, AdapterLoadError(key, name, e)))
+        self.on_fetched()
+
+    def collect(self) -> list[AdapterLoadError]:
+        """Take in what the loader finished (engine thread); the failures, whose requests
+        the engine ends."""
+        failures = []
+        while True:
+            try:
+                key, result = self._fetched.get_nowait()
+            except queue.Empty:
+                return failures
+            self._fetching.discard(key)
+            if isinstance(result, Exception):
+                failures.append(result)
+            elif key in self._versions:  # not dropped meanwhile
+                self._keep_in_host(key, result)
+
+    def _ready(self, key: str) -> bool:
+        if key in self.host:
+            return True
+        self.prefetch([key])
+        return False
+
+    def shutdown(self) -> None:
+        self._loader.shutdown(wait=False, cancel_futures=True)
+
     # ---- internals --------------------------------------------------------------------
 
     def _retire(self, key: str) -> None:
@@ -158,13 +211,7 @@ class AdapterManager:
     def _load_slot(self, key: str, slot: int) -> None:
         t0 = time.perf_counter()
         adapter = self.host.get(key)
-        if adapter is None:  # evicted from host memory: read it again
-            summary = self._versions[key]
-            try:
-                adapter = self._parse(summary.name, summary.path)
-            except Exception as e:
-                raise AdapterLoadError(key, summary.name, e) from e
-            self._keep_in_host(key, adapter)
+        assert adapter is not None, "SlotTable asked _ready first"
         self._lora.load(slot, adapter)
         stats = self._stats()
         stats.adapter_load_seconds.append(time.perf_counter() - t0)

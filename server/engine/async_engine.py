@@ -34,6 +34,7 @@ class AsyncEngine:
         self._stop = threading.Event()
         self._ids = itertools.count()
         self.error: BaseException | None = None  # set if the engine thread died
+        engine.adapter_manager.on_fetched = self._wake.set
         self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
         self._thread.start()
 
@@ -86,6 +87,7 @@ class AsyncEngine:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout)
+        self.engine.adapter_manager.shutdown()
 
     def _loop(self) -> None:
         engine = self.engine
@@ -94,9 +96,14 @@ class AsyncEngine:
                 self._drain_inbox()
                 if engine.has_unfinished():
                     engine.step()
+                    if not engine.idle:
+                        continue
+                    # Requests wait on adapters being read: sleep until the loader (or a
+                    # new call) wakes us, with a short timeout as a safety net.
+                    self._wake.wait(0.05)
                 else:
                     self._wake.wait()
-                    self._wake.clear()
+                self._wake.clear()
         except BaseException as e:  # noqa: BLE001 - recorded for /health; the thread ends
             self.error = e
             log.exception("engine thread died")

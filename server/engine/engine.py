@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from ..config import EngineConfig
 from ..runner.attention import ATTN_IMPLEMENTATION, PagedKVCache
 from ..runner.loader import LoadedModel, load_model
 from ..runner.model_runner import ModelRunner
-from .adapter_manager import AdapterLoadError, AdapterManager
+from .adapter_manager import AdapterManager
 from .block_manager import BlockManager
 from .detokenizer import Detokenizer
 from .request import Request, RequestError, RequestStatus, SamplingParams
@@ -83,6 +84,7 @@ class LLMEngine:
         self.stat_loggers: list[StatLogger] = []
         self._stats = StepStats()
         self._slot_counts = (0, 0)  # hits, misses already reported
+        self.idle = True
         log.info("engine ready: %s (%s, %s), %d KV blocks of %d tokens, max_model_len %d",
                  self.loaded.name, self.loaded.quantization, self.loaded.dtype, num_blocks,
                  config.cache.block_size, self.max_model_len)
@@ -165,18 +167,22 @@ class LLMEngine:
     # ---- the loop -------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        try:
-            plan = self.scheduler.schedule()
-        except AdapterLoadError as e:
-            # Its requests fail; anything admitted before the failure is planned again next
-            # step, as nothing was computed for it.
+        """One engine step. `self.idle` tells afterwards whether it found nothing to run
+        (e.g. the next request waits for its adapter to be read from disk)."""
+        failed = []
+        for e in self.adapter_manager.collect():
             log.error("%s", e)
-            doomed = [t.request for t in self._tracked.values() if t.request.adapter == e.key]
-            outputs = self._fail(doomed, str(e))
-            self._publish()
-            return outputs
+            failed += self._fail([t.request for t in self._tracked.values()
+                                  if t.request.adapter == e.key], str(e))
+        waiting = self.scheduler.waiting
+        self.adapter_manager.prefetch([r.adapter for r in itertools.islice(waiting, 16)
+                                       if r.adapter is not None])
+        plan = self.scheduler.schedule()
+        self.idle = plan.empty
         if plan.empty:
-            return []
+            if failed:
+                self._publish()
+            return failed
         try:
             logits = self.runner.execute(plan.scheduled)
         except Exception as e:  # a failed forward fails its batch, never the engine
@@ -184,14 +190,14 @@ class LLMEngine:
             outputs = self._fail([s.request for s in plan.scheduled],
                                  f"internal error: {type(e).__name__}: {e}")
             self._publish()
-            return outputs
+            return failed + outputs
         self.scheduler.advance(plan)
         sampling = [s.request for s in plan.scheduled if s.samples]
         tokens, logprobs = self.sampler(logits, sampling)
         outputs = [self._append(req, tok, lp) for req, tok, lp in zip(sampling, tokens, logprobs)]
         self._emit(outputs)
         self._publish()
-        return outputs
+        return failed + outputs
 
     def _append(self, req: Request, token: int, logprobs: TokenLogprobs | None) -> RequestOutput:
         tracked = self._tracked[req.request_id]
