@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import queue
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -60,6 +61,7 @@ class AdapterManager:
         self._fetched: queue.SimpleQueue[tuple[str, LoRAAdapter | Exception]] = (
             queue.SimpleQueue())
         self.on_fetched: Callable[[], None] = lambda: None  # wakes an idle engine loop
+        self._fetch_done = threading.Event()
 
     # ---- what callers see -------------------------------------------------------------
 
@@ -159,7 +161,15 @@ class AdapterManager:
             self._fetched.put((key, self._parse(name, path)))
         except Exception as e:  # noqa: BLE001 - handed to the engine thread
             self._fetched.put((key, AdapterLoadError(key, name, e)))
+        self._fetch_done.set()
         self.on_fetched()
+
+    def wait_for_fetch(self, timeout: float) -> None:
+        """Block until a read in flight finishes (or `timeout`): an engine with nothing to
+        run waits here rather than spinning, which would starve the loader of the GIL."""
+        if self._fetching:
+            self._fetch_done.wait(timeout)
+            self._fetch_done.clear()
 
     def collect(self) -> list[AdapterLoadError]:
         """Take in what the loader finished (engine thread); the failures, whose requests

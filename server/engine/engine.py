@@ -182,6 +182,8 @@ class LLMEngine:
         if plan.empty:
             if failed:
                 self._publish()
+            else:
+                self.adapter_manager.wait_for_fetch(0.05)
             return failed
         try:
             logits = self.runner.execute(plan.scheduled)
