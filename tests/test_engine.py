@@ -427,3 +427,58 @@ def test_decoding_goes_on_while_an_adapter_is_read_from_disk(tmp_path):
     assert warm_tokens_before_cold >= 10
     assert tokens["warm"] == reference.greedy([3, 4, 5], "warm", 40)
     assert tokens["cold"] == reference.greedy([3, 4, 5], "cold", 5)
+
+
+class _CountingDict(dict):
+    """A dict that counts whole-registry walks (iteration, keys, values, items, len)."""
+
+    walks = 0
+
+    def _walk(self):
+        type(self).walks += 1
+
+    def __iter__(self):
+        self._walk()
+        return super().__iter__()
+
+    def keys(self):
+        self._walk()
+        return super().keys()
+
+    def values(self):
+        self._walk()
+        return super().values()
+
+    def items(self):
+        self._walk()
+        return super().items()
+
+
+def test_ten_thousand_adapters_add_no_per_step_work(tmp_path):
+    import dataclasses
+
+    from peft_fixtures import ADAPTER_SPECS, PeftReference, make_adapters
+
+    from loraplex.server.config import LoRAConfig
+
+    paths = make_adapters(lambda: tiny_model("sdpa"), tmp_path, {"a": ADAPTER_SPECS["r1_qv"]})
+    reference = PeftReference(lambda: tiny_model("sdpa"), paths)
+    loaded = LoadedModel(tiny_model(), None, torch.device("cpu"), torch.float32, "none", 64, "t")
+    engine = LLMEngine(EngineConfig(cache=CacheConfig(num_blocks=64, block_size=4),
+                                    lora=LoRAConfig(max_loras=4, max_cpu_loras=8)), loaded)
+    parsed = engine.parse_adapter("a", str(paths["a"]))
+    for i in range(10_000):  # one parse, ten thousand names (each re-read from disk on use)
+        engine.install_adapter(dataclasses.replace(parsed, name=f"t{i}"))
+    manager = engine.adapter_manager
+    assert len(engine.adapters) == 10_000 and len(manager.host) == 8
+    # From here on, any walk over the registry's tables is counted.
+    manager.current = engine.adapters = _CountingDict(manager.current)
+    manager._versions = _CountingDict(manager._versions)
+    manager._keys = _CountingDict(manager._keys)
+    _CountingDict.walks = 0
+    expected = reference.greedy([3, 4, 5], "a", 4)
+    names = ["t0", "t5000", "t9999", "t1234", "t42", "t7777"]
+    got = run(engine, {n: ([3, 4, 5], SamplingParams(max_tokens=4, **GREEDY), n) for n in names})
+    assert all(got[n][0] == expected for n in names)
+    assert _CountingDict.walks == 0, "the step path walked the adapter registry"
+    assert len(manager.host) <= 8
