@@ -94,14 +94,18 @@ def run_peft(model, reqs: list[Req], batch: int, pad_id: int) -> tuple[float, li
 
 
 def main(argv: list[str] | None = None) -> int:
-    from peft import PeftModel
-    from transformers import GenerationConfig
-
     from loraplex.loadtest.fixtures import make_benchmark_adapters
-    from loraplex.server.config import (CacheConfig, EngineConfig, LoRAConfig, ModelConfig,
-                                        SchedulerConfig)
+    from loraplex.server.config import (
+        CacheConfig,
+        EngineConfig,
+        LoRAConfig,
+        ModelConfig,
+        SchedulerConfig,
+    )
     from loraplex.server.engine.engine import LLMEngine
     from loraplex.server.runner.loader import load_model
+    from peft import PeftModel
+    from transformers import GenerationConfig
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2)")

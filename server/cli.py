@@ -7,8 +7,14 @@ import json
 import logging
 import sys
 
-from .config import (CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig,
-                     ServerConfig)
+from .config import (
+    CacheConfig,
+    EngineConfig,
+    LoRAConfig,
+    ModelConfig,
+    SchedulerConfig,
+    ServerConfig,
+)
 
 
 def _lora_modules(values: list[str]) -> tuple[tuple[str, str], ...]:

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 import uvicorn
+from loraplex.adapters.store import AdapterStore
+from loraplex.adapters.validate import Limits
 
 from .app import build_app
 from .auth import Keyring
@@ -17,9 +19,6 @@ from .config import ServerConfig
 from .engine.async_engine import AsyncEngine
 from .engine.engine import LLMEngine
 from .metrics import Metrics
-from loraplex.adapters.store import AdapterStore
-from loraplex.adapters.validate import Limits
-
 from .state import AdapterInfo, ServerState
 
 log = logging.getLogger("loraplex.server")

@@ -7,11 +7,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from starlette.requests import Request
-
-from loraplex.adapters.store import CONFIG_FILE, WEIGHTS_FILE
-from loraplex.adapters.store import AdapterStore
+from loraplex.adapters.store import CONFIG_FILE, WEIGHTS_FILE, AdapterStore
 from loraplex.adapters.validate import Limits
+from starlette.requests import Request
 
 from .auth import Keyring, Principal, check_rate
 from .engine.async_engine import AsyncEngine

@@ -53,7 +53,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
 from loraplex.loadtest.fixtures import make_adapter
 
 __all__ = [

@@ -9,15 +9,14 @@ import struct
 
 import pytest
 import torch
-from peft_fixtures import ADAPTER_SPECS, make_adapters, tiny_model
-from safetensors.torch import load_file, save, save_file
-
 from loraplex.adapters.peft_format import AdapterError
 from loraplex.adapters.validate import Limits, check_name, check_safetensors
 from loraplex.server.config import CacheConfig, EngineConfig, LoRAConfig
 from loraplex.server.engine.engine import LLMEngine
 from loraplex.server.runner.attention import ATTN_IMPLEMENTATION
 from loraplex.server.runner.loader import LoadedModel
+from peft_fixtures import ADAPTER_SPECS, make_adapters, tiny_model
+from safetensors.torch import load_file, save, save_file
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 

@@ -1,7 +1,6 @@
 """The embedded SmolLM2-135M-Instruct served through the engine."""
 
 import pytest
-
 from loraplex.server.config import EngineConfig, ModelConfig
 from loraplex.server.engine.engine import LLMEngine
 from loraplex.server.engine.request import SamplingParams

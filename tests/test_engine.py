@@ -7,8 +7,6 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
-
 from loraplex.server.config import CacheConfig, EngineConfig, SchedulerConfig
 from loraplex.server.engine.async_engine import AsyncEngine
 from loraplex.server.engine.detokenizer import Detokenizer
@@ -16,6 +14,7 @@ from loraplex.server.engine.engine import LLMEngine
 from loraplex.server.engine.request import RequestError, SamplingParams
 from loraplex.server.runner.attention import ATTN_IMPLEMENTATION
 from loraplex.server.runner.loader import LoadedModel
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 CONFIG = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
@@ -245,9 +244,8 @@ def test_async_engine_streams_refuses_and_aborts():
 def test_evicted_adapters_reload_exactly_and_a_broken_one_fails_alone(tmp_path):
     import shutil
 
-    from peft_fixtures import ADAPTER_SPECS, PeftReference, make_adapters
-
     from loraplex.server.config import LoRAConfig
+    from peft_fixtures import ADAPTER_SPECS, PeftReference, make_adapters
 
     names = ["r8_attn", "r16_all", "patterns", "regex_qk"]
     paths = make_adapters(lambda: tiny_model("sdpa"), tmp_path,
@@ -281,9 +279,8 @@ def test_evicted_adapters_reload_exactly_and_a_broken_one_fails_alone(tmp_path):
 
 
 def test_replacing_an_adapter_mid_generation_keeps_old_requests_on_old_weights(tmp_path):
-    from peft_fixtures import ADAPTER_SPECS, PeftReference, make_adapters
-
     from loraplex.server.config import LoRAConfig
+    from peft_fixtures import ADAPTER_SPECS, PeftReference, make_adapters
 
     specs = {"old": ADAPTER_SPECS["r8_attn"], "new": ADAPTER_SPECS["r16_all"]}
     paths = make_adapters(lambda: tiny_model("sdpa"), tmp_path, specs)
@@ -330,9 +327,8 @@ def test_concurrent_register_replace_remove_and_use_of_one_name(tmp_path):
     import random
     import threading
 
-    from peft_fixtures import ADAPTER_SPECS, PeftReference, make_adapters
-
     from loraplex.server.config import LoRAConfig
+    from peft_fixtures import ADAPTER_SPECS, PeftReference, make_adapters
 
     paths = make_adapters(lambda: tiny_model("sdpa"), tmp_path,
                           {"v1": ADAPTER_SPECS["r8_attn"], "v2": ADAPTER_SPECS["r16_all"]})
@@ -349,7 +345,8 @@ def test_concurrent_register_replace_remove_and_use_of_one_name(tmp_path):
         for i in range(15):
             action = rng.choice(["v1", "v2", "remove", "use", "use"])
             if action in ("v1", "v2"):
-                front.call(lambda e: e.register_adapter("x", str(paths[action]))).result(30)
+                path = str(paths[action])
+                front.call(lambda e, path=path: e.register_adapter("x", path)).result(30)
             elif action == "remove":
                 try:
                     front.call(lambda e: e.unregister_adapter("x")).result(30)
@@ -358,7 +355,7 @@ def test_concurrent_register_replace_remove_and_use_of_one_name(tmp_path):
             else:
                 done, out = threading.Event(), []
 
-                def collect(o):
+                def collect(o, out=out, done=done):
                     out.extend(o.new_token_ids)
                     if o.finished:
                         done.set()
@@ -393,9 +390,8 @@ def test_concurrent_register_replace_remove_and_use_of_one_name(tmp_path):
 def test_decoding_goes_on_while_an_adapter_is_read_from_disk(tmp_path):
     import time as _time
 
-    from peft_fixtures import ADAPTER_SPECS, PeftReference, make_adapters
-
     from loraplex.server.config import LoRAConfig
+    from peft_fixtures import ADAPTER_SPECS, PeftReference, make_adapters
 
     paths = make_adapters(lambda: tiny_model("sdpa"), tmp_path,
                           {"warm": ADAPTER_SPECS["r8_attn"], "cold": ADAPTER_SPECS["r16_all"]})
@@ -457,9 +453,8 @@ class _CountingDict(dict):
 def test_ten_thousand_adapters_add_no_per_step_work(tmp_path):
     import dataclasses
 
-    from peft_fixtures import ADAPTER_SPECS, PeftReference, make_adapters
-
     from loraplex.server.config import LoRAConfig
+    from peft_fixtures import ADAPTER_SPECS, PeftReference, make_adapters
 
     paths = make_adapters(lambda: tiny_model("sdpa"), tmp_path, {"a": ADAPTER_SPECS["r1_qv"]})
     reference = PeftReference(lambda: tiny_model("sdpa"), paths)

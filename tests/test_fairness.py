@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import random
 
-from peft_fixtures import PeftReference, make_adapters, save_tiny_model
-
-from loraplex.server.config import (CacheConfig, EngineConfig, LoRAConfig, ModelConfig,
-                                    SchedulerConfig)
+from loraplex.server.config import (
+    CacheConfig,
+    EngineConfig,
+    LoRAConfig,
+    ModelConfig,
+    SchedulerConfig,
+)
 from loraplex.server.engine.engine import LLMEngine
 from loraplex.server.engine.request import SamplingParams
 from loraplex.server.runner.loader import load_model
+from peft_fixtures import PeftReference, make_adapters, save_tiny_model
 
 SLOTS, ADAPTERS, REQUESTS, BUDGET = 4, 32, 64, 64
 

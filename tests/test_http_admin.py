@@ -10,12 +10,11 @@ import httpx
 import pytest
 import torch
 from conftest import running_server
-from safetensors.torch import load_file, save
-
 from loraplex.server.app import build_app
 from loraplex.server.auth import route_class
 from loraplex.server.config import CacheConfig, EngineConfig, ModelConfig, ServerConfig
 from loraplex.server.serve import build_state
+from safetensors.torch import load_file, save
 
 ADMIN, SHARED = "sk-admin-0000", "sk-shared-000"
 ACME, GLOBEX, SLOW = "sk-acme-00001", "sk-globex-0001", "sk-slow-00001"

@@ -13,7 +13,6 @@ import time
 import httpx
 import pytest
 from conftest import free_port, running_server
-
 from loraplex.server.app import build_app
 from loraplex.server.config import CacheConfig, EngineConfig, ModelConfig, ServerConfig
 from loraplex.server.serve import build_state

@@ -6,7 +6,6 @@ import httpx
 import openai
 import pytest
 from conftest import running_server
-
 from loraplex.server.app import build_app
 from loraplex.server.config import CacheConfig, EngineConfig, ModelConfig, ServerConfig
 from loraplex.server.serve import build_state

@@ -8,14 +8,6 @@ import time
 import bitsandbytes as bnb
 import pytest
 import torch
-from torch import nn
-from transformers import (
-    AutoModelForCausalLM,
-    LlamaConfig,
-    MistralConfig,
-    Qwen2Config,
-)
-
 from loraplex.server.config import ModelConfig
 from loraplex.server.runner import loader
 from loraplex.server.runner.loader import (
@@ -25,6 +17,13 @@ from loraplex.server.runner.loader import (
     resolve_device,
     resolve_dtype,
     resolve_quantization,
+)
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
 )
 
 TINY = dict(

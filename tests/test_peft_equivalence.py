@@ -15,15 +15,24 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from transformers import AutoTokenizer
-from peft_fixtures import ADAPTER_SPECS, PeftReference, assert_tokens_match, make_adapters, \
-    save_tiny_model
-
-from loraplex.server.config import (CacheConfig, EngineConfig, LoRAConfig, ModelConfig,
-                                    SchedulerConfig)
+from loraplex.server.config import (
+    CacheConfig,
+    EngineConfig,
+    LoRAConfig,
+    ModelConfig,
+    SchedulerConfig,
+)
 from loraplex.server.engine.engine import LLMEngine
 from loraplex.server.engine.request import SamplingParams
 from loraplex.server.runner.loader import load_model
+from peft_fixtures import (
+    ADAPTER_SPECS,
+    PeftReference,
+    assert_tokens_match,
+    make_adapters,
+    save_tiny_model,
+)
+from transformers import AutoTokenizer
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,6 @@ import math
 
 import pytest
 import torch
-from safetensors import safe_open
-
 from peft_fixtures import (
     ADAPTER_SPECS,
     ARCHS,
@@ -24,6 +22,7 @@ from peft_fixtures import (
     tiny_config,
     tiny_model,
 )
+from safetensors import safe_open
 
 PROMPT = [1, 17, 42, 99, 3, 250, 7, 64, 128, 5, 200, 33]
 N_NEW = 8

@@ -1,7 +1,6 @@
 """Scheduler, block manager and slot table: plain Python, no model."""
 
 import pytest
-
 from loraplex.adapters.slot_table import SlotTable
 from loraplex.server.config import SchedulerConfig
 from loraplex.server.engine.block_manager import BlockManager
@@ -189,7 +188,7 @@ class TestScheduler:
         assert sched.blocks.num_free_blocks == sched.blocks.num_blocks
 
     def test_adapter_slots_gate_admission_in_order(self):
-        sched, table, loads = make_scheduler(slots=1)
+        sched, _, loads = make_scheduler(slots=1)
         sched.add(make_request("a", 2, adapter="x"))
         sched.add(make_request("b", 2, adapter="y"))
         sched.add(make_request("c", 2, adapter="x"))

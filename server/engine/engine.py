@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-
 from loraplex.adapters.peft_format import LoRAAdapter, load_adapter
 
 from ..config import EngineConfig

@@ -9,15 +9,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from loraplex.adapters.peft_format import AdapterError
+from loraplex.adapters.store import CONFIG_FILE, WEIGHTS_FILE
+from loraplex.adapters.validate import check_config_bytes, check_name, check_safetensors
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-
-from loraplex.adapters.peft_format import AdapterError
-from loraplex.adapters.store import CONFIG_FILE, WEIGHTS_FILE
-from loraplex.adapters.validate import check_config_bytes, check_name, check_safetensors
 
 from ..engine.request import RequestError
 from ..protocol import APIError
@@ -50,6 +49,11 @@ def _limited(request: Request, limit: int) -> Request:
     return Request(request.scope, receive)
 
 
+def _save(source, path: Path) -> None:
+    with open(path, "wb") as f:
+        shutil.copyfileobj(source, f)
+
+
 async def _engine(state: ServerState, fn):
     try:
         return await asyncio.wrap_future(state.engine.call(fn))
@@ -80,8 +84,7 @@ async def upload(request: Request) -> Response:
         config_bytes = await config.read() if isinstance(config, UploadFile) else config.encode()
         with tempfile.TemporaryDirectory(prefix="tmp-", dir=state.store.root) as tmp:
             staged = Path(tmp)
-            with open(staged / WEIGHTS_FILE, "wb") as f:
-                await run_in_threadpool(shutil.copyfileobj, weights.file, f)
+            await run_in_threadpool(_save, weights.file, staged / WEIGHTS_FILE)
             (staged / CONFIG_FILE).write_bytes(config_bytes)
             try:
                 check_name(name, state.served_model_name)

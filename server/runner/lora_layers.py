@@ -10,10 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-
 from loraplex.adapters.peft_format import LoRAAdapter
 from loraplex.kernels.sgmv import Segments, sgmv
+from torch import nn
 
 # The projections of Llama, Mistral and Qwen2 decoder layers that take LoRA.
 TARGET_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from loraplex.kernels.sgmv import Segments
 
 from ..config import EngineConfig
