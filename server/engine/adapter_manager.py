@@ -79,10 +79,6 @@ class AdapterManager:
     def is_pinned(self, name: str) -> bool:
         return name in self._pinned
 
-    def is_busy(self, name: str) -> bool:
-        """Whether requests bound to any version of `name` are unfinished."""
-        return any(n and self._versions[k].name == name for k, n in self._requests.items())
-
     # ---- changes ----------------------------------------------------------------------
 
     def install(self, adapter: LoRAAdapter) -> str:

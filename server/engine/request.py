@@ -109,10 +109,6 @@ class Request:
     def num_pending_tokens(self) -> int:
         return self.num_tokens - self.num_computed_tokens
 
-    def token_at(self, i: int) -> int:
-        n = len(self.prompt_token_ids)
-        return self.prompt_token_ids[i] if i < n else self.output_token_ids[i - n]
-
     def pending_token_ids(self, num: int) -> list[int]:
         """The next `num` tokens to feed the model."""
         start = self.num_computed_tokens
