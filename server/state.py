@@ -13,6 +13,7 @@ from starlette.requests import Request
 
 from .auth import Keyring, Principal, check_rate
 from .engine.async_engine import AsyncEngine
+from .engine.request import RequestError
 from .metrics import Metrics
 from .protocol import APIError
 
@@ -94,29 +95,21 @@ class ServerState:
     # ---- prompts --------------------------------------------------------------------
 
     def prompt_ids(self, prompt: str | list[int], param: str = "prompt") -> list[int]:
-        """Token ids of a prompt, checked against the vocabulary and the context length."""
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise APIError(400, "this model has no tokenizer: send token ids", param)
-            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
-        else:
-            ids = prompt
-        vocab = self.engine.engine.vocab_size
-        if not ids:
-            raise APIError(400, "the prompt is empty", param)
-        if any(not 0 <= t < vocab for t in ids):
-            raise APIError(400, f"token ids must be in [0, {vocab})", param)
-        if len(ids) >= self.max_model_len:
-            raise APIError(400, f"This model's maximum context length is {self.max_model_len} "
-                                f"tokens. However, your prompt has {len(ids)} tokens.", param)
+        """Token ids of a prompt, refused (400, naming `param`) as the engine would refuse
+        them, before anything is queued or streamed."""
+        engine = self.engine.engine
+        try:
+            ids = engine.tokenize(prompt)
+            engine.check_length(len(ids), 0)
+        except RequestError as e:
+            raise APIError(400, str(e), param) from None
         return ids
 
     def check_length(self, prompt_len: int, max_tokens: int) -> None:
-        if prompt_len + max_tokens > self.max_model_len:
-            raise APIError(
-                400, f"This model's maximum context length is {self.max_model_len} tokens. "
-                     f"However, you requested {prompt_len + max_tokens} tokens ({prompt_len} in "
-                     f"the prompt, {max_tokens} in the completion).", "max_tokens")
+        try:
+            self.engine.engine.check_length(prompt_len, max_tokens)
+        except RequestError as e:
+            raise APIError(400, str(e), e.param) from None
 
     def render_chat(self, messages: list[dict]) -> str:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):

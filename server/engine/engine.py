@@ -12,7 +12,7 @@ import torch
 from loraplex.adapters.peft_format import LoRAAdapter, load_adapter
 
 from ..config import EngineConfig
-from ..runner.attention import ATTN_IMPLEMENTATION, PagedKVCache
+from ..runner.attention import ATTN_IMPLEMENTATION, KVGeometry
 from ..runner.loader import LoadedModel, load_model
 from ..runner.model_runner import ModelRunner
 from .adapter_manager import AdapterManager
@@ -121,14 +121,8 @@ class LLMEngine:
         if adapter is not None and adapter not in self.adapters:
             raise RequestError(f"The model `{adapter}` does not exist.", param="model",
                                code="model_not_found")
-        prompt_ids = self._tokenize(prompt)
-        n = len(prompt_ids)
-        if n + params.max_tokens > self.max_model_len:
-            param = "prompt" if n >= self.max_model_len else "max_tokens"
-            raise RequestError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, "
-                f"you requested {n + params.max_tokens} tokens ({n} in the prompt, "
-                f"{params.max_tokens} in the completion).", param=param)
+        prompt_ids = self.tokenize(prompt)
+        self.check_length(len(prompt_ids), params.max_tokens)
         detok = Detokenizer(self.tokenizer, params.stop) if self.tokenizer is not None else None
         if params.stop and detok is None:
             raise RequestError("stop strings need a tokenizer", param="stop")
@@ -284,7 +278,9 @@ class LLMEngine:
 
     # ---- helpers --------------------------------------------------------------------
 
-    def _tokenize(self, prompt: str | list[int]) -> list[int]:
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        """A prompt's token ids, checked against the vocabulary. Reads no engine state that
+        changes, so the HTTP layer calls it on its own threads to refuse early."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise RequestError("this model has no tokenizer: send token ids", param="prompt")
@@ -299,6 +295,18 @@ class LLMEngine:
             raise RequestError("the prompt is empty", param="prompt")
         return ids
 
+    def check_length(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """The prompt and the tokens asked for must fit in the context (vLLM's messages)."""
+        n, limit = num_prompt_tokens, self.max_model_len
+        if n >= limit:
+            raise RequestError(f"This model's maximum context length is {limit} tokens. "
+                               f"However, your prompt has {n} tokens.", param="prompt")
+        if n + max_tokens > limit:
+            raise RequestError(
+                f"This model's maximum context length is {limit} tokens. However, you "
+                f"requested {n + max_tokens} tokens ({n} in the prompt, {max_tokens} in the "
+                f"completion).", param="max_tokens")
+
     def _eos_token_ids(self) -> set[int]:
         ids: set[int] = set()
         for source in (getattr(self.loaded.model, "generation_config", None), self.tokenizer):
@@ -309,11 +317,8 @@ class LLMEngine:
 
     def _num_kv_blocks(self, model_config) -> int:
         cache = self.config.cache
-        head_dim = getattr(model_config, "head_dim", None) or (
-            model_config.hidden_size // model_config.num_attention_heads)
-        per_block = PagedKVCache.bytes_per_block(
-            model_config.num_hidden_layers, cache.block_size, model_config.num_key_value_heads,
-            head_dim, self.loaded.dtype)
+        per_block = KVGeometry.of(model_config).bytes_per_block(cache.block_size,
+                                                               self.loaded.dtype)
         device = self.loaded.device
         if device.type == "cuda":
             free, total = torch.cuda.mem_get_info(device)

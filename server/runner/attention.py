@@ -18,18 +18,32 @@ from transformers import AttentionInterface
 ATTN_IMPLEMENTATION = "loraplex_paged"
 
 
+@dataclass(frozen=True)
+class KVGeometry:
+    """What a model's KV cache looks like, read once from its config."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, config) -> KVGeometry:  # a transformers text config
+        head_dim = getattr(config, "head_dim", None) or (
+            config.hidden_size // config.num_attention_heads)
+        return cls(config.num_hidden_layers, config.num_key_value_heads, head_dim)
+
+    def bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
+        return 2 * self.num_layers * block_size * self.num_kv_heads * self.head_dim * dtype.itemsize
+
+
 class PagedKVCache:
-    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device: torch.device):
-        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+    def __init__(self, geometry: KVGeometry, num_blocks: int, block_size: int,
+                 dtype: torch.dtype, device: torch.device):
+        g = geometry
+        shape = (g.num_layers, num_blocks, block_size, g.num_kv_heads, g.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
-
-    @staticmethod
-    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
-                        dtype: torch.dtype) -> int:
-        return 2 * num_layers * block_size * num_kv_heads * head_dim * dtype.itemsize
 
 
 @dataclass

@@ -8,7 +8,7 @@ from loraplex.kernels.sgmv import Segments
 from ..config import EngineConfig
 from ..engine.request import Request, SamplingParams
 from ..engine.scheduler import ScheduledRequest
-from .attention import ATTN_IMPLEMENTATION, AttentionMetadata, PagedKVCache, PrefillSeq
+from .attention import ATTN_IMPLEMENTATION, AttentionMetadata, KVGeometry, PagedKVCache, PrefillSeq
 from .loader import LoadedModel
 from .lora_layers import LoRAModel
 
@@ -21,15 +21,10 @@ class ModelRunner:
         self.model = model
         self.device = loaded.device
         self.block_size = config.cache.block_size
-        text_config = model.config.get_text_config()
-        self.num_kv_heads = text_config.num_key_value_heads
-        self.head_dim = getattr(text_config, "head_dim", None) or (
-            text_config.hidden_size // text_config.num_attention_heads)
-        self.num_layers = text_config.num_hidden_layers
         self.lora = LoRAModel(model, config.lora.max_loras, config.lora.max_lora_rank,
                               loaded.dtype, loaded.device)
-        self.kv = PagedKVCache(self.num_layers, num_blocks, self.block_size, self.num_kv_heads,
-                               self.head_dim, loaded.dtype, loaded.device)
+        self.kv = PagedKVCache(KVGeometry.of(model.config.get_text_config()), num_blocks,
+                               self.block_size, loaded.dtype, loaded.device)
 
     def warm_up(self) -> None:
         """One throwaway forward before serving. bitsandbytes repacks 4-bit weights at a
