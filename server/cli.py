@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loraplex", description="Multi-LoRA inference server with an OpenAI-compatible API.")
     sub = parser.add_subparsers(dest="command", required=True)
+    # Parsed by the load-test tool itself: `loraplex bench --help` lists its commands.
+    sub.add_parser("bench", add_help=False,
+                   help="load tests and the side-by-side comparison with transformers + PEFT")
     serve = sub.add_parser(
         "serve", help="serve a base model and its LoRA adapters over HTTP",
         description="Serve a base model and LoRA adapters with an OpenAI-compatible API. "
@@ -123,6 +126,11 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        from loraplex.loadtest.cli import main as bench
+
+        return bench(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -1,0 +1,246 @@
+"""`loraplex bench` (or `python -m loraplex.loadtest`): load tests and the PEFT comparison.
+
+    loraplex bench fixtures --out adapters/ --count 8 --ranks 8,16,32,64
+    loraplex bench run --url http://127.0.0.1:8000 --adapters-dir adapters/ --rate 4
+    loraplex bench peft --adapters-dir adapters/ --rate 4
+    loraplex bench compare --adapters 8 --popularity zipf:1.0 --rate 4
+
+Every command takes the same workload flags, so `run`, `peft` and `compare` with the same
+flags and seed send exactly the same requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+from .client import Target, check_target
+from .compare import (
+    CompareOptions,
+    Progress,
+    ratio_lines,
+    run_http,
+    run_peft,
+    say,
+    wait_ready,
+)
+from .report import SLO, write_report
+from .workload import WorkloadSpec, parse_arrivals, parse_lengths, parse_popularity
+
+
+def _workload_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("workload")
+    g.add_argument("--num-requests", type=int, default=64)
+    g.add_argument("--rate", type=float, default=math.inf,
+                   help="open loop: requests per second (default inf: all at once)")
+    g.add_argument("--arrivals", default="poisson", help="poisson | gamma:BURSTINESS | closed")
+    g.add_argument("--concurrency", type=int, default=None,
+                   help="closed loop: clients each with one request in flight")
+    g.add_argument("--popularity", default="zipf:1.0",
+                   help="distinct | uniform | identical | zipf:ALPHA | skewed:HOT_SHARE")
+    g.add_argument("--prompt-len", default="lognormal:48:0.6:512",
+                   help="fixed:N | uniform:LO:HI | lognormal:MEDIAN:SIGMA[:MAX] (tokens)")
+    g.add_argument("--output-len", default="lognormal:48:0.6:256",
+                   help="same forms, for max_tokens (EOS is ignored)")
+    g.add_argument("--prompts-file", default=None,
+                   help="JSONL of {\"prompt\": ..., \"max_tokens\"?: ...} instead of synthetic")
+    g.add_argument("--duration", type=float, default=None,
+                   help="open loop: send nothing after this many seconds")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--slo-ttft-ms", type=float, default=None)
+    g.add_argument("--slo-tpot-ms", type=float, default=None)
+    g.add_argument("--out", default="loadtest-report", help="directory for the report")
+    g.add_argument("--no-plots", action="store_true")
+
+
+def _adapter_args(p: argparse.ArgumentParser, make: bool) -> None:
+    g = p.add_argument_group("adapters")
+    g.add_argument("--adapters-dir", default=None,
+                   help="a directory of PEFT adapters, one sub-directory each")
+    if make:
+        g.add_argument("--adapters", type=int, default=8,
+                       help="without --adapters-dir: make this many (see `fixtures`)")
+        g.add_argument("--ranks", default="8,16,32,64")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2)")
+    p.add_argument("--quantization", default="none", choices=["none", "nf4", "int8"])
+    p.add_argument("--peft-batch", type=int, default=32, help="largest PEFT static batch")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraplex bench", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    fx = sub.add_parser("fixtures", help="make K PEFT adapters with non-trivial weights")
+    fx.add_argument("--out", required=True)
+    fx.add_argument("--count", type=int, default=8)
+    fx.add_argument("--ranks", default="8,16,32,64", help="cycled over the adapters")
+    fx.add_argument("--targets", default="all-linear",
+                    help="all-linear, attention, or a comma list like q_proj,v_proj")
+    fx.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2)")
+    fx.add_argument("--seed", type=int, default=0)
+
+    run = sub.add_parser("run", help="load a running server over its OpenAI API")
+    run.add_argument("--url", default="http://127.0.0.1:8000")
+    run.add_argument("--allow-remote", action="store_true",
+                     help="allow a target that is not a loopback address")
+    run.add_argument("--api-key", default=None)
+    run.add_argument("--base-model", default=None, help="default: the server's base model")
+    run.add_argument("--adapter-names", default=None,
+                     help="comma list of adapter names the server already has")
+    _adapter_args(run, make=False)
+    _workload_args(run)
+
+    peft = sub.add_parser("peft", help="the same workload through transformers + PEFT")
+    _model_args(peft)
+    _adapter_args(peft, make=True)
+    _workload_args(peft)
+
+    cmp = sub.add_parser("compare", help="loraplex, base only and PEFT side by side, one report")
+    _model_args(cmp)
+    _adapter_args(cmp, make=True)
+    _workload_args(cmp)
+    cmp.add_argument("--port", type=int, default=0, help="default: a free loopback port")
+    cmp.add_argument("--skip-peft", action="store_true")
+    cmp.add_argument("--skip-base", action="store_true")
+    cmp.add_argument("--server-args", default="",
+                     help="extra `loraplex serve` flags, e.g. \"--max-loras 16\"")
+    return parser
+
+
+def _spec(args, adapters: list[str]) -> tuple[WorkloadSpec, dict]:
+    spec = WorkloadSpec(
+        adapters=tuple(adapters), num_requests=args.num_requests,
+        arrivals=parse_arrivals(args.arrivals, args.rate, args.concurrency),
+        popularity=parse_popularity(args.popularity), prompt_len=parse_lengths(args.prompt_len),
+        output_len=parse_lengths(args.output_len), prompts_file=args.prompts_file,
+        duration_s=args.duration, seed=args.seed)
+    desc = {"requests": args.num_requests, "adapters": len(adapters),
+            "arrivals": args.arrivals if args.arrivals == "closed" else
+            f"{args.arrivals} at {args.rate} req/s",
+            "popularity": args.popularity, "prompt_len": args.prompts_file or args.prompt_len,
+            "output_len": args.output_len, "seed": args.seed}
+    if args.arrivals == "closed":
+        desc["concurrency"] = args.concurrency or 1
+    return spec, desc
+
+
+def _concurrency(args) -> int | None:
+    return (args.concurrency or 1) if args.arrivals == "closed" else None
+
+
+def _adapters_from_dir(path: str) -> dict[str, str]:
+    found = {d.name: str(d) for d in sorted(Path(path).iterdir())
+             if (d / "adapter_config.json").is_file()}
+    if not found:
+        raise SystemExit(f"{path}: no PEFT adapters (sub-directories with adapter_config.json)")
+    return found
+
+
+def make_fixtures(out: str, count: int, ranks: list[int], targets: list[str] | None,
+                  model: str | None, seed: int) -> dict[str, str]:
+    from loraplex.server.config import ModelConfig
+    from loraplex.server.runner.loader import load_model
+
+    from .fixtures import make_benchmark_adapters
+
+    say(f"making {count} adapters (ranks {ranks}) in {out}")
+    progress = Progress(count, "adapters")
+    try:
+        paths = make_benchmark_adapters(
+            lambda: load_model(ModelConfig(model=model, quantization="none")).model, out, count,
+            tuple(ranks), targets, seed, progress=lambda i, n: progress.bar.update(1))
+    finally:
+        progress.close()
+    return {name: str(p) for name, p in paths.items()}
+
+
+def _targets(form: str) -> list[str] | None:
+    from .fixtures import ALL_LINEAR
+
+    if form == "all-linear":
+        return list(ALL_LINEAR)
+    if form == "attention":
+        return ["q_proj", "k_proj", "v_proj", "o_proj"]
+    return [t.strip() for t in form.split(",") if t.strip()]
+
+
+def _finish(path: Path, lines: list[str]) -> int:
+    print(path.read_text().split("\n![")[0])
+    for line in lines:
+        print(line)
+    print(f"report: {path} (raw records in {path.with_name('report.json')})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "fixtures":
+            make_fixtures(args.out, args.count, [int(r) for r in args.ranks.split(",")],
+                          _targets(args.targets), args.model, args.seed)
+            return 0
+        if args.command == "run":
+            return _run(args)
+        with tempfile.TemporaryDirectory(prefix="loraplex-bench-") as tmp:
+            adapters = (_adapters_from_dir(args.adapters_dir) if args.adapters_dir else
+                        make_fixtures(tmp, args.adapters, [int(r) for r in args.ranks.split(",")],
+                                      None, args.model, args.seed) if args.adapters else {})
+            spec, desc = _spec(args, list(adapters))
+            slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms)
+            opts = CompareOptions(
+                model=args.model, quantization=args.quantization, adapters=adapters,
+                concurrency=_concurrency(args), peft_batch=args.peft_batch,
+                port=getattr(args, "port", 0) or _free_port(), slo=slo,
+                server_args=tuple(getattr(args, "server_args", "").split()),
+                skip_peft=getattr(args, "skip_peft", False),
+                skip_base=getattr(args, "skip_base", False))
+            if args.command == "peft":
+                run = run_peft(spec, opts)
+                return _finish(write_report(args.out, [run], "transformers + PEFT", desc, slo,
+                                            plots=not args.no_plots), [])
+            from .compare import compare
+
+            path, runs = compare(spec, opts, args.out, desc)
+            return _finish(path, ratio_lines(runs))
+    except (ValueError, AssertionError, TimeoutError, RuntimeError) as e:
+        print(f"loraplex bench: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    import httpx
+
+    check_target(args.url, args.allow_remote)
+    url = args.url.rstrip("/").removesuffix("/v1")
+    wait_ready(url, None, timeout_s=30)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    models = httpx.get(f"{url}/v1/models", headers=headers, timeout=30).raise_for_status().json()
+    base = args.base_model or next(m["id"] for m in models["data"] if not m.get("parent"))
+    if args.adapter_names:
+        adapters = [a.strip() for a in args.adapter_names.split(",") if a.strip()]
+    elif args.adapters_dir:
+        adapters = list(_adapters_from_dir(args.adapters_dir))
+    else:
+        adapters = [m["id"] for m in models["data"] if m.get("parent")]
+    spec, desc = _spec(args, adapters)
+    run = run_http(spec, Target(url, base, args.api_key), "loraplex", _concurrency(args))
+    path = write_report(args.out, [run], f"load test of {url}", desc,
+                        SLO(args.slo_ttft_ms, args.slo_tpot_ms), plots=not args.no_plots)
+    return _finish(path, [])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
