@@ -141,8 +141,11 @@ def token_times(r: Record) -> list[float]:
 
 def plot(runs: list[Run], out_dir: Path) -> list[Path]:
     """Latency CDFs, output throughput over time, and per-adapter TTFT, one PNG each."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        raise RuntimeError("plots need matplotlib: pip install 'loraplex[bench]', "
+                           "or pass --no-plots") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
