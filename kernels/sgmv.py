@@ -7,48 +7,43 @@ with slot s >= 0 and rank r = ranks[s] > 0:
 
 Storage is PEFT's layout per slot, padded to the largest rank: `lora_a [slots, max_rank, in]`,
 `lora_b [slots, out, max_rank]`. Only a slot's first r rows of A and columns of B are read, so
-a rank-4 adapter costs rank-4 work next to a rank-64 one. The torch reference makes PEFT's own
-calls on those slices (`F.linear`, then scale, then add), so on the CPU its arithmetic is
-PEFT's bit for bit.
+a rank-4 adapter costs rank-4 work next to a rank-64 one.
+
+Two implementations of that contract:
+
+* `sgmv_ref`, plain torch, makes PEFT's own calls on those slices (`F.linear`, then scale,
+  then add), so on the CPU its arithmetic is PEFT's bit for bit. The engine's CPU path.
+* `sgmv_triton`, two Triton kernels (`sgmv_shrink`: x -> fp32 h = x A^T; `sgmv_expand`:
+  y += scale * h B^T) that take several output slices sharing x in one launch each, with
+  per-slice ranks and scales. All per-step inputs are device tensors of fixed shape
+  (`SGMVMeta`), and no launch reads a device value on the host, so both launches can be
+  captured in a CUDA graph. The engine's CUDA path.
+
+`sgmv` picks between them by device. Triton is imported only on that CUDA path: the server
+runs on machines without it, and tests choose the Triton interpreter before the kernel
+modules' first import (TRITON_INTERPRET is read when `@triton.jit` decorates a kernel).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
+from .segments import Segments, SGMVMeta
 
-@dataclass(frozen=True)
-class Segments:
-    """Per-step grouping of the packed tokens by adapter slot, shared by every layer."""
 
-    starts: tuple[int, ...]  # [num_segments + 1] token offsets, starts[0] == 0
-    slots: tuple[int, ...]  # [num_segments] adapter slot of each segment, -1 for none
+class SlotWeights(Protocol):
+    """One projection's adapter weights for every slot, with each slot's rank and scale kept
+    twice: as Python lists for the reference and as device tensors for the kernels."""
 
-    def __post_init__(self) -> None:
-        assert len(self.starts) == len(self.slots) + 1
-        assert not self.starts or self.starts[0] == 0
-        assert all(a <= b for a, b in zip(self.starts, self.starts[1:]))
-
-    @property
-    def has_lora(self) -> bool:
-        return any(s >= 0 for s in self.slots)
-
-    @classmethod
-    def from_token_slots(cls, token_slots: list[int]) -> Segments:
-        """Runs of equal slots in token order: [3, 3, -1, 5, 5] -> starts (0, 2, 3, 5)."""
-        starts, slots = [0], []
-        for i, slot in enumerate(token_slots):
-            if i and slot == token_slots[i - 1]:
-                continue
-            if i:
-                starts.append(i)
-            slots.append(slot)
-        if token_slots:
-            starts.append(len(token_slots))
-        return cls(tuple(starts), tuple(slots))
+    lora_a: torch.Tensor  # [num_slots, max_rank, in]
+    lora_b: torch.Tensor  # [num_slots, out, max_rank]
+    ranks: list[int]  # [num_slots], 0 where the slot's adapter does not target the module
+    scales: list[float]  # [num_slots]
+    ranks_dev: torch.Tensor  # [num_slots] int32, on the weights' device
+    scales_dev: torch.Tensor  # [num_slots] fp32, on the weights' device
 
 
 def sgmv_ref(
@@ -75,15 +70,40 @@ def sgmv_ref(
     return y
 
 
-def sgmv(
-    y: torch.Tensor,
-    x: torch.Tensor,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    segments: Segments,
-    ranks: list[int],
-    scales: list[float],
+def sgmv_triton(
+    y: torch.Tensor,  # [T, sum(widths)], updated in place
+    x: torch.Tensor,  # [T, in]
+    lora_a: torch.Tensor,  # [num_slices, num_slots, max_rank, in]
+    lora_b: torch.Tensor,  # [num_slots, sum(widths), max_rank]
+    meta: SGMVMeta,
+    ranks: torch.Tensor,  # [num_slices, num_slots] int32
+    scales: torch.Tensor,  # [num_slices, num_slots] fp32
+    widths: tuple[int, ...] | None = None,  # each slice's output width; one slice if None
 ) -> torch.Tensor:
-    """Dispatcher with the SGMV contract above. Today every device takes the torch
-    reference; the Triton kernel plugs in here for CUDA."""
-    return sgmv_ref(y, x, lora_a, lora_b, segments, ranks, scales)
+    """y[t, slice p] += scales[p, s] * (x[t] @ A[p, s, :r].T) @ B[s, slice p, :r].T with
+    s = slot(t), r = ranks[p, s]: shrink into an fp32 scratch, then expand into y."""
+    from .sgmv_expand import sgmv_expand
+    from .sgmv_shrink import sgmv_shrink
+
+    num_slices, _, max_rank, _ = lora_a.shape
+    h = torch.empty(x.shape[0], num_slices * max_rank, dtype=torch.float32, device=x.device)
+    sgmv_shrink(h, x, lora_a, meta, ranks)
+    return sgmv_expand(y, h, lora_b, meta, ranks, scales, widths)
+
+
+def sgmv(
+    y: torch.Tensor,  # [T, out], updated in place
+    x: torch.Tensor,  # [T, in]
+    weights: SlotWeights,
+    segments: Segments,
+    meta: SGMVMeta | None,  # required for CUDA tensors
+) -> torch.Tensor:
+    """The SGMV contract above: the Triton kernels on CUDA, the torch reference elsewhere."""
+    if not y.is_cuda:
+        return sgmv_ref(y, x, weights.lora_a, weights.lora_b, segments, weights.ranks,
+                        weights.scales)
+    assert meta is not None, "CUDA tensors need the step's SGMVMeta"
+    if x.dtype != weights.lora_a.dtype:
+        x = x.to(weights.lora_a.dtype)
+    return sgmv_triton(y, x, weights.lora_a[None], weights.lora_b, meta,
+                       weights.ranks_dev[None], weights.scales_dev[None])

@@ -208,6 +208,26 @@ def test_tiny_mixed_batches_match_peft(tmp_path, arch, quantization):
     _run_scenarios(setup)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_tiny_mixed_batches_match_peft_on_cuda(tmp_path, monkeypatch):
+    """The engine's CUDA path, where LoRA runs in the Triton SGMV kernels. In fp32 those and
+    PEFT's cuBLAS calls differ only in summation order, so every request must match PEFT
+    token for token, up to the near-ties that assert_tokens_match explains."""
+    from loraplex.kernels import sgmv as sgmv_module
+
+    launches = []
+    triton_path = sgmv_module.sgmv_triton
+    monkeypatch.setattr(sgmv_module, "sgmv_triton",
+                        lambda *args, **kw: launches.append(1) or triton_path(*args, **kw))
+    model_dir = save_tiny_model("llama", tmp_path / "model")
+    setup = Setup(ModelConfig(model=str(model_dir), quantization="none", dtype="float32",
+                              device="cuda"),
+                  tmp_path / "adapters", TINY_PROMPTS, ADAPTER_SPECS)
+    _run_scenarios(setup)
+    assert launches, "the engine never took the Triton path"
+
+
 def test_tiny_sliding_window_matches_transformers(tmp_path):
     """Mistral with a sliding window shorter than the prompts: the mask must follow it."""
     model_dir = save_tiny_model("mistral", tmp_path / "model", sliding_window=8)

@@ -2,7 +2,8 @@
 
 Each wrapped projection owns a stacked slot store (`A [slots, max_rank, in]`,
 `B [slots, out, max_rank]`, per-slot rank and scale). The model runner sets one `LoRAContext`
-per step; every layer reads the same segments from it.
+per step; every layer reads the same segments from it (and, on CUDA, the same device copy of
+them for the Triton kernels).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 from loraplex.adapters.peft_format import LoRAAdapter
-from loraplex.kernels.sgmv import Segments, sgmv
+from loraplex.kernels.segments import Segments, SGMVMeta
+from loraplex.kernels.sgmv import sgmv
 from torch import nn
 
 # The projections of Llama, Mistral and Qwen2 decoder layers that take LoRA.
@@ -23,6 +25,7 @@ class LoRAContext:
     """Per-step LoRA metadata, written by the model runner before each forward."""
 
     segments: Segments = Segments((0,), ())
+    meta: SGMVMeta | None = None  # set on CUDA only
 
 
 class ModuleSlots:
@@ -34,11 +37,19 @@ class ModuleSlots:
         self.lora_b = torch.zeros(num_slots, out_features, max_rank, dtype=dtype, device=device)
         self.ranks = [0] * num_slots  # 0: the adapter in this slot does not target this module
         self.scales = [0.0] * num_slots
+        # The kernels read ranks and scales on the device: a launch never waits on the host.
+        self.ranks_dev = torch.zeros(num_slots, dtype=torch.int32, device=device)
+        self.scales_dev = torch.zeros(num_slots, dtype=torch.float32, device=device)
+
+    def set(self, slot: int, rank: int, scale: float) -> None:
+        self.ranks[slot] = rank
+        self.scales[slot] = scale
+        self.ranks_dev[slot] = rank
+        self.scales_dev[slot] = scale
 
     def clear(self, slot: int) -> None:
         # The padding beyond a slot's rank is never read, so only the bookkeeping changes.
-        self.ranks[slot] = 0
-        self.scales[slot] = 0.0
+        self.set(slot, 0, 0.0)
 
 
 class LoRALinear(nn.Module):
@@ -54,9 +65,8 @@ class LoRALinear(nn.Module):
         y = self.base_layer(x)  # [1, T, out]
         segments = self.context.segments
         if segments.has_lora:
-            s = self.slots
-            sgmv(y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1]), s.lora_a, s.lora_b,
-                 segments, s.ranks, s.scales)
+            sgmv(y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1]), self.slots, segments,
+                 self.context.meta)
         return y
 
 
@@ -92,5 +102,4 @@ class LoRAModel:
             r = weights.rank
             slots.lora_a[slot, :r].copy_(weights.lora_a, non_blocking=True)
             slots.lora_b[slot, :, :r].copy_(weights.lora_b, non_blocking=True)
-            slots.ranks[slot] = r
-            slots.scales[slot] = weights.scale
+            slots.set(slot, r, weights.scale)

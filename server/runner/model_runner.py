@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from loraplex.kernels.sgmv import Segments
+from loraplex.kernels.segments import Segments, SGMVMeta
 
 from ..config import EngineConfig
 from ..engine.request import Request, SamplingParams
@@ -82,7 +82,11 @@ class ModelRunner:
             decode_block_tables=self._padded(decode_tables) if decode_rows else None,
             decode_context_lens=self._tensor(decode_lens) if decode_rows else None,
         )
-        self.lora.context.segments = Segments.from_token_slots(token_slots)
+        segments = Segments.from_token_slots(token_slots)
+        self.lora.context.segments = segments
+        if self.device.type == "cuda":
+            # Tokens are grouped by slot above, so a slot is at most one segment.
+            self.lora.context.meta = SGMVMeta.build(segments, self.lora.num_slots, self.device)
         keep = [last_row[i] for i in range(len(scheduled)) if i in last_row]
         if not keep:
             keep_t = self._tensor([len(input_ids) - 1])  # a chunk-only step samples nothing
