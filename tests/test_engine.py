@@ -388,7 +388,7 @@ def test_concurrent_register_replace_remove_and_use_of_one_name(tmp_path):
 
 
 def test_decoding_goes_on_while_an_adapter_is_read_from_disk(tmp_path):
-    import time as _time
+    import threading
 
     from loraplex.server.config import LoRAConfig
     from peft_fixtures import ADAPTER_SPECS, PeftReference, make_adapters
@@ -404,23 +404,24 @@ def test_decoding_goes_on_while_an_adapter_is_read_from_disk(tmp_path):
     engine.register_adapter("filler", str(paths["warm"]))  # pushes "cold" out of host memory
     assert not engine.adapter_manager.in_host("cold")
     manager, real_parse = engine.adapter_manager, engine.adapter_manager._parse
+    # The read of "cold" is held until "warm" has decoded 10 tokens: if the engine waited for
+    # the read, it would never get there (the event's timeout then fails the test).
+    release = threading.Event()
 
-    def slow_parse(name, path):
-        _time.sleep(0.5)
+    def held_parse(name, path):
+        assert release.wait(30), "the engine stopped decoding while an adapter was read"
         return real_parse(name, path)
 
-    manager._parse = slow_parse
+    manager._parse = held_parse
     tokens: dict[str, list[int]] = {"warm": [], "cold": []}
     for rid, adapter, n in (("warm", "warm", 40), ("cold", "cold", 5)):
         engine.add_request(rid, [3, 4, 5], SamplingParams(max_tokens=n, **GREEDY), adapter,
                            callback=lambda o: tokens[o.request_id].extend(o.new_token_ids))
-    warm_tokens_before_cold = None
     while engine.has_unfinished():
         engine.step()
-        if tokens["cold"] and warm_tokens_before_cold is None:
-            warm_tokens_before_cold = len(tokens["warm"])
-    # The warm request decoded on while "cold" was read (0.5 s): it did not wait for the load.
-    assert warm_tokens_before_cold >= 10
+        if len(tokens["warm"]) >= 10:
+            release.set()
+    assert release.is_set()
     assert tokens["warm"] == reference.greedy([3, 4, 5], "warm", 40)
     assert tokens["cold"] == reference.greedy([3, 4, 5], "cold", 5)
 
@@ -477,3 +478,35 @@ def test_ten_thousand_adapters_add_no_per_step_work(tmp_path):
     assert all(got[n][0] == expected for n in names)
     assert _CountingDict.walks == 0, "the step path walked the adapter registry"
     assert len(manager.host) <= 8
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_slot_loads_come_from_pinned_memory_on_a_side_stream(tmp_path):
+    """One slot, four adapters taking turns: every request reloads its adapter from pinned
+    host memory on the copy stream while the compute stream only waits on the GPU. Tokens
+    after many reloads equal those of the first load, in the same engine."""
+    from loraplex.server.config import LoRAConfig
+    from peft_fixtures import ADAPTER_SPECS, make_adapters
+
+    names = ["r8_attn", "r16_all", "patterns", "regex_qk"]
+    paths = make_adapters(lambda: tiny_model("sdpa"), tmp_path,
+                          {n: ADAPTER_SPECS[n] for n in names})
+    device = torch.device("cuda")
+    loaded = LoadedModel(tiny_model().to(device), None, device, torch.float32, "none", 64, "t")
+    engine = LLMEngine(EngineConfig(cache=CacheConfig(num_blocks=64, block_size=4),
+                                    lora=LoRAConfig(max_loras=1, max_cpu_loras=4)), loaded)
+    assert engine.runner.lora.copy_stream is not None
+    for name, path in paths.items():
+        engine.register_adapter(name, str(path))
+    for name in names:
+        host = engine.adapter_manager.host.get(engine.adapter_manager._keys[name])
+        assert all(w.lora_a.is_pinned() and w.lora_b.is_pinned() for w in host.modules.values())
+    params = SamplingParams(max_tokens=6, **GREEDY)
+    first = {n: run(engine, {f"{n}-0": ([3, 4, 5], params, n)})[f"{n}-0"][0] for n in names}
+    assert len({tuple(t) for t in first.values()}) > 1  # the adapters differ
+    for round_ in range(1, 4):
+        for name in names:
+            got = run(engine, {f"{name}-{round_}": ([3, 4, 5], params, name)})
+            assert got[f"{name}-{round_}"][0] == first[name], name
+    assert engine.slots.misses >= 16

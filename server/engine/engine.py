@@ -93,9 +93,10 @@ class LLMEngine:
     def parse_adapter(self, name: str, path: str) -> LoRAAdapter:
         """Read and check a PEFT adapter against this model. Touches no engine state, so it
         may run on any thread (disk reads stay off the engine loop)."""
-        return load_adapter(path, name, self.runner.lora.module_shapes,
-                            self.config.lora.max_lora_rank, self.loaded.dtype,
-                            None if self.config.lora.allow_base_mismatch else self.base_names)
+        adapter = load_adapter(path, name, self.runner.lora.module_shapes,
+                               self.config.lora.max_lora_rank, self.loaded.dtype,
+                               None if self.config.lora.allow_base_mismatch else self.base_names)
+        return self.runner.lora.stage(adapter)
 
     def install_adapter(self, adapter: LoRAAdapter) -> None:
         """Serve `adapter` under its name. Replacing a name makes a new version: requests

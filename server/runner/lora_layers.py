@@ -8,7 +8,7 @@ them for the Triton kernels).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from loraplex.adapters.peft_format import LoRAAdapter
@@ -77,6 +77,9 @@ class LoRAModel:
                  device: torch.device):
         self.context = LoRAContext()
         self.num_slots = num_slots
+        self.device = device
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._loads_pending = False
         self.modules: dict[str, ModuleSlots] = {}
         targets = [(name, module) for name, module in model.named_modules()
                    if name.rsplit(".", 1)[-1] in TARGET_NAMES]
@@ -93,7 +96,37 @@ class LoRAModel:
         """Module name -> (in_features, out_features): all an adapter parser needs to know."""
         return {name: (s.lora_a.shape[2], s.lora_b.shape[1]) for name, s in self.modules.items()}
 
+    def stage(self, adapter: LoRAAdapter) -> LoRAAdapter:
+        """Host copies ready for an asynchronous device copy. Called where the adapter is
+        parsed (the loader thread), never on the engine thread. On CUDA the weights move into
+        page-locked memory, which the GPU reads by DMA while the host goes on; elsewhere
+        they are returned as they are."""
+        if self.device.type != "cuda":
+            return adapter
+        return replace(adapter, modules={
+            name: replace(w, lora_a=w.lora_a.pin_memory(), lora_b=w.lora_b.pin_memory())
+            for name, w in adapter.modules.items()})
+
     def load(self, slot: int, adapter: LoRAAdapter) -> None:
+        """Copy `adapter` into `slot`. On CUDA the copy runs on a side stream: it first waits
+        for work already queued on the compute stream (a forward may still read the slot's
+        previous occupant), and the next forward waits for it on the GPU (`await_loads`),
+        so the host never blocks on a transfer."""
+        if self.copy_stream is None:
+            self._copy(slot, adapter)
+            return
+        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.copy_stream):
+            self._copy(slot, adapter)
+        self._loads_pending = True
+
+    def await_loads(self) -> None:
+        """Make the compute stream wait (on the GPU) for slot copies issued so far."""
+        if self._loads_pending:
+            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+            self._loads_pending = False
+
+    def _copy(self, slot: int, adapter: LoRAAdapter) -> None:
         for name, slots in self.modules.items():
             weights = adapter.modules.get(name)
             if weights is None:

@@ -87,6 +87,7 @@ class ModelRunner:
         if self.device.type == "cuda":
             # Tokens are grouped by slot above, so a slot is at most one segment.
             self.lora.context.meta = SGMVMeta.build(segments, self.lora.num_slots, self.device)
+        self.lora.await_loads()
         keep = [last_row[i] for i in range(len(scheduled)) if i in last_row]
         if not keep:
             keep_t = self._tensor([len(input_ids) - 1])  # a chunk-only step samples nothing
