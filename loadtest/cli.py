@@ -4,6 +4,7 @@
     loraplex bench run --url http://127.0.0.1:8000 --adapters-dir adapters/ --rate 4
     loraplex bench peft --adapters-dir adapters/ --rate 4
     loraplex bench compare --adapters 8 --popularity zipf:1.0 --rate 4
+    loraplex bench random-model --out llama3-8b-random   # then --model llama3-8b-random
 
 Every command takes the same workload flags, so `run`, `peft` and `compare` with the same
 flags and seed send exactly the same requests.
@@ -83,6 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="all-linear, attention, or a comma list like q_proj,v_proj")
     fx.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2)")
     fx.add_argument("--seed", type=int, default=0)
+
+    rm = sub.add_parser("random-model", help="a Llama-shaped checkpoint with random weights, "
+                        "for speed measurements of models too large to download here")
+    rm.add_argument("--out", required=True)
+    rm.add_argument("--shape", default="llama3-8b", choices=["llama3-8b", "tiny"])
+    rm.add_argument("--tokenizer", default=None,
+                    help="a transformers directory whose tokenizer to use (default: the "
+                         "embedded SmolLM2's)")
+    rm.add_argument("--seed", type=int, default=0)
 
     run = sub.add_parser("run", help="load a running server over its OpenAI API")
     run.add_argument("--url", default="http://127.0.0.1:8000")
@@ -183,6 +193,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "fixtures":
             make_fixtures(args.out, args.count, [int(r) for r in args.ranks.split(",")],
                           _targets(args.targets), args.model, args.seed)
+            return 0
+        if args.command == "random-model":
+            from loraplex.server.runner.loader import convert_gguf, embedded_gguf_path
+
+            from .fixtures import make_random_model
+
+            make_random_model(args.out, args.shape,
+                              args.tokenizer or convert_gguf(embedded_gguf_path()),
+                              seed=args.seed, say=say)
             return 0
         if args.command == "run":
             return _run(args)

@@ -78,3 +78,44 @@ def make_benchmark_adapters(base_factory, out_dir: str | Path, count: int,
         if progress is not None:
             progress(i + 1, count)
     return paths
+
+
+# Decoder shapes to benchmark with random weights: the LoRA and attention work depends on
+# these, not on what the weights say.
+SHAPES = {
+    "llama3-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                  "num_attention_heads": 32, "num_key_value_heads": 8,
+                  "max_position_embeddings": 8192, "rope_theta": 500000.0},
+    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2,
+             "max_position_embeddings": 512},
+}
+
+
+@torch.no_grad()
+def make_random_model(out_dir: str | Path, shape: str, tokenizer_dir: str | Path,
+                      dtype: torch.dtype = torch.bfloat16, seed: int = 0, say=print) -> Path:
+    """A Llama-architecture checkpoint of `shape` with random weights, saved as safetensors
+    beside a copy of the tokenizer in `tokenizer_dir` (the vocabulary is sized to it, so
+    text prompts work; only the embedding and lm_head differ from the named model's)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = Path(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(**SHAPES[shape], vocab_size=len(tokenizer),
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         initializer_range=0.02, tie_word_embeddings=False,
+                         torch_dtype=str(dtype).removeprefix("torch."))
+    say(f"building {shape} ({config.num_hidden_layers} layers, hidden {config.hidden_size}) "
+        f"with random {dtype} weights")
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialise in the saved dtype: half the memory of fp32
+    try:
+        model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    say(f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters; saving to {out}")
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out

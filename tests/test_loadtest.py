@@ -279,3 +279,25 @@ def test_compare_command_end_to_end(tmp_path, capsys):
     assert [r["text"] for r in lora] == [r["text"] for r in peft]
     printed = capsys.readouterr().out
     assert "loraplex / PEFT output tok/s" in printed and "identical greedy text to PEFT: 4/4" in printed
+
+
+def test_random_model_fixture_is_servable(tmp_path, embedded_dir):
+    """`bench random-model` (here the tiny shape): a Llama checkpoint sized to the embedded
+    tokenizer, which the engine loads and runs on text prompts like any other model."""
+    from loraplex.loadtest.fixtures import make_random_model
+    from loraplex.server.config import CacheConfig, EngineConfig, ModelConfig
+    from loraplex.server.engine.engine import LLMEngine
+    from loraplex.server.engine.request import SamplingParams
+
+    path = make_random_model(tmp_path / "m", "tiny", embedded_dir, say=lambda _: None)
+    engine = LLMEngine(EngineConfig(model=ModelConfig(model=str(path), quantization="none"),
+                                    cache=CacheConfig(num_blocks=32)))
+    assert engine.loaded.model.config.hidden_size == 64
+    assert engine.vocab_size >= len(engine.tokenizer)
+    out: list[int] = []
+    engine.add_request("r", "hello there", SamplingParams(max_tokens=3, temperature=0.0,
+                                                          ignore_eos=True),
+                       callback=lambda o: out.extend(o.new_token_ids))
+    while engine.has_unfinished():
+        engine.step()
+    assert len(out) == 3
