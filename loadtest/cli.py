@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="all-linear, attention, or a comma list like q_proj,v_proj")
     fx.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2)")
     fx.add_argument("--seed", type=int, default=0)
+    fx.add_argument("--from-config", action="store_true",
+                    help="write random weights from the model's config without loading the "
+                         "model (fast: for large models and many adapters; needs --model)")
 
     rm = sub.add_parser("random-model", help="a Llama-shaped checkpoint with random weights, "
                         "for speed measurements of models too large to download here")
@@ -190,6 +193,20 @@ def _finish(path: Path, lines: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "fixtures" and args.from_config:
+            from .fixtures import write_random_adapters
+
+            if not args.model:
+                raise ValueError("--from-config needs --model DIR")
+            progress = Progress(args.count, "adapters")
+            try:
+                write_random_adapters(args.model, args.out, args.count,
+                                      tuple(int(r) for r in args.ranks.split(",")),
+                                      _targets(args.targets), args.seed,
+                                      progress=lambda i, n: progress.bar.update(1))
+            finally:
+                progress.close()
+            return 0
         if args.command == "fixtures":
             make_fixtures(args.out, args.count, [int(r) for r in args.ranks.split(",")],
                           _targets(args.targets), args.model, args.seed)

@@ -119,3 +119,55 @@ def make_random_model(out_dir: str | Path, shape: str, tokenizer_dir: str | Path
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+def write_random_adapters(model_dir: str | Path, out_dir: str | Path, count: int,
+                          ranks: tuple[int, ...] = (8, 16, 32, 64),
+                          targets: list[str] | None = None, seed: int = 0,
+                          dtype: torch.dtype = torch.bfloat16, rel_norm: float = 0.3,
+                          progress=None) -> dict[str, Path]:
+    """PEFT adapter files written directly from the model's config, without loading its
+    weights: the way to make hundreds of adapters for a model of billions of parameters.
+    Weights are Gaussian with `scale * ||B A||` about `rel_norm` times the norm of a weight
+    initialised like transformers' (std `initializer_range`), so they change the output
+    without swamping it. Same names and rank cycle as `make_benchmark_adapters`."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        model = AutoModelForCausalLM.from_config(config)
+    targets = targets or ALL_LINEAR
+    shapes = {name: (m.in_features, m.out_features) for name, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets}
+    if not shapes:
+        raise ValueError(f"no module of {model_dir} matches {targets}")
+    std = getattr(config, "initializer_range", 0.02)
+    out_dir = Path(out_dir)
+    paths = {}
+    for i in range(count):
+        name = f"bench-{i:04d}" if count > 1000 else f"bench-{i:03d}"
+        r = ranks[i % len(ranks)]
+        gen = torch.Generator().manual_seed(adapter_seed(name, seed))
+        tensors = {}
+        for module, (fan_in, fan_out) in shapes.items():
+            # ||B A||_F ~ b_std * sqrt(fan_out * r) with A's rows of unit norm; scale = 2.
+            b_std = rel_norm * std * math.sqrt(fan_in) / (2 * math.sqrt(r))
+            prefix = f"base_model.model.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = (
+                torch.randn(r, fan_in, generator=gen) / math.sqrt(fan_in)).to(dtype)
+            tensors[f"{prefix}.lora_B.weight"] = (
+                torch.randn(fan_out, r, generator=gen) * b_std).to(dtype)
+        path = out_dir / name
+        path.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, path / "adapter_model.safetensors")
+        (path / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r,
+            "target_modules": sorted(set(targets)), "lora_dropout": 0.0, "bias": "none",
+            "base_model_name_or_path": None}, indent=1))
+        paths[name] = path
+        if progress is not None:
+            progress(i + 1, count)
+    return paths

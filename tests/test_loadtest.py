@@ -11,6 +11,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 from loraplex.loadtest.client import Record, check_target
 from loraplex.loadtest.report import SLO, Run, percentile, summarize, write_report
 from loraplex.loadtest.workload import (
@@ -301,3 +302,41 @@ def test_random_model_fixture_is_servable(tmp_path, embedded_dir):
     while engine.has_unfinished():
         engine.step()
     assert len(out) == 3
+
+
+def test_adapters_written_from_a_config_are_valid_peft_and_change_the_output(tmp_path,
+                                                                            embedded_dir):
+    from loraplex.loadtest.fixtures import make_random_model, write_random_adapters
+    from loraplex.server.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig
+    from loraplex.server.engine.engine import LLMEngine
+    from loraplex.server.engine.request import SamplingParams
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model_dir = make_random_model(tmp_path / "m", "tiny", embedded_dir, dtype=torch.float32,
+                                  say=lambda _: None)
+    paths = write_random_adapters(model_dir, tmp_path / "a", 2, ranks=(4, 8),
+                                  dtype=torch.float32, rel_norm=1.0)
+    assert sorted(paths) == ["bench-000", "bench-001"]
+    engine = LLMEngine(EngineConfig(model=ModelConfig(model=str(model_dir), quantization="none"),
+                                    cache=CacheConfig(num_blocks=32), lora=LoRAConfig(max_loras=2)))
+    for name, path in paths.items():
+        engine.register_adapter(name, str(path))
+    prompt = engine.tokenizer.encode("the water is cold and", add_special_tokens=False)
+    outs: dict[str, list[int]] = {}
+    for adapter in (None, *paths):
+        key = adapter or "base"
+        outs[key] = []
+        engine.add_request(key, prompt, SamplingParams(max_tokens=6, temperature=0.0,
+                                                       ignore_eos=True), adapter,
+                           callback=lambda o: outs[o.request_id].extend(o.new_token_ids))
+    while engine.has_unfinished():
+        engine.step()
+    assert outs["bench-000"] != outs["base"] and outs["bench-001"] != outs["base"]
+    # PEFT reads the same files and agrees, token for token.
+    for name, path in paths.items():
+        peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), path)
+        ids = torch.tensor([prompt])
+        got = peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                            max_new_tokens=6, min_new_tokens=6)[0, len(prompt):].tolist()
+        assert got == outs[name], name
