@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
 from contextlib import contextmanager
 
 import pytest
+import torch
+
+# Without CUDA the SGMV kernel tests run in Triton's interpreter. Triton reads the variable
+# whenever a function is decorated, its own library's too (tl.cumsum), and transformers and
+# peft import Triton: so it is set here, before any test module imports them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

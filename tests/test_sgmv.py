@@ -2,10 +2,8 @@
 adapter popularity patterns and dtypes, plus the per-step metadata they read.
 
 On a machine with CUDA the kernels run compiled; elsewhere in Triton's interpreter, which
-Triton chooses by TRITON_INTERPRET when `@triton.jit` decorates a kernel, i.e. at the kernel
-modules' first import below, and reads again while interpreting. Nothing else in the suite
-imports them on the CPU (the engine's CPU path is the torch reference); the variable is set
-for that import and for this module's tests only.
+`tests/conftest.py` selects for the whole session (TRITON_INTERPRET must be set before
+Triton's first import, and the engine's CPU path never calls Triton).
 
 Every case stores NaN in the slot padding of A and B (past each slot's rank), so a product
 that takes in padding turns NaN, and fills the fp32 scratch h with +inf before the shrink: an
@@ -16,36 +14,21 @@ bit-identical.
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
 import torch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-_saved = os.environ.get("TRITON_INTERPRET")
-if DEVICE.type == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 from loraplex.kernels.segments import Segments, SGMVMeta
 from loraplex.kernels.sgmv import sgmv_ref, sgmv_triton
 from loraplex.kernels.sgmv_expand import sgmv_expand, sgmv_expand_ref
 from loraplex.kernels.sgmv_shrink import _shrink_kernel, sgmv_shrink, sgmv_shrink_ref
 
-if _saved is None:
-    os.environ.pop("TRITON_INTERPRET", None)
-else:
-    os.environ["TRITON_INTERPRET"] = _saved
 assert DEVICE.type == "cuda" or type(_shrink_kernel).__name__ == "InterpretedFunction", (
-    "the kernel modules were imported before this test could select the interpreter")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter():
-    with pytest.MonkeyPatch.context() as patch:
-        if DEVICE.type == "cpu":
-            patch.setenv("TRITON_INTERPRET", "1")
-        yield
+    "without CUDA these tests need TRITON_INTERPRET=1 before Triton's first import "
+    "(tests/conftest.py sets it)")
 
 NUM_SLOTS = 6
 MAX_RANK = 64
