@@ -20,8 +20,9 @@ Two implementations of that contract:
   captured in a CUDA graph. The engine's CUDA path.
 
 `sgmv` picks between them by device. Triton is imported only on that CUDA path: the server
-runs on machines without it, and tests choose the Triton interpreter before the kernel
-modules' first import (TRITON_INTERPRET is read when `@triton.jit` decorates a kernel).
+runs on machines without it, and CPU tests select Triton's interpreter before Triton's first
+import (TRITON_INTERPRET is read whenever `@triton.jit` decorates a function, Triton's own
+library included; see tests/conftest.py).
 """
 
 from __future__ import annotations

@@ -51,3 +51,12 @@ def segment_tile(
     seg = tl.sum((ends <= pid).to(tl.int32), 0)
     first_tile = tl.sum(tl.where(idx == seg, ends - tiles, 0), 0)
     return seg, (pid - first_tile) * BLOCK_M
+
+
+@triton.jit
+def tile_rows(seg_start_ptr, seg_len_ptr, seg, m0, BLOCK_M: tl.constexpr):
+    """Packed row indices (int64, for the pointer arithmetic of wide tensors) of the tile's
+    BLOCK_M tokens from `m0` within segment `seg`, and the mask of those inside it."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    rows = (tl.load(seg_start_ptr + seg) + offs_m).to(tl.int64)
+    return rows, offs_m < tl.load(seg_len_ptr + seg)

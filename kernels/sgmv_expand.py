@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .segments import Segments, SGMVMeta
-from .sgmv_common import capacity_p2, dot_args, num_tiles_bound, segment_tile
+from .sgmv_common import capacity_p2, dot_args, num_tiles_bound, segment_tile, tile_rows
 
 
 @dataclass(frozen=True)
@@ -88,10 +88,7 @@ def _expand_kernel(
     width = tl.load(col_offsets_ptr + slice_id + 1) - col0
     if n0 >= width:
         return
-    length = tl.load(seg_len_ptr + seg)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < length
-    rows = (tl.load(seg_start_ptr + seg) + offs_m).to(tl.int64)
+    rows, m_mask = tile_rows(seg_start_ptr, seg_len_ptr, seg, m0, BLOCK_M)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_mask = offs_n < width
     cols = col0 + offs_n

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .segments import Segments, SGMVMeta
-from .sgmv_common import capacity_p2, dot_args, num_tiles_bound, segment_tile
+from .sgmv_common import capacity_p2, dot_args, num_tiles_bound, segment_tile, tile_rows
 
 # Enough programs to fill an H100 (132 SMs) several times over; a first guess, not a measurement.
 TARGET_PROGRAMS = 512
@@ -95,10 +95,7 @@ def _shrink_kernel(
     rank = tl.load(ranks_ptr + slice_id * num_slots + slot)
     if r0 >= rank:
         return
-    length = tl.load(seg_len_ptr + seg)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < length
-    rows = (tl.load(seg_start_ptr + seg) + offs_m).to(tl.int64)
+    rows, m_mask = tile_rows(seg_start_ptr, seg_len_ptr, seg, m0, BLOCK_M)
     offs_r = r0 + tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank
     a_base = a_ptr + slice_id.to(tl.int64) * stride_a_slice + slot.to(tl.int64) * stride_a_slot
