@@ -74,20 +74,12 @@ def run_engine(engine, reqs: list[Req], base_only: bool = False) -> tuple[float,
     return elapsed, [outputs[str(i)] for i in range(len(reqs))]
 
 
-@torch.inference_mode()
-def run_peft(model, reqs: list[Req], batch: int, pad_id: int) -> tuple[float, list[list[int]]]:
+def run_peft(baseline, reqs: list[Req], batch: int) -> tuple[float, list[list[int]]]:
     outputs = []
     t0 = time.perf_counter()
     for b in range(0, len(reqs), batch):
         chunk = reqs[b:b + batch]
-        width = max(len(r.prompt) for r in chunk)
-        ids = torch.tensor([[pad_id] * (width - len(r.prompt)) + r.prompt for r in chunk])
-        mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in chunk])
-        new = max(r.max_tokens for r in chunk)
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1,
-                             max_new_tokens=new, eos_token_id=None, pad_token_id=pad_id,
-                             adapter_names=[r.adapter or "__base__" for r in chunk])
-        outputs += [out[i, width:width + r.max_tokens].tolist() for i, r in enumerate(chunk)]
+        outputs += baseline.generate([(r.adapter, r.prompt, r.max_tokens) for r in chunk])[0]
         _say(f"  peft: batch {b // batch + 1}/{-(-len(reqs) // batch)} "
              f"({time.perf_counter() - t0:.1f}s)")
     return time.perf_counter() - t0, outputs
@@ -95,6 +87,7 @@ def run_peft(model, reqs: list[Req], batch: int, pad_id: int) -> tuple[float, li
 
 def main(argv: list[str] | None = None) -> int:
     from loraplex.loadtest.fixtures import make_benchmark_adapters
+    from loraplex.loadtest.peft_baseline import PeftBaseline
     from loraplex.server.config import (
         CacheConfig,
         EngineConfig,
@@ -104,8 +97,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     from loraplex.server.engine.engine import LLMEngine
     from loraplex.server.runner.loader import load_model
-    from peft import PeftModel
-    from transformers import GenerationConfig
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2)")
@@ -145,15 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         del engine
 
         loaded = load_model(model_cfg)
-        loaded.model.generation_config = GenerationConfig()
-        items = list(adapters.items())
-        peft = PeftModel.from_pretrained(loaded.model, str(items[0][1]), adapter_name=items[0][0])
-        for name, path in items[1:]:
-            peft.load_adapter(str(path), adapter_name=name)
-        peft.eval()
+        baseline = PeftBaseline(loaded.model, loaded.tokenizer,
+                                {name: str(path) for name, path in adapters.items()})
         _say(f"transformers + PEFT, static batches of {args.peft_batch}")
-        pad = loaded.tokenizer.pad_token_id or 0
-        t_peft, out_peft = run_peft(peft, reqs, args.peft_batch, pad)
+        t_peft, out_peft = run_peft(baseline, reqs, args.peft_batch)
 
     same = sum(a == b for a, b in zip(out_lora, out_peft))
     results = {

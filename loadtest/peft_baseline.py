@@ -55,20 +55,23 @@ class PeftBaseline:
         return self.tokenizer.encode(prompt, add_special_tokens=False)
 
     @torch.inference_mode()
-    def _generate(self, batch: list[tuple[Item, list[int]]]) -> tuple[list[list[int]], list[float]]:
-        width = max(len(ids) for _, ids in batch)
-        input_ids = torch.tensor([[self.pad_id] * (width - len(ids)) + ids for _, ids in batch])
-        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for _, ids in batch])
+    def generate(self, batch: list[tuple[str | None, list[int], int]]
+                 ) -> tuple[list[list[int]], list[float]]:
+        """One left-padded static batch of (adapter, prompt ids, max_tokens), decoded greedily
+        to its longest request with EOS ignored. Returns each request's own tokens and the
+        time (perf_counter) at which each decoding step ended."""
+        width = max(len(ids) for _, ids, _ in batch)
+        input_ids = torch.tensor([[self.pad_id] * (width - len(ids)) + ids for _, ids, _ in batch])
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for _, ids, _ in batch])
         clock = _StepClock()
         kwargs = {}
         if self.has_adapters:
-            kwargs["adapter_names"] = [item.adapter or "__base__" for item, _ in batch]
+            kwargs["adapter_names"] = [adapter or "__base__" for adapter, _, _ in batch]
         out = self.model.generate(
             input_ids=input_ids, attention_mask=mask, do_sample=False, num_beams=1,
-            max_new_tokens=max(item.max_tokens for item, _ in batch), eos_token_id=None,
+            max_new_tokens=max(n for _, _, n in batch), eos_token_id=None,
             pad_token_id=self.pad_id, stopping_criteria=[clock], **kwargs)
-        return ([out[i, width:width + item.max_tokens].tolist() for i, (item, _) in enumerate(batch)],
-                clock.times)
+        return [out[i, width:width + n].tolist() for i, (_, _, n) in enumerate(batch)], clock.times
 
     def run(self, items: list[Item], concurrency: int | None = None,
             on_done: Callable[[Record], None] | None = None) -> tuple[list[Record], float]:
@@ -91,7 +94,7 @@ class PeftBaseline:
             ready = [it for it in pending[:batch_cap] if concurrency is not None or it.send_at <= now]
             pending = pending[len(ready):]
             batch = [(it, self.tokenize(it.prompt)) for it in ready]
-            outputs, times = self._generate(batch)
+            outputs, times = self.generate([(it.adapter, ids, it.max_tokens) for it, ids in batch])
             for (item, ids), tokens in zip(batch, outputs):
                 arrived = item.send_at if concurrency is None else now
                 stamps = [t - t0 for t in times[:item.max_tokens]]
