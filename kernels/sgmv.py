@@ -9,20 +9,26 @@ Storage is PEFT's layout per slot, padded to the largest rank: `lora_a [slots, m
 `lora_b [slots, out, max_rank]`. Only a slot's first r rows of A and columns of B are read, so
 a rank-4 adapter costs rank-4 work next to a rank-64 one.
 
-Two implementations of that contract:
+Three implementations of that contract:
 
 * `sgmv_ref`, plain torch, makes PEFT's own calls on those slices (`F.linear`, then scale,
-  then add), so on the CPU its arithmetic is PEFT's bit for bit. The engine's CPU path.
+  then add), so on the CPU, on weights in PEFT's memory layout, its arithmetic is PEFT's bit
+  for bit. The oracle of the other two, and the engine's CPU path for dtypes other than fp32
+  or where no C compiler is.
+* `sgmv_cpu` (`sgmv_cpu.c`), one C call per projection per step with register-tiled loops,
+  for fp32 on the CPU. It rounds differently from MKL's GEMMs (about 1e-6 relative), and is
+  several times faster than the reference at decode shapes, where the reference's cost is
+  two small-GEMM calls per segment (see docs/benchmarks.md). The engine's CPU path.
 * `sgmv_triton`, two Triton kernels (`sgmv_shrink`: x -> fp32 h = x A^T; `sgmv_expand`:
   y += scale * h B^T) that take several output slices sharing x in one launch each, with
   per-slice ranks and scales. All per-step inputs are device tensors of fixed shape
   (`SGMVMeta`), and no launch reads a device value on the host, so both launches can be
   captured in a CUDA graph. The engine's CUDA path.
 
-`sgmv` picks between them by device. Triton is imported only on that CUDA path: the server
-runs on machines without it, and CPU tests select Triton's interpreter before Triton's first
-import (TRITON_INTERPRET is read whenever `@triton.jit` decorates a function, Triton's own
-library included; see tests/conftest.py).
+`sgmv` picks between them by device, dtype and storage layout. Triton is imported only on
+the CUDA path: the server runs on machines without it, and CPU tests select Triton's
+interpreter before Triton's first import (TRITON_INTERPRET is read whenever `@triton.jit`
+decorates a function, Triton's own library included; see tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from . import sgmv_cpu
 from .segments import Segments, SGMVMeta
 
 
@@ -98,9 +105,17 @@ def sgmv(
     weights: SlotWeights,
     segments: Segments,
     meta: SGMVMeta | None,  # required for CUDA tensors
+    table: sgmv_cpu.SegmentTable | None = None,  # the CPU kernel's copy of `segments`
 ) -> torch.Tensor:
-    """The SGMV contract above: the Triton kernels on CUDA, the torch reference elsewhere."""
+    """The SGMV contract above: the Triton kernels on CUDA; on the CPU the C kernel where
+    the weights are fp32 in its layout and it could be built, the torch reference elsewhere."""
     if not y.is_cuda:
+        lib = sgmv_cpu.load() if table is not None else None
+        if (lib is not None and x.dtype == y.dtype == torch.float32
+                and x.stride(-1) == 1 and y.stride(-1) == 1
+                and sgmv_cpu.has_kernel_layout(weights.lora_a, weights.lora_b)):
+            return sgmv_cpu.sgmv_cpu(lib, y, x, weights.lora_a, weights.lora_b, table,
+                                     weights.ranks_dev, weights.scales_dev)
         return sgmv_ref(y, x, weights.lora_a, weights.lora_b, segments, weights.ranks,
                         weights.scales)
     assert meta is not None, "CUDA tensors need the step's SGMVMeta"

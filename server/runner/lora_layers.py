@@ -12,8 +12,10 @@ from dataclasses import dataclass, replace
 
 import torch
 from loraplex.adapters.peft_format import LoRAAdapter
+from loraplex.kernels import sgmv_cpu
 from loraplex.kernels.segments import Segments, SGMVMeta
 from loraplex.kernels.sgmv import sgmv
+from loraplex.kernels.sgmv_cpu import SegmentTable, transposed_slots
 from torch import nn
 
 # The projections of Llama, Mistral and Qwen2 decoder layers that take LoRA.
@@ -26,15 +28,23 @@ class LoRAContext:
 
     segments: Segments = Segments((0,), ())
     meta: SGMVMeta | None = None  # set on CUDA only
+    table: SegmentTable | None = None  # set on the CPU only
 
 
 class ModuleSlots:
     """One projection's adapter weights for every slot."""
 
     def __init__(self, num_slots: int, max_rank: int, in_features: int, out_features: int,
-                 dtype: torch.dtype, device: torch.device):
-        self.lora_a = torch.zeros(num_slots, max_rank, in_features, dtype=dtype, device=device)
-        self.lora_b = torch.zeros(num_slots, out_features, max_rank, dtype=dtype, device=device)
+                 dtype: torch.dtype, device: torch.device, cpu_kernel: bool):
+        if cpu_kernel:
+            # Transposed storage for the CPU kernel, seen through the same [slots, ...] views.
+            self.lora_a, self.lora_b = transposed_slots(num_slots, max_rank, in_features,
+                                                        out_features, dtype)
+        else:
+            self.lora_a = torch.zeros(num_slots, max_rank, in_features, dtype=dtype,
+                                      device=device)
+            self.lora_b = torch.zeros(num_slots, out_features, max_rank, dtype=dtype,
+                                      device=device)
         self.ranks = [0] * num_slots  # 0: the adapter in this slot does not target this module
         self.scales = [0.0] * num_slots
         # The kernels read ranks and scales on the device: a launch never waits on the host.
@@ -66,7 +76,7 @@ class LoRALinear(nn.Module):
         segments = self.context.segments
         if segments.has_lora:
             sgmv(y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1]), self.slots, segments,
-                 self.context.meta)
+                 self.context.meta, self.context.table)
         return y
 
 
@@ -74,7 +84,9 @@ class LoRAModel:
     """Wraps a model's projections in place and moves adapters in and out of slots."""
 
     def __init__(self, model: nn.Module, num_slots: int, max_rank: int, dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, peft_rounding: bool = False):
+        """`peft_rounding` keeps PEFT's own GEMM calls on the CPU rather than the C kernel,
+        so that the LoRA delta rounds exactly as PEFT's does."""
         self.context = LoRAContext()
         self.num_slots = num_slots
         self.device = device
@@ -83,9 +95,13 @@ class LoRAModel:
         self.modules: dict[str, ModuleSlots] = {}
         targets = [(name, module) for name, module in model.named_modules()
                    if name.rsplit(".", 1)[-1] in TARGET_NAMES]
+        # Building the C kernel (first use on a machine) happens here, at start-up, rather
+        # than in the first request's forward.
+        cpu_kernel = (device.type == "cpu" and dtype == torch.float32 and not peft_rounding
+                      and sgmv_cpu.load() is not None)
         for name, module in targets:
             slots = ModuleSlots(num_slots, max_rank, module.in_features, module.out_features,
-                                dtype, device)
+                                dtype, device, cpu_kernel)
             parent_name, child = name.rsplit(".", 1)
             setattr(model.get_submodule(parent_name), child,
                     LoRALinear(module, slots, self.context))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from loraplex.kernels.segments import Segments, SGMVMeta
+from loraplex.kernels.sgmv_cpu import SegmentTable
 
 from ..config import EngineConfig
 from ..engine.request import Request, SamplingParams
@@ -21,8 +22,12 @@ class ModelRunner:
         self.model = model
         self.device = loaded.device
         self.block_size = config.cache.block_size
+        # bitsandbytes' CPU kernels round activations to bf16, which turns any difference in
+        # the LoRA delta's last bit into logit differences of tenths; on such bases the CPU
+        # keeps PEFT's own calls, so that outputs stay comparable with PEFT's token for token.
         self.lora = LoRAModel(model, config.lora.max_loras, config.lora.max_lora_rank,
-                              loaded.dtype, loaded.device)
+                              loaded.dtype, loaded.device,
+                              peft_rounding=loaded.quantization != "none")
         self.kv = PagedKVCache(KVGeometry.of(model.config.get_text_config()), num_blocks,
                                self.block_size, loaded.dtype, loaded.device)
 
@@ -87,6 +92,8 @@ class ModelRunner:
         if self.device.type == "cuda":
             # Tokens are grouped by slot above, so a slot is at most one segment.
             self.lora.context.meta = SGMVMeta.build(segments, self.lora.num_slots, self.device)
+        else:
+            self.lora.context.table = SegmentTable(segments) if segments.has_lora else None
         self.lora.await_loads()
         keep = [last_row[i] for i in range(len(scheduled)) if i in last_row]
         if not keep:

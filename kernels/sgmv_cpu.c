@@ -1,0 +1,125 @@
+/* SGMV on the CPU, fp32: y[t] += scale[s] * (x[t] @ A[s, :r].T) @ B[s, :, :r].T for every
+ * token t of a segment with slot s >= 0 and rank r = ranks[s] > 0.
+ *
+ * One call does a whole projection for the step. torch's GEMMs cost 5-30 us per call at
+ * the decode shapes of LoRA (4 rows x rank 8-64), and the torch reference makes two per
+ * segment per projection; here the per-segment work is register-tiled loops over the
+ * adapter's weights, which are read once per 4 tokens.
+ *
+ * Layouts (what the Python side hands over, checked there):
+ *   x  [T, in]  rows ldx apart;  y [T, out] rows ldy apart
+ *   at [slots, in, lda]   A transposed: row k holds A[:, k], lda >= rank rounded up to 16
+ *   bt [slots, rank_cap, out]  B transposed: row j holds B[:, j]
+ * Shrink computes whole 16-lane vectors of h, so it reads at's columns r..16*ceil(r/16)
+ * too. Lanes never mix: whatever those columns hold lands in h's lanes >= r, which expand
+ * never reads.
+ *
+ * Vectors are GCC/Clang vector extensions: 16 floats, one AVX-512 register or two AVX2
+ * registers, whichever the flags the loader picks allow. */
+#include <stdint.h>
+#include <string.h>
+
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+
+#define MB 4  /* token rows per tile: each weight row loaded is used 4 times */
+#define OV 4  /* expand tile: 4 vectors = 64 output columns */
+
+static inline v16 ld(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
+static inline void st(float *p, v16 v) { memcpy(p, &v, sizeof v); }
+static inline v16 bc(float f) { return (v16){f, f, f, f, f, f, f, f, f, f, f, f, f, f, f, f}; }
+
+/* h[i][0:16*NV] = xr[i] @ at[:, 0:16*NV] for MB rows; NV is a constant so the
+ * accumulators stay in registers. */
+#define SHRINK(NV)                                                                        \
+  static void shrink##NV(float *h, int64_t ldh, const float *const xr[MB],               \
+                         const float *at, int64_t in, int64_t lda) {                      \
+    v16 acc[MB][NV];                                                                      \
+    for (int i = 0; i < MB; i++)                                                          \
+      for (int v = 0; v < NV; v++) acc[i][v] = bc(0.0f);                                  \
+    for (int64_t k = 0; k < in; k++) {                                                    \
+      v16 a[NV];                                                                          \
+      for (int v = 0; v < NV; v++) a[v] = ld(at + k * lda + 16 * v);                      \
+      for (int i = 0; i < MB; i++) {                                                      \
+        v16 xv = bc(xr[i][k]);                                                            \
+        for (int v = 0; v < NV; v++) acc[i][v] += xv * a[v];                              \
+      }                                                                                   \
+    }                                                                                     \
+    for (int i = 0; i < MB; i++)                                                          \
+      for (int v = 0; v < NV; v++) st(h + i * ldh + 16 * v, acc[i][v]);                   \
+  }
+SHRINK(1)
+SHRINK(2)
+SHRINK(3)
+SHRINK(4)
+
+/* y[row i] += scale * h[i][0:r] @ bt[0:r, :] for the first mb of MB rows. */
+static void expand(float *const yr[MB], int mb, const float *h, int64_t ldh,
+                   const float *bt, int64_t r, int64_t out, float scale) {
+  const v16 sv = bc(scale);
+  int64_t o0 = 0;
+  for (; o0 + 16 * OV <= out; o0 += 16 * OV) {
+    v16 acc[MB][OV];
+    for (int i = 0; i < MB; i++)
+      for (int v = 0; v < OV; v++) acc[i][v] = bc(0.0f);
+    for (int64_t j = 0; j < r; j++) {
+      v16 b[OV];
+      for (int v = 0; v < OV; v++) b[v] = ld(bt + j * out + o0 + 16 * v);
+      for (int i = 0; i < MB; i++) {
+        v16 hv = bc(h[i * ldh + j]);
+        for (int v = 0; v < OV; v++) acc[i][v] += hv * b[v];
+      }
+    }
+    for (int i = 0; i < mb; i++)
+      for (int v = 0; v < OV; v++) {
+        float *p = yr[i] + o0 + 16 * v;
+        st(p, ld(p) + acc[i][v] * sv);
+      }
+  }
+  for (; o0 < out; o0++)  /* out not a multiple of 64: the last columns one by one */
+    for (int i = 0; i < mb; i++) {
+      float acc = 0.0f;
+      for (int64_t j = 0; j < r; j++) acc += h[i * ldh + j] * bt[j * out + o0];
+      yr[i][o0] += acc * scale;
+    }
+}
+
+/* The step's tiles of up to MB tokens of one segment run in parallel on torch's OpenMP
+ * threads (torch ships libgomp.so.1, which this library then shares: one thread pool). */
+void lp_sgmv_f32(float *y, int64_t ldy, const float *x, int64_t ldx,
+                 const float *at, int64_t lda, const float *bt, int64_t rank_cap,
+                 int64_t in, int64_t out, const int64_t *starts, const int64_t *slots,
+                 int64_t num_segments, const int32_t *ranks, const float *scales,
+                 int64_t *tiles /* [2 * (T / MB + num_segments)] scratch */) {
+  int64_t num_tiles = 0;
+  for (int64_t g = 0; g < num_segments; g++) {
+    if (slots[g] < 0 || ranks[slots[g]] <= 0) continue;
+    for (int64_t m0 = starts[g]; m0 < starts[g + 1]; m0 += MB) {
+      tiles[2 * num_tiles] = g;
+      tiles[2 * num_tiles + 1] = m0;
+      num_tiles++;
+    }
+  }
+#pragma omp parallel for schedule(dynamic, 1) if (num_tiles > 1)
+  for (int64_t t = 0; t < num_tiles; t++) {
+    const int64_t g = tiles[2 * t], m0 = tiles[2 * t + 1], s = slots[g], r = ranks[s];
+    const float *a = at + s * in * lda;
+    const float *b = bt + s * rank_cap * out;
+    const int mb = starts[g + 1] - m0 < MB ? (int)(starts[g + 1] - m0) : MB;
+    const float *xr[MB];
+    float *yr[MB];
+    float h[MB * lda];
+    for (int i = 0; i < MB; i++) {  /* a short tile repeats its first row; unused */
+      xr[i] = x + (m0 + (i < mb ? i : 0)) * ldx;
+      yr[i] = y + (m0 + (i < mb ? i : 0)) * ldy;
+    }
+    for (int64_t c0 = 0; c0 < r; c0 += 64) {
+      switch ((r - c0 + 15) / 16) {
+        case 1: shrink1(h + c0, lda, xr, a + c0, in, lda); break;
+        case 2: shrink2(h + c0, lda, xr, a + c0, in, lda); break;
+        case 3: shrink3(h + c0, lda, xr, a + c0, in, lda); break;
+        default: shrink4(h + c0, lda, xr, a + c0, in, lda); break;
+      }
+    }
+    expand(yr, mb, h, lda, b, r, out, scales[s]);
+  }
+}

@@ -1,0 +1,171 @@
+"""The C SGMV kernel for the CPU against fp64 loops and the torch reference, over ranks, widths,
+batch sizes and adapter popularity; its dispatch; and its build.
+
+Slot padding past each rank holds NaN, so a product that takes it in turns NaN; rows of
+tokens without an adapter must stay bit-identical.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from loraplex.kernels import sgmv_cpu
+from loraplex.kernels.segments import Segments
+from loraplex.kernels.sgmv import sgmv, sgmv_ref
+
+LIB = sgmv_cpu.load()
+pytestmark = pytest.mark.skipif(LIB is None, reason="no C compiler: the kernel was not built")
+
+NUM_SLOTS = 6
+
+
+def token_slots(pattern: str, num_tokens: int, rng: random.Random) -> list[int]:
+    """Each token's slot (-1: no adapter), grouped by slot as the model runner groups them."""
+    if pattern == "distinct":
+        slots = [i % NUM_SLOTS for i in range(num_tokens)]
+    elif pattern == "zipf":
+        weights = [1 / (k + 1) for k in range(NUM_SLOTS + 1)]
+        slots = rng.choices(range(-1, NUM_SLOTS), weights, k=num_tokens)
+    elif pattern == "identical":
+        slots = [2] * num_tokens
+    elif pattern == "skewed":
+        slots = [0 if rng.random() < 0.8 else rng.randrange(-1, NUM_SLOTS)
+                 for _ in range(num_tokens)]
+    else:
+        raise ValueError(pattern)
+    return sorted(slots)
+
+
+class Case:
+    """Random weights in the kernel's layout with NaN padding, inputs and the expected y."""
+
+    def __init__(self, slots: list[int], ranks: list[int], in_features: int, out: int,
+                 rank_cap: int = 64, seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        self.segments = Segments.from_token_slots(slots)
+        self.ranks = ranks
+        self.scales = [0.25 * (s + 1) for s in range(NUM_SLOTS)]
+        self.lora_a, self.lora_b = sgmv_cpu.transposed_slots(NUM_SLOTS, rank_cap, in_features,
+                                                             out, torch.float32)
+        self.lora_a.copy_(torch.randn(NUM_SLOTS, rank_cap, in_features, generator=gen)
+                          / in_features ** 0.5)
+        self.lora_b.copy_(torch.randn(NUM_SLOTS, out, rank_cap, generator=gen))
+        for s, r in enumerate(ranks):
+            self.lora_a[s, r:] = float("nan")
+            self.lora_b[s, :, r:] = float("nan")
+        self.x = torch.randn(len(slots), in_features, generator=gen)
+        self.y = torch.randn(len(slots), out, generator=gen)
+
+    def expected(self) -> torch.Tensor:  # fp64 loops over tokens
+        y = self.y.double().clone()
+        for i, slot in enumerate(self.segments.slots):
+            r = self.ranks[slot] if slot >= 0 else 0
+            for t in range(self.segments.starts[i], self.segments.starts[i + 1]):
+                if r:
+                    h = self.lora_a[slot, :r].double() @ self.x[t].double()
+                    y[t] += self.scales[slot] * (self.lora_b[slot, :, :r].double() @ h)
+        return y
+
+    def run(self) -> torch.Tensor:
+        return sgmv_cpu.sgmv_cpu(LIB, self.y.clone(), self.x, self.lora_a, self.lora_b,
+                                 sgmv_cpu.SegmentTable(self.segments),
+                                 torch.tensor(self.ranks, dtype=torch.int32),
+                                 torch.tensor(self.scales))
+
+    def check(self) -> None:
+        got = self.run()
+        torch.testing.assert_close(got.double(), self.expected(), atol=1e-4, rtol=1e-4)
+        untouched = [t for i, slot in enumerate(self.segments.slots)
+                     if slot < 0 or self.ranks[slot] == 0
+                     for t in range(self.segments.starts[i], self.segments.starts[i + 1])]
+        assert torch.equal(got[untouched], self.y[untouched])
+
+
+@pytest.mark.parametrize("pattern", ["distinct", "zipf", "identical", "skewed"])
+@pytest.mark.parametrize("batch", [1, 3, 4, 5, 33, 200])
+def test_popularity_and_batch_size(pattern, batch):
+    slots = token_slots(pattern, batch, random.Random(batch))
+    Case(slots, [8, 16, 32, 64, 4, 0], 96, 160).check()
+
+
+@pytest.mark.parametrize("ranks", [[1] * 6, [16] * 6, [64] * 6, [1, 15, 17, 33, 48, 0],
+                                   [20, 3, 0, 0, 7, 9]])
+def test_ranks_including_partial_vectors(ranks):
+    Case(token_slots("distinct", 24, random.Random(0)), ranks, 64, 128).check()
+
+
+@pytest.mark.parametrize("in_features,out", [(1, 1), (7, 63), (64, 64), (130, 65), (576, 1536),
+                                             (1536, 192)])
+def test_widths_off_the_tile(in_features, out):
+    Case(token_slots("zipf", 19, random.Random(1)), [8, 16, 32, 64, 5, 0], in_features,
+         out).check()
+
+
+@pytest.mark.parametrize("rank_cap,ranks", [(8, [8, 1, 5, 8, 0, 3]), (20, [20, 17, 1, 0, 16, 4]),
+                                            (128, [128, 65, 80, 64, 1, 0])])
+def test_rank_caps_not_a_multiple_of_the_tile(rank_cap, ranks):
+    Case(token_slots("distinct", 18, random.Random(2)), ranks, 72, 100, rank_cap).check()
+
+
+def test_close_to_the_torch_reference():
+    """The engine switched from the reference to this kernel: same results within fp32
+    rounding on a decode-shaped step."""
+    case = Case(token_slots("distinct", 32, random.Random(3)), [8, 16, 32, 64, 8, 16], 576, 1536)
+    want = sgmv_ref(case.y.clone(), case.x, case.lora_a, case.lora_b, case.segments, case.ranks,
+                    case.scales)
+    torch.testing.assert_close(case.run(), want, atol=1e-4, rtol=1e-5)
+
+
+class Weights:
+    def __init__(self, case: Case):
+        self.lora_a, self.lora_b = case.lora_a, case.lora_b
+        self.ranks, self.scales = case.ranks, case.scales
+        self.ranks_dev = torch.tensor(case.ranks, dtype=torch.int32)
+        self.scales_dev = torch.tensor(case.scales)
+
+
+def test_dispatch_uses_the_kernel_for_fp32_and_the_reference_otherwise(monkeypatch):
+    case = Case(token_slots("zipf", 40, random.Random(4)), [8, 16, 32, 64, 4, 0], 64, 96)
+    weights, table = Weights(case), sgmv_cpu.SegmentTable(case.segments)
+    by_kernel = case.run()
+    calls = []
+    real = sgmv_cpu.sgmv_cpu
+    monkeypatch.setattr(sgmv_cpu, "sgmv_cpu", lambda *a: calls.append(1) or real(*a))
+
+    got = sgmv(case.y.clone(), case.x, weights, case.segments, None, table)
+    assert calls == [1]
+    assert torch.equal(got, by_kernel)
+
+    # bf16 activations, or weights in the reference's own layout: the reference
+    ref = sgmv(case.y.bfloat16(), case.x.bfloat16(), weights, case.segments, None, table)
+    assert calls == [1]
+    weights.lora_a, weights.lora_b = case.lora_a.contiguous(), case.lora_b.contiguous()
+    plain = sgmv(case.y.clone(), case.x, weights, case.segments, None, table)
+    assert calls == [1]
+    assert torch.equal(plain, sgmv_ref(case.y.clone(), case.x, weights.lora_a, weights.lora_b,
+                                       case.segments, case.ranks, case.scales))
+    assert ref.dtype == torch.bfloat16
+
+
+def test_without_a_compiler_the_engine_keeps_the_reference(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORAPLEX_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    sgmv_cpu.load.cache_clear()
+    try:
+        assert sgmv_cpu.load() is None
+        assert not list((tmp_path / "kernels").glob("*.so"))
+    finally:
+        sgmv_cpu.load.cache_clear()
+
+
+def test_build_is_cached_per_source_and_flags(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORAPLEX_CACHE", str(tmp_path))
+    compiler = sgmv_cpu.os.environ.get("CC") or sgmv_cpu.shutil.which("cc")
+    first = sgmv_cpu._build(compiler, sgmv_cpu._flags())
+    stamp = first.stat().st_mtime_ns
+    assert sgmv_cpu._build(compiler, sgmv_cpu._flags()) == first
+    assert first.stat().st_mtime_ns == stamp
+    other = sgmv_cpu._build(compiler, [*sgmv_cpu._flags(), "-O2"])
+    assert other != first and other.exists()
