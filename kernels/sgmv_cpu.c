@@ -90,14 +90,25 @@ void lp_sgmv_f32(float *y, int64_t ldy, const float *x, int64_t ldx,
                  int64_t in, int64_t out, const int64_t *starts, const int64_t *slots,
                  int64_t num_segments, const int32_t *ranks, const float *scales,
                  int64_t *tiles /* [2 * (T / MB + num_segments)] scratch */) {
+  /* Tiles in order of falling rank (a tile's cost grows with it), so that the threads
+   * taking them in turn end close together. One pass per distinct rank: few of either. */
   int64_t num_tiles = 0;
-  for (int64_t g = 0; g < num_segments; g++) {
-    if (slots[g] < 0 || ranks[slots[g]] <= 0) continue;
-    for (int64_t m0 = starts[g]; m0 < starts[g + 1]; m0 += MB) {
-      tiles[2 * num_tiles] = g;
-      tiles[2 * num_tiles + 1] = m0;
-      num_tiles++;
+  for (int64_t bound = INT64_MAX;;) {
+    int64_t r = 0;
+    for (int64_t g = 0; g < num_segments; g++) {
+      const int64_t rg = slots[g] < 0 ? 0 : ranks[slots[g]];
+      if (rg < bound && rg > r) r = rg;
     }
+    if (r <= 0) break;
+    for (int64_t g = 0; g < num_segments; g++) {
+      if (slots[g] < 0 || ranks[slots[g]] != r) continue;
+      for (int64_t m0 = starts[g]; m0 < starts[g + 1]; m0 += MB) {
+        tiles[2 * num_tiles] = g;
+        tiles[2 * num_tiles + 1] = m0;
+        num_tiles++;
+      }
+    }
+    bound = r;
   }
 #pragma omp parallel for schedule(dynamic, 1) if (num_tiles > 1)
   for (int64_t t = 0; t < num_tiles; t++) {
