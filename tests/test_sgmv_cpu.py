@@ -169,3 +169,13 @@ def test_build_is_cached_per_source_and_flags(monkeypatch, tmp_path):
     assert first.stat().st_mtime_ns == stamp
     other = sgmv_cpu._build(compiler, [*sgmv_cpu._flags(), "-O2"])
     assert other != first and other.exists()
+
+
+def test_benchmark_runs_and_checks_its_two_paths_agree(capsys):
+    from loraplex.kernels import bench_sgmv_cpu
+
+    assert bench_sgmv_cpu.main(["--adapters", "3", "--tokens", "7", "--layers", "1",
+                                "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "7 projections, 3 adapters (ranks 8/16/32)" in out
+    assert "| torch reference |" in out and "kernel speed-up:" in out
