@@ -112,7 +112,8 @@ void lp_sgmv_f32(float *y, int64_t ldy, const float *x, int64_t ldx,
   }
 #pragma omp parallel for schedule(dynamic, 1) if (num_tiles > 1)
   for (int64_t t = 0; t < num_tiles; t++) {
-    const int64_t g = tiles[2 * t], m0 = tiles[2 * t + 1], s = slots[g], r = ranks[s];
+    const int64_t g = tiles[2 * t], m0 = tiles[2 * t + 1], s = slots[g];
+    const int64_t r = ranks[s] < rank_cap ? ranks[s] : rank_cap; /* h holds lda >= rank_cap */
     const float *a = at + s * in * lda;
     const float *b = bt + s * rank_cap * out;
     const int mb = starts[g + 1] - m0 < MB ? (int)(starts[g + 1] - m0) : MB;

@@ -20,6 +20,7 @@ import hashlib
 import logging
 import os
 import pathlib
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -51,10 +52,15 @@ def has_kernel_layout(lora_a: torch.Tensor, lora_b: torch.Tensor) -> bool:
     """True for views made by `transposed_slots` (fp32, on the CPU)."""
     _, rank_cap, in_features = lora_a.shape
     out_features = lora_b.shape[1]
-    return (lora_a.dtype == lora_b.dtype == torch.float32 and not lora_a.is_cuda
+    return (lora_a.dtype == lora_b.dtype == torch.float32
+            and lora_a.device.type == lora_b.device.type == "cpu"
+            and lora_b.shape == (lora_a.shape[0], out_features, rank_cap)
             and lora_a.stride(1) == 1 and lora_a.stride(2) % LANES == 0
             and lora_a.stride(2) >= row_width(rank_cap)
             and lora_a.stride(0) == in_features * lora_a.stride(2)
+            # the kernel reads row_width(rank_cap) floats of A^T's last row
+            and lora_a.storage_offset() + lora_a.stride(0) * lora_a.shape[0]
+            <= lora_a.untyped_storage().nbytes() // 4
             and lora_b.stride() == (rank_cap * out_features, 1, out_features))
 
 
@@ -73,10 +79,11 @@ def _cache_dir() -> pathlib.Path:
     return pathlib.Path(root) / "kernels"
 
 
-def _build(compiler: str, flags: list[str]) -> pathlib.Path:
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *flags]).encode())
+def _build(compiler: str, flags: list[str], fresh: bool = False) -> pathlib.Path:
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(
+        [platform.machine(), compiler, *flags]).encode())
     target = _cache_dir() / f"sgmv_cpu-{key.hexdigest()[:16]}.so"
-    if target.exists():
+    if target.exists() and not fresh:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     log.info("compiling the CPU SGMV kernel into %s", target)
@@ -98,8 +105,12 @@ def load() -> ctypes.CDLL | None:
         log.warning("no C compiler: LoRA on the CPU uses the slower torch reference")
         return None
     try:
-        lib = ctypes.CDLL(str(_build(compiler, _flags())))
-    except (OSError, subprocess.SubprocessError) as err:
+        try:
+            lib = ctypes.CDLL(str(_build(compiler, _flags())))
+        except OSError:  # a damaged file in the cache: build it again, once
+            lib = ctypes.CDLL(str(_build(compiler, _flags(), fresh=True)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        # RuntimeError: no home directory to cache in
         detail = getattr(err, "stderr", "") or err
         log.warning("the CPU SGMV kernel did not build (%s); using the torch reference", detail)
         return None
@@ -114,6 +125,7 @@ class SegmentTable:
 
     def __init__(self, segments: Segments):
         self.num_tokens = segments.num_tokens
+        self.max_slot = max(segments.slots, default=-1)
         self.starts = torch.tensor(segments.starts, dtype=torch.int64)  # [num_segments + 1]
         self.slots = torch.tensor(segments.slots, dtype=torch.int64)  # [num_segments]
         # The kernel's list of (segment, first row) tiles: at most T / 4 + num_segments.
@@ -131,9 +143,17 @@ def sgmv_cpu(
     ranks_dev: torch.Tensor,  # [num_slots] int32
     scales_dev: torch.Tensor,  # [num_slots] fp32
 ) -> torch.Tensor:
-    assert y.dtype == x.dtype == torch.float32 and y.stride(1) == x.stride(1) == 1
-    assert has_kernel_layout(lora_a, lora_b)
-    assert x.shape[0] == y.shape[0] == table.num_tokens
+    # C reads whatever pointers it is given: every shape it relies on is checked here, with
+    # errors that survive `python -O`.
+    if not (y.dtype == x.dtype == torch.float32 and y.stride(1) == x.stride(1) == 1
+            and has_kernel_layout(lora_a, lora_b)):
+        raise ValueError("sgmv_cpu needs fp32 rows and weights from transposed_slots")
+    if not (x.shape[0] == y.shape[0] == table.num_tokens and x.shape[1] == lora_a.shape[2]
+            and y.shape[1] == lora_b.shape[1]
+            and table.max_slot < lora_a.shape[0] == ranks_dev.numel() == scales_dev.numel()):
+        raise ValueError(f"sgmv_cpu: shapes disagree: x {tuple(x.shape)}, y {tuple(y.shape)}, "
+                         f"lora_a {tuple(lora_a.shape)}, lora_b {tuple(lora_b.shape)}, "
+                         f"{table.num_tokens} tokens up to slot {table.max_slot}")
     lib.lp_sgmv_f32(
         y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0),
         lora_a.data_ptr(), lora_a.stride(2), lora_b.data_ptr(), lora_a.shape[1],

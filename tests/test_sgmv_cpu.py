@@ -57,6 +57,17 @@ class Case:
             self.lora_b[s, :, r:] = float("nan")
         self.x = torch.randn(len(slots), in_features, generator=gen)
         self.y = torch.randn(len(slots), out, generator=gen)
+        self.fresh_y = self.y.clone  # the y each run updates
+
+    def strided_rows(self) -> Case:
+        """x and y as column slices of wider tensors: rows further apart than their width."""
+        wide_x = torch.full((self.x.shape[0], self.x.shape[1] + 5), float("nan"))
+        wide_y = torch.full((self.y.shape[0], self.y.shape[1] + 3), float("nan"))
+        wide_x[:, 2:-3] = self.x
+        wide_y[:, 1:-2] = self.y
+        self.x, self.y = wide_x[:, 2:-3], wide_y[:, 1:-2]
+        self.fresh_y = lambda: wide_y.clone()[:, 1:-2]
+        return self
 
     def expected(self) -> torch.Tensor:  # fp64 loops over tokens
         y = self.y.double().clone()
@@ -109,6 +120,29 @@ def test_rank_caps_not_a_multiple_of_the_tile(rank_cap, ranks):
     Case(token_slots("distinct", 18, random.Random(2)), ranks, 72, 100, rank_cap).check()
 
 
+def test_rows_further_apart_than_their_width():
+    case = Case(token_slots("zipf", 23, random.Random(5)), [8, 16, 32, 64, 5, 0], 70, 90)
+    case.strided_rows()
+    assert case.x.stride(0) == 75 and case.fresh_y().stride(0) == 93
+    case.check()
+
+
+def test_shapes_that_disagree_raise_instead_of_reaching_c():
+    case = Case(token_slots("distinct", 12, random.Random(6)), [8] * 6, 64, 96)
+    table = sgmv_cpu.SegmentTable(case.segments)
+    ranks, scales = torch.tensor(case.ranks, dtype=torch.int32), torch.tensor(case.scales)
+    for x, y, lora_a, lora_b in [
+        (case.x[:, :32], case.y, case.lora_a, case.lora_b),  # x narrower than A
+        (case.x, case.y[:, :50], case.lora_a, case.lora_b),  # y narrower than B
+        (case.x[:5], case.y[:5], case.lora_a, case.lora_b),  # fewer rows than the table
+        (case.x, case.y, case.lora_a[:3], case.lora_b[:3]),  # slots beyond the storage
+        (case.x, case.y, case.lora_a.contiguous(), case.lora_b.contiguous()),  # PEFT layout
+    ]:
+        with pytest.raises(ValueError):
+            sgmv_cpu.sgmv_cpu(LIB, y.clone(), x, lora_a, lora_b, table, ranks[:lora_a.shape[0]],
+                              scales[:lora_a.shape[0]])
+
+
 def test_close_to_the_torch_reference():
     """The engine switched from the reference to this kernel: same results within fp32
     rounding on a decode-shaped step."""
@@ -149,9 +183,11 @@ def test_dispatch_uses_the_kernel_for_fp32_and_the_reference_otherwise(monkeypat
     assert ref.dtype == torch.bfloat16
 
 
-def test_without_a_compiler_the_engine_keeps_the_reference(monkeypatch, tmp_path):
+@pytest.mark.parametrize("compiler", ["no-such-compiler", "false"])
+def test_without_a_working_compiler_the_engine_keeps_the_reference(monkeypatch, tmp_path,
+                                                                   compiler):
     monkeypatch.setenv("LORAPLEX_CACHE", str(tmp_path))
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("CC", str(tmp_path / compiler) if compiler.startswith("no-") else compiler)
     sgmv_cpu.load.cache_clear()
     try:
         assert sgmv_cpu.load() is None
@@ -179,3 +215,50 @@ def test_benchmark_runs_and_checks_its_two_paths_agree(capsys):
     out = capsys.readouterr().out
     assert "7 projections, 3 adapters (ranks 8/16/32)" in out
     assert "| torch reference |" in out and "kernel speed-up:" in out
+
+
+def test_lora_model_runs_the_kernel_on_fp32_and_peft_calls_when_asked(monkeypatch):
+    """The engine's wrapping picks the kernel's layout for an fp32 CPU model (and the
+    reference's with `peft_rounding`, used for bitsandbytes bases); slots loaded, reloaded with
+    a smaller rank and cleared give the right deltas either way."""
+    from loraplex.adapters.peft_format import LoRAAdapter, LoRAWeights
+    from loraplex.server.runner.lora_layers import LoRAModel
+    from torch import nn
+
+    gen = torch.Generator().manual_seed(7)
+
+    def adapter(rank: int) -> LoRAAdapter:
+        weights = LoRAWeights(torch.randn(rank, 40, generator=gen),
+                              torch.randn(24, rank, generator=gen), 0.5)
+        return LoRAAdapter(f"r{rank}", "unused", {}, {"layer.q_proj": weights})
+
+    calls = []
+    real = sgmv_cpu.sgmv_cpu
+    monkeypatch.setattr(sgmv_cpu, "sgmv_cpu", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(1, 6, 40, generator=gen)
+    segments = Segments.from_token_slots([-1, 1, 1, 1, 1, 1])
+    for peft_rounding in (False, True):
+        model = nn.Module()
+        model.layer = nn.Module()
+        model.layer.q_proj = nn.Linear(40, 24, bias=False)
+        base = model.layer.q_proj.weight.detach().clone()
+        lora = LoRAModel(model, 3, 16, torch.float32, torch.device("cpu"),
+                         peft_rounding=peft_rounding)
+        slots = lora.modules["layer.q_proj"]
+        assert sgmv_cpu.has_kernel_layout(slots.lora_a, slots.lora_b) is not peft_rounding
+        lora.context.segments = segments
+        lora.context.table = sgmv_cpu.SegmentTable(segments)
+        for a in (adapter(16), adapter(4), None):
+            if a is None:
+                slots.clear(1)
+            else:
+                lora.load(1, a)
+            calls.clear()
+            with torch.no_grad():
+                got = model.layer.q_proj(x)[0]
+            want = x[0] @ base.T
+            if a is not None:
+                w = a.modules["layer.q_proj"]
+                want[1:] += w.scale * (x[0, 1:] @ w.lora_a.T) @ w.lora_b.T
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+            assert len(calls) == (0 if peft_rounding else 1)
