@@ -52,6 +52,7 @@ class SlotWeights(Protocol):
     scales: list[float]  # [num_slots]
     ranks_dev: torch.Tensor  # [num_slots] int32, on the weights' device
     scales_dev: torch.Tensor  # [num_slots] fp32, on the weights' device
+    kernel_layout: bool  # lora_a / lora_b are views of sgmv_cpu.transposed_slots storage
 
 
 def sgmv_ref(
@@ -110,10 +111,9 @@ def sgmv(
     """The SGMV contract above: the Triton kernels on CUDA; on the CPU the C kernel where
     the weights are fp32 in its layout and it could be built, the torch reference elsewhere."""
     if not y.is_cuda:
-        lib = sgmv_cpu.load() if table is not None else None
+        lib = sgmv_cpu.load() if table is not None and weights.kernel_layout else None
         if (lib is not None and x.dtype == y.dtype == torch.float32
-                and x.stride(-1) == 1 and y.stride(-1) == 1
-                and sgmv_cpu.has_kernel_layout(weights.lora_a, weights.lora_b)):
+                and x.stride(-1) == 1 and y.stride(-1) == 1):
             return sgmv_cpu.sgmv_cpu(lib, y, x, weights.lora_a, weights.lora_b, table,
                                      weights.ranks_dev, weights.scales_dev)
         return sgmv_ref(y, x, weights.lora_a, weights.lora_b, segments, weights.ranks,

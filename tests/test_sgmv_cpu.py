@@ -158,6 +158,7 @@ class Weights:
         self.ranks, self.scales = case.ranks, case.scales
         self.ranks_dev = torch.tensor(case.ranks, dtype=torch.int32)
         self.scales_dev = torch.tensor(case.scales)
+        self.kernel_layout = True
 
 
 def test_dispatch_uses_the_kernel_for_fp32_and_the_reference_otherwise(monkeypatch):
@@ -176,6 +177,7 @@ def test_dispatch_uses_the_kernel_for_fp32_and_the_reference_otherwise(monkeypat
     ref = sgmv(case.y.bfloat16(), case.x.bfloat16(), weights, case.segments, None, table)
     assert calls == [1]
     weights.lora_a, weights.lora_b = case.lora_a.contiguous(), case.lora_b.contiguous()
+    weights.kernel_layout = False
     plain = sgmv(case.y.clone(), case.x, weights, case.segments, None, table)
     assert calls == [1]
     assert torch.equal(plain, sgmv_ref(case.y.clone(), case.x, weights.lora_a, weights.lora_b,
@@ -246,6 +248,7 @@ def test_lora_model_runs_the_kernel_on_fp32_and_peft_calls_when_asked(monkeypatc
                          peft_rounding=peft_rounding)
         slots = lora.modules["layer.q_proj"]
         assert sgmv_cpu.has_kernel_layout(slots.lora_a, slots.lora_b) is not peft_rounding
+        assert slots.kernel_layout is lora.cpu_kernel is not peft_rounding
         lora.context.segments = segments
         lora.context.table = sgmv_cpu.SegmentTable(segments)
         for a in (adapter(16), adapter(4), None):

@@ -28,7 +28,7 @@ class LoRAContext:
 
     segments: Segments = Segments((0,), ())
     meta: SGMVMeta | None = None  # set on CUDA only
-    table: SegmentTable | None = None  # set on the CPU only
+    table: SegmentTable | None = None  # set where the CPU kernel runs
 
 
 class ModuleSlots:
@@ -36,6 +36,7 @@ class ModuleSlots:
 
     def __init__(self, num_slots: int, max_rank: int, in_features: int, out_features: int,
                  dtype: torch.dtype, device: torch.device, cpu_kernel: bool):
+        self.kernel_layout = cpu_kernel  # the storage never changes layout once made
         if cpu_kernel:
             # Transposed storage for the CPU kernel, seen through the same [slots, ...] views.
             self.lora_a, self.lora_b = transposed_slots(num_slots, max_rank, in_features,
@@ -97,11 +98,11 @@ class LoRAModel:
                    if name.rsplit(".", 1)[-1] in TARGET_NAMES]
         # Building the C kernel (first use on a machine) happens here, at start-up, rather
         # than in the first request's forward.
-        cpu_kernel = (device.type == "cpu" and dtype == torch.float32 and not peft_rounding
-                      and sgmv_cpu.load() is not None)
+        self.cpu_kernel = (device.type == "cpu" and dtype == torch.float32
+                           and not peft_rounding and sgmv_cpu.load() is not None)
         for name, module in targets:
             slots = ModuleSlots(num_slots, max_rank, module.in_features, module.out_features,
-                                dtype, device, cpu_kernel)
+                                dtype, device, self.cpu_kernel)
             parent_name, child = name.rsplit(".", 1)
             setattr(model.get_submodule(parent_name), child,
                     LoRALinear(module, slots, self.context))

@@ -92,7 +92,7 @@ class ModelRunner:
         if self.device.type == "cuda":
             # Tokens are grouped by slot above, so a slot is at most one segment.
             self.lora.context.meta = SGMVMeta.build(segments, self.lora.num_slots, self.device)
-        else:
+        elif self.lora.cpu_kernel:
             self.lora.context.table = SegmentTable(segments) if segments.has_lora else None
         self.lora.await_loads()
         keep = [last_row[i] for i in range(len(scheduled)) if i in last_row]
