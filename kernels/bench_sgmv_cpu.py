@@ -6,9 +6,9 @@ Shapes are SmolLM2-135M's seven projections per layer (hidden 576, KV width 192,
 the embedded model's; adapters take ranks 8, 16, 32, 64 in turn on every projection, and the
 step's tokens are shared equally among them, as in a decode batch. Every projection has its
 own weights, so each step streams all of them from memory as a real forward does (they do
-not fit in cache). Both paths run on the same slot storage, the kernel's layout, which the
-engine uses on the CPU. Reported: the median step time of each path and their ratio, with
-the results checked against each other.
+not fit in cache). Each path reads the same weights in its own storage, as the engine keeps
+them: the reference PEFT's layout padded to rank 64, the kernel `PackedSlots`. Reported: the
+median step time of each path and their ratio, with the results checked against each other.
 """
 
 from __future__ import annotations
@@ -29,22 +29,26 @@ SMOLLM2_LAYER = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (5
 RANKS = (8, 16, 32, 64)
 
 
-def make_step(num_adapters: int, num_tokens: int, num_layers: int, rank_cap: int = 64):
+def make_step(lib, num_adapters: int, num_tokens: int, num_layers: int, rank_cap: int = 64):
     gen = torch.Generator().manual_seed(0)
-    ranks = [RANKS[i % len(RANKS)] for i in range(num_adapters)]
-    scales = [2.0] * num_adapters
+    ranks = torch.tensor([RANKS[i % len(RANKS)] for i in range(num_adapters)],
+                         dtype=torch.int32)
+    scales = torch.full((num_adapters,), 2.0)
     segments = Segments.from_token_slots(
         [i * num_adapters // num_tokens for i in range(num_tokens)])
     projections = []
     for _ in range(num_layers):
         for in_features, out in SMOLLM2_LAYER:
-            lora_a, lora_b = sgmv_cpu.transposed_slots(num_adapters, rank_cap, in_features, out,
-                                                       torch.float32)
-            lora_a.copy_(torch.randn(lora_a.shape, generator=gen) / in_features ** 0.5)
-            lora_b.copy_(torch.randn(lora_b.shape, generator=gen) / rank_cap)
+            lora_a = torch.randn(num_adapters, rank_cap, in_features, generator=gen)
+            lora_a /= in_features ** 0.5
+            lora_b = torch.randn(num_adapters, out, rank_cap, generator=gen) / rank_cap
+            packed = sgmv_cpu.PackedSlots(lib, num_adapters, rank_cap, in_features, out,
+                                          ranks, scales)
+            for s, r in enumerate(ranks.tolist()):
+                packed.write(s, lora_a[s, :r], lora_b[s, :, :r])
             x = torch.randn(num_tokens, in_features, generator=gen)
-            projections.append((lora_a, lora_b, x, torch.zeros(num_tokens, out)))
-    return projections, segments, ranks, scales
+            projections.append((lora_a, lora_b, packed, x, torch.zeros(num_tokens, out)))
+    return projections, segments, ranks.tolist(), scales.tolist()
 
 
 def time_step(run, repeats: int) -> float:
@@ -69,26 +73,24 @@ def main(argv: list[str] | None = None) -> int:
     if lib is None:
         print("the C kernel could not be built here (no C compiler?)", file=sys.stderr)
         return 1
-    projections, segments, ranks, scales = make_step(args.adapters, args.tokens, args.layers)
+    projections, segments, ranks, scales = make_step(lib, args.adapters, args.tokens,
+                                                     args.layers)
     table = sgmv_cpu.SegmentTable(segments)
-    ranks_dev = torch.tensor(ranks, dtype=torch.int32)
-    scales_dev = torch.tensor(scales)
-    weight_mb = sum(4 * r * (a.shape[2] + b.shape[1]) for a, b, _, _ in projections
+    weight_mb = sum(4 * r * (a.shape[2] + b.shape[1]) for a, b, *_ in projections
                     for r in ranks) / 2**20
 
     def reference():
-        for lora_a, lora_b, x, y in projections:
+        for lora_a, lora_b, _, x, y in projections:
             sgmv_ref(y, x, lora_a, lora_b, segments, ranks, scales)
 
     def kernel():
-        for lora_a, lora_b, x, y in projections:
-            sgmv_cpu.sgmv_cpu(lib, y, x, lora_a, lora_b, table, ranks_dev, scales_dev)
+        for _, _, packed, x, y in projections:
+            sgmv_cpu.sgmv_cpu(y, x, packed, table)
 
-    lora_a, lora_b, x, _ = projections[-1]
+    lora_a, lora_b, packed, x, _ = projections[-1]
     want = sgmv_ref(torch.zeros(args.tokens, lora_b.shape[1]), x, lora_a, lora_b, segments,
                     ranks, scales)
-    got = sgmv_cpu.sgmv_cpu(lib, torch.zeros_like(want), x, lora_a, lora_b, table, ranks_dev,
-                            scales_dev)
+    got = sgmv_cpu.sgmv_cpu(torch.zeros_like(want), x, packed, table)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
     print(f"{len(projections)} projections, {args.adapters} adapters (ranks "

@@ -7,7 +7,8 @@ with slot s >= 0 and rank r = ranks[s] > 0:
 
 Storage is PEFT's layout per slot, padded to the largest rank: `lora_a [slots, max_rank, in]`,
 `lora_b [slots, out, max_rank]`. Only a slot's first r rows of A and columns of B are read, so
-a rank-4 adapter costs rank-4 work next to a rank-64 one.
+a rank-4 adapter costs rank-4 work next to a rank-64 one. The CPU kernel keeps its own layout
+(`sgmv_cpu.PackedSlots`), which holds the same weights.
 
 Three implementations of that contract:
 
@@ -15,8 +16,8 @@ Three implementations of that contract:
   then add), so on the CPU, on weights in PEFT's memory layout, its arithmetic is PEFT's bit
   for bit. The oracle of the other two, and the engine's CPU path for dtypes other than fp32
   or where no C compiler is.
-* `sgmv_cpu` (`sgmv_cpu.c`), one C call per projection per step with register-tiled loops,
-  for fp32 on the CPU. It rounds differently from MKL's GEMMs (about 1e-6 relative), and is
+* `sgmv_cpu` (`sgmv_cpu.c`), one C call per projection per step with register-tiled loops
+  over weights packed for them, for fp32 on the CPU. It rounds differently from MKL's GEMMs (about 1e-6 relative), and is
   several times faster than the reference at decode shapes, where the reference's cost is
   two small-GEMM calls per segment (see docs/benchmarks.md). The engine's CPU path.
 * `sgmv_triton`, two Triton kernels (`sgmv_shrink`: x -> fp32 h = x A^T; `sgmv_expand`:
@@ -25,7 +26,8 @@ Three implementations of that contract:
   (`SGMVMeta`), and no launch reads a device value on the host, so both launches can be
   captured in a CUDA graph. The engine's CUDA path.
 
-`sgmv` picks between them by device, dtype and storage layout. Triton is imported only on
+`sgmv` picks between them by device and storage: the engine decides once, when it makes a
+projection's slots, whether the CPU kernel runs (fp32, and a compiler to build it). Triton is imported only on
 the CUDA path: the server runs on machines without it, and CPU tests select Triton's
 interpreter before Triton's first import (TRITON_INTERPRET is read whenever `@triton.jit`
 decorates a function, Triton's own library included; see tests/conftest.py).
@@ -44,15 +46,16 @@ from .segments import Segments, SGMVMeta
 
 class SlotWeights(Protocol):
     """One projection's adapter weights for every slot, with each slot's rank and scale kept
-    twice: as Python lists for the reference and as device tensors for the kernels."""
+    twice: as Python lists for the reference and as device tensors for the kernels. The
+    weights are either `packed` for the CPU kernel or `lora_a` / `lora_b`, never both."""
 
-    lora_a: torch.Tensor  # [num_slots, max_rank, in]
-    lora_b: torch.Tensor  # [num_slots, out, max_rank]
+    lora_a: torch.Tensor | None  # [num_slots, max_rank, in]
+    lora_b: torch.Tensor | None  # [num_slots, out, max_rank]
+    packed: sgmv_cpu.PackedSlots | None
     ranks: list[int]  # [num_slots], 0 where the slot's adapter does not target the module
     scales: list[float]  # [num_slots]
     ranks_dev: torch.Tensor  # [num_slots] int32, on the weights' device
     scales_dev: torch.Tensor  # [num_slots] fp32, on the weights' device
-    kernel_layout: bool  # lora_a / lora_b are views of sgmv_cpu.transposed_slots storage
 
 
 def sgmv_ref(
@@ -108,14 +111,14 @@ def sgmv(
     meta: SGMVMeta | None,  # required for CUDA tensors
     table: sgmv_cpu.SegmentTable | None = None,  # the CPU kernel's copy of `segments`
 ) -> torch.Tensor:
-    """The SGMV contract above: the Triton kernels on CUDA; on the CPU the C kernel where
-    the weights are fp32 in its layout and it could be built, the torch reference elsewhere."""
+    """The SGMV contract above: the Triton kernels on CUDA; on the CPU the C kernel where the
+    weights are packed for it, the torch reference elsewhere."""
     if not y.is_cuda:
-        lib = sgmv_cpu.load() if table is not None and weights.kernel_layout else None
-        if (lib is not None and x.dtype == y.dtype == torch.float32
-                and x.stride(-1) == 1 and y.stride(-1) == 1):
-            return sgmv_cpu.sgmv_cpu(lib, y, x, weights.lora_a, weights.lora_b, table,
-                                     weights.ranks_dev, weights.scales_dev)
+        if weights.packed is not None:
+            if table is None:
+                raise ValueError("weights packed for the CPU kernel need the step's "
+                                 "SegmentTable")
+            return sgmv_cpu.sgmv_cpu(y, x, weights.packed, table)
         return sgmv_ref(y, x, weights.lora_a, weights.lora_b, segments, weights.ranks,
                         weights.scales)
     assert meta is not None, "CUDA tensors need the step's SGMVMeta"

@@ -6,13 +6,17 @@
  * segment per projection; here the per-segment work is register-tiled loops over the
  * adapter's weights, which are read once per 4 tokens.
  *
- * Layouts (what the Python side hands over, checked there):
+ * At decode the work is bound by streaming the adapters' weights from memory, so each slot
+ * is laid out for the order the loops read it, packed to the adapter's own rank r, not the
+ * slot's capacity (a rank-8 adapter in a rank-64 slot then reads 8 rows, not 8 of every 64):
  *   x  [T, in]  rows ldx apart;  y [T, out] rows ldy apart
- *   at [slots, in, lda]   A transposed: row k holds A[:, k], lda >= rank rounded up to 16
- *   bt [slots, rank_cap, out]  B transposed: row j holds B[:, j]
- * Shrink computes whole 16-lane vectors of h, so it reads at's columns r..16*ceil(r/16)
- * too. Lanes never mix: whatever those columns hold lands in h's lanes >= r, which expand
- * never reads.
+ *   slot s starts at w + s * slot_stride and holds
+ *     A^T    [in, lda]          lda = r rounded up to 16: row k holds A[:r, k]
+ *     B^T panels, from b_offset: [ceil(out / 64), r, 64]: panel p row j holds
+ *            B[64p : 64p + 64, j], so expanding 64 columns reads one contiguous run
+ * Shrink computes whole 16-lane vectors of h, so it reads A^T's columns r..lda-1 too, and
+ * expand computes the last panel's columns past `out`. Lanes never mix: whatever those hold
+ * lands in lanes of h (>= r) and y (>= out) that are never read or stored.
  *
  * Vectors are GCC/Clang vector extensions: 16 floats, one AVX-512 register or two AVX2
  * registers, whichever the flags the loader picks allow. */
@@ -22,7 +26,8 @@
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
 
 #define MB 4  /* token rows per tile: each weight row loaded is used 4 times */
-#define OV 4  /* expand tile: 4 vectors = 64 output columns */
+#define OV 4  /* expand tile: 4 vectors = 64 output columns, one panel */
+#define PW (16 * OV)
 
 static inline v16 ld(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
 static inline void st(float *p, v16 v) { memcpy(p, &v, sizeof v); }
@@ -52,43 +57,46 @@ SHRINK(2)
 SHRINK(3)
 SHRINK(4)
 
-/* y[row i] += scale * h[i][0:r] @ bt[0:r, :] for the first mb of MB rows. */
+/* y[row i] += scale * h[i][0:r] @ B^T[0:r, :] for the first mb of MB rows, one 64-column
+ * panel at a time. */
 static void expand(float *const yr[MB], int mb, const float *h, int64_t ldh,
-                   const float *bt, int64_t r, int64_t out, float scale) {
+                   const float *panels, int64_t r, int64_t out, float scale) {
   const v16 sv = bc(scale);
-  int64_t o0 = 0;
-  for (; o0 + 16 * OV <= out; o0 += 16 * OV) {
+  for (int64_t o0 = 0; o0 < out; o0 += PW) {
+    const float *bp = panels + o0 * r;  /* panel o0 / PW: [r, PW] */
     v16 acc[MB][OV];
     for (int i = 0; i < MB; i++)
       for (int v = 0; v < OV; v++) acc[i][v] = bc(0.0f);
     for (int64_t j = 0; j < r; j++) {
       v16 b[OV];
-      for (int v = 0; v < OV; v++) b[v] = ld(bt + j * out + o0 + 16 * v);
+      for (int v = 0; v < OV; v++) b[v] = ld(bp + j * PW + 16 * v);
       for (int i = 0; i < MB; i++) {
         v16 hv = bc(h[i * ldh + j]);
         for (int v = 0; v < OV; v++) acc[i][v] += hv * b[v];
       }
     }
-    for (int i = 0; i < mb; i++)
-      for (int v = 0; v < OV; v++) {
-        float *p = yr[i] + o0 + 16 * v;
-        st(p, ld(p) + acc[i][v] * sv);
+    if (o0 + PW <= out) {
+      for (int i = 0; i < mb; i++)
+        for (int v = 0; v < OV; v++) {
+          float *p = yr[i] + o0 + 16 * v;
+          st(p, ld(p) + acc[i][v] * sv);
+        }
+    } else {  /* the last panel of an `out` that is not a multiple of 64 */
+      float tail[OV * 16];
+      for (int i = 0; i < mb; i++) {
+        for (int v = 0; v < OV; v++) st(tail + 16 * v, acc[i][v] * sv);
+        for (int64_t o = o0; o < out; o++) yr[i][o] += tail[o - o0];
       }
-  }
-  for (; o0 < out; o0++)  /* out not a multiple of 64: the last columns one by one */
-    for (int i = 0; i < mb; i++) {
-      float acc = 0.0f;
-      for (int64_t j = 0; j < r; j++) acc += h[i * ldh + j] * bt[j * out + o0];
-      yr[i][o0] += acc * scale;
     }
+  }
 }
 
 /* The step's tiles of up to MB tokens of one segment run in parallel on torch's OpenMP
  * threads (torch ships libgomp.so.1, which this library then shares: one thread pool). */
 void lp_sgmv_f32(float *y, int64_t ldy, const float *x, int64_t ldx,
-                 const float *at, int64_t lda, const float *bt, int64_t rank_cap,
-                 int64_t in, int64_t out, const int64_t *starts, const int64_t *slots,
-                 int64_t num_segments, const int32_t *ranks, const float *scales,
+                 const float *w, int64_t slot_stride, int64_t b_offset, int64_t rank_cap,
+                 int64_t in, int64_t out, const int32_t *ranks, const float *scales,
+                 const int64_t *starts, const int64_t *slots, int64_t num_segments,
                  int64_t *tiles /* [2 * (T / MB + num_segments)] scratch */) {
   /* Tiles in order of falling rank (a tile's cost grows with it), so that the threads
    * taking them in turn end close together. One pass per distinct rank: few of either. */
@@ -113,9 +121,10 @@ void lp_sgmv_f32(float *y, int64_t ldy, const float *x, int64_t ldx,
 #pragma omp parallel for schedule(dynamic, 1) if (num_tiles > 1)
   for (int64_t t = 0; t < num_tiles; t++) {
     const int64_t g = tiles[2 * t], m0 = tiles[2 * t + 1], s = slots[g];
-    const int64_t r = ranks[s] < rank_cap ? ranks[s] : rank_cap; /* h holds lda >= rank_cap */
-    const float *a = at + s * in * lda;
-    const float *b = bt + s * rank_cap * out;
+    const int64_t r = ranks[s] < rank_cap ? ranks[s] : rank_cap;
+    const int64_t lda = (r + 15) / 16 * 16;
+    const float *a = w + s * slot_stride;
+    const float *panels = a + b_offset;
     const int mb = starts[g + 1] - m0 < MB ? (int)(starts[g + 1] - m0) : MB;
     const float *xr[MB];
     float *yr[MB];
@@ -132,6 +141,6 @@ void lp_sgmv_f32(float *y, int64_t ldy, const float *x, int64_t ldx,
         default: shrink4(h + c0, lda, xr, a + c0, in, lda); break;
       }
     }
-    expand(yr, mb, h, lda, b, r, out, scales[s]);
+    expand(yr, mb, h, lda, panels, r, out, scales[s]);
   }
 }

@@ -5,11 +5,9 @@ The C file is compiled once per source, compiler flags and CPU capability into
 `$LORAPLEX_CACHE/kernels` (default `~/.cache/loraplex/kernels`). Without a working compiler
 `load()` returns None and the engine keeps the torch reference; nothing else changes.
 
-Its storage contract differs from the reference's only in memory layout: A and B are kept
-transposed (`at [slots, in, lda]`, `bt [slots, rank_cap, out]`), so that both products stream
-contiguous weight rows. `SlotLayout` makes such tensors and hands out the usual
-`lora_a [slots, rank_cap, in]` / `lora_b [slots, out, rank_cap]` as views of them, which is
-all the reference and the slot copies ever touch.
+The kernel reads adapter weights in its own layout, `PackedSlots` (described in the C file):
+each slot packed to its adapter's rank and ordered as the loops stream it. Weights enter it
+through `PackedSlots.write` only, so the layout is this module's business alone.
 """
 
 from __future__ import annotations
@@ -32,36 +30,12 @@ from .segments import Segments
 log = logging.getLogger(__name__)
 
 SOURCE = pathlib.Path(__file__).with_name("sgmv_cpu.c")
-LANES = 16  # floats per vector in the kernel; `at`'s rows are padded to a multiple of it
+LANES = 16  # floats per vector in the kernel; A^T's rows are padded to a multiple of it
+PANEL = 64  # output columns per panel of B^T
 
 
-def row_width(rank_cap: int) -> int:
-    return -(-rank_cap // LANES) * LANES
-
-
-def transposed_slots(num_slots: int, rank_cap: int, in_features: int, out_features: int,
-                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zeroed slot storage in the kernel's layout, returned as the views the reference reads:
-    `lora_a [slots, rank_cap, in]` and `lora_b [slots, out, rank_cap]`."""
-    at = torch.zeros(num_slots, in_features, row_width(rank_cap), dtype=dtype)
-    bt = torch.zeros(num_slots, rank_cap, out_features, dtype=dtype)
-    return at[:, :, :rank_cap].transpose(1, 2), bt.transpose(1, 2)
-
-
-def has_kernel_layout(lora_a: torch.Tensor, lora_b: torch.Tensor) -> bool:
-    """True for views made by `transposed_slots` (fp32, on the CPU)."""
-    _, rank_cap, in_features = lora_a.shape
-    out_features = lora_b.shape[1]
-    return (lora_a.dtype == lora_b.dtype == torch.float32
-            and lora_a.device.type == lora_b.device.type == "cpu"
-            and lora_b.shape == (lora_a.shape[0], out_features, rank_cap)
-            and lora_a.stride(1) == 1 and lora_a.stride(2) % LANES == 0
-            and lora_a.stride(2) >= row_width(rank_cap)
-            and lora_a.stride(0) == in_features * lora_a.stride(2)
-            # the kernel reads row_width(rank_cap) floats of A^T's last row
-            and lora_a.storage_offset() + lora_a.stride(0) * lora_a.shape[0]
-            <= lora_a.untyped_storage().nbytes() // 4
-            and lora_b.stride() == (rank_cap * out_features, 1, out_features))
+def row_width(rank: int) -> int:
+    return -(-rank // LANES) * LANES
 
 
 def _flags() -> list[str]:
@@ -115,9 +89,59 @@ def load() -> ctypes.CDLL | None:
         log.warning("the CPU SGMV kernel did not build (%s); using the torch reference", detail)
         return None
     p, i = ctypes.c_void_p, ctypes.c_int64
-    lib.lp_sgmv_f32.argtypes = [p, i, p, i, p, i, p, i, i, i, p, p, i, p, p, p]
+    lib.lp_sgmv_f32.argtypes = [p, i, p, i, p, i, i, i, i, i, p, p, p, p, i, p]
     lib.lp_sgmv_f32.restype = None
     return lib
+
+
+class PackedSlots:
+    """One projection's adapter weights for every slot, in the kernel's layout: slot s is row s
+    of `data [num_slots, slot_stride]`, A^T `[in, row_width(r)]` first, then from `b_offset`
+    B^T in `[ceil(out / 64), r, 64]` panels, r being the adapter's own rank."""
+
+    def __init__(self, lib: ctypes.CDLL, num_slots: int, rank_cap: int, in_features: int,
+                 out_features: int, ranks: torch.Tensor, scales: torch.Tensor):
+        # The kernel reads each slot's rank and scale from `ranks` [num_slots] int32 and
+        # `scales` [num_slots] fp32, which the caller keeps up to date in place.
+        if not (ranks.dtype == torch.int32 and scales.dtype == torch.float32
+                and ranks.device.type == scales.device.type == "cpu"
+                and ranks.is_contiguous() and scales.is_contiguous()
+                and ranks.numel() == scales.numel() == num_slots):
+            raise ValueError("PackedSlots needs contiguous int32 ranks and fp32 scales, "
+                             "one per slot, on the CPU")
+        self.lib = lib
+        self.num_slots, self.rank_cap = num_slots, rank_cap
+        self.in_features, self.out_features = in_features, out_features
+        self.num_panels = -(-out_features // PANEL)
+        self.b_offset = in_features * row_width(rank_cap)
+        slot_stride = self.b_offset + self.num_panels * rank_cap * PANEL
+        self.data = torch.zeros(num_slots, slot_stride)  # [num_slots, slot_stride] fp32
+        self._ranks, self._scales = ranks, scales  # kept alive: C holds their addresses
+        # Everything the kernel needs from this projection, fixed for its lifetime.
+        self.args = (self.data.data_ptr(), slot_stride, self.b_offset, rank_cap, in_features,
+                     out_features, ranks.data_ptr(), scales.data_ptr())
+
+    def write(self, slot: int,
+              lora_a: torch.Tensor,  # [r, in]
+              lora_b: torch.Tensor,  # [out, r]
+              ) -> None:
+        """Pack one adapter's weights into `slot` (its rank and scale are the caller's to set).
+        What the slot held past the new rank's extent is left as it was: never read."""
+        r = lora_a.shape[0]
+        if not (0 < r <= self.rank_cap and lora_a.shape == (r, self.in_features)
+                and lora_b.shape == (self.out_features, r)):
+            raise ValueError(f"weights {tuple(lora_a.shape)} / {tuple(lora_b.shape)} do not fit "
+                             f"a slot of rank {self.rank_cap}, {self.in_features} -> "
+                             f"{self.out_features}")
+        region = self.data[slot]
+        at = region[: self.in_features * row_width(r)].view(self.in_features, row_width(r))
+        at[:, :r].copy_(lora_a.T)
+        panels = region[self.b_offset: self.b_offset + self.num_panels * r * PANEL]
+        panels = panels.view(self.num_panels, r, PANEL)  # panel p row j: B[64p:64p+64, j]
+        full = self.out_features // PANEL
+        panels[:full].copy_(lora_b[: full * PANEL].reshape(full, PANEL, r).transpose(1, 2))
+        if full < self.num_panels:
+            panels[full, :, : self.out_features - full * PANEL].copy_(lora_b[full * PANEL:].T)
 
 
 class SegmentTable:
@@ -131,33 +155,29 @@ class SegmentTable:
         # The kernel's list of (segment, first row) tiles: at most T / 4 + num_segments.
         num_tiles = segments.num_tokens // 4 + len(segments.slots)
         self.tiles = torch.empty(2 * num_tiles, dtype=torch.int64)
+        self.args = (self.starts.data_ptr(), self.slots.data_ptr(), len(segments.slots),
+                     self.tiles.data_ptr())
 
 
 def sgmv_cpu(
-    lib: ctypes.CDLL,
     y: torch.Tensor,  # [T, out] fp32, rows contiguous, updated in place
     x: torch.Tensor,  # [T, in] fp32, rows contiguous
-    lora_a: torch.Tensor,  # [num_slots, rank_cap, in], a `transposed_slots` view
-    lora_b: torch.Tensor,  # [num_slots, out, rank_cap], a `transposed_slots` view
+    weights: PackedSlots,
     table: SegmentTable,
-    ranks_dev: torch.Tensor,  # [num_slots] int32
-    scales_dev: torch.Tensor,  # [num_slots] fp32
 ) -> torch.Tensor:
     # C reads whatever pointers it is given: every shape it relies on is checked here, with
-    # errors that survive `python -O`.
-    if not (y.dtype == x.dtype == torch.float32 and y.stride(1) == x.stride(1) == 1
-            and has_kernel_layout(lora_a, lora_b)):
-        raise ValueError("sgmv_cpu needs fp32 rows and weights from transposed_slots")
-    if not (x.shape[0] == y.shape[0] == table.num_tokens and x.shape[1] == lora_a.shape[2]
-            and y.shape[1] == lora_b.shape[1]
-            and table.max_slot < lora_a.shape[0] == ranks_dev.numel() == scales_dev.numel()):
+    # errors that survive `python -O`. This runs once per projection per step, so it is
+    # kept to what changes between calls.
+    if not (x.device.type == y.device.type == "cpu"
+            and y.dtype == x.dtype == torch.float32 and y.stride(1) == x.stride(1) == 1):
+        raise ValueError("sgmv_cpu needs fp32 rows, contiguous within each row, on the CPU")
+    if not (x.shape == (table.num_tokens, weights.in_features)
+            and y.shape == (table.num_tokens, weights.out_features)
+            and table.max_slot < weights.num_slots):
         raise ValueError(f"sgmv_cpu: shapes disagree: x {tuple(x.shape)}, y {tuple(y.shape)}, "
-                         f"lora_a {tuple(lora_a.shape)}, lora_b {tuple(lora_b.shape)}, "
-                         f"{table.num_tokens} tokens up to slot {table.max_slot}")
-    lib.lp_sgmv_f32(
-        y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0),
-        lora_a.data_ptr(), lora_a.stride(2), lora_b.data_ptr(), lora_a.shape[1],
-        x.shape[1], y.shape[1], table.starts.data_ptr(), table.slots.data_ptr(),
-        table.slots.numel(), ranks_dev.data_ptr(), scales_dev.data_ptr(),
-        table.tiles.data_ptr())
+                         f"weights {weights.in_features} -> {weights.out_features} in "
+                         f"{weights.num_slots} slots, {table.num_tokens} tokens up to slot "
+                         f"{table.max_slot}")
+    weights.lib.lp_sgmv_f32(y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0),
+                            *weights.args, *table.args)
     return y

@@ -39,7 +39,8 @@ def token_slots(pattern: str, num_tokens: int, rng: random.Random) -> list[int]:
 
 
 class Case:
-    """Random weights in the kernel's layout with NaN padding, inputs and the expected y."""
+    """Random weights with NaN past each slot's rank, in the reference's layout and packed for
+    the kernel (whose storage is NaN wherever no write reached), inputs and the expected y."""
 
     def __init__(self, slots: list[int], ranks: list[int], in_features: int, out: int,
                  rank_cap: int = 64, seed: int = 0):
@@ -47,14 +48,18 @@ class Case:
         self.segments = Segments.from_token_slots(slots)
         self.ranks = ranks
         self.scales = [0.25 * (s + 1) for s in range(NUM_SLOTS)]
-        self.lora_a, self.lora_b = sgmv_cpu.transposed_slots(NUM_SLOTS, rank_cap, in_features,
-                                                             out, torch.float32)
-        self.lora_a.copy_(torch.randn(NUM_SLOTS, rank_cap, in_features, generator=gen)
-                          / in_features ** 0.5)
-        self.lora_b.copy_(torch.randn(NUM_SLOTS, out, rank_cap, generator=gen))
+        self.lora_a = (torch.randn(NUM_SLOTS, rank_cap, in_features, generator=gen)
+                       / in_features ** 0.5)  # [slots, rank_cap, in]
+        self.lora_b = torch.randn(NUM_SLOTS, out, rank_cap, generator=gen)  # [slots, out, cap]
+        self.packed = sgmv_cpu.PackedSlots(LIB, NUM_SLOTS, rank_cap, in_features, out,
+                                           torch.tensor(ranks, dtype=torch.int32),
+                                           torch.tensor(self.scales))
+        self.packed.data.fill_(float("nan"))
         for s, r in enumerate(ranks):
             self.lora_a[s, r:] = float("nan")
             self.lora_b[s, :, r:] = float("nan")
+            if r:
+                self.packed.write(s, self.lora_a[s, :r], self.lora_b[s, :, :r])
         self.x = torch.randn(len(slots), in_features, generator=gen)
         self.y = torch.randn(len(slots), out, generator=gen)
         self.fresh_y = self.y.clone  # the y each run updates
@@ -80,10 +85,8 @@ class Case:
         return y
 
     def run(self) -> torch.Tensor:
-        return sgmv_cpu.sgmv_cpu(LIB, self.y.clone(), self.x, self.lora_a, self.lora_b,
-                                 sgmv_cpu.SegmentTable(self.segments),
-                                 torch.tensor(self.ranks, dtype=torch.int32),
-                                 torch.tensor(self.scales))
+        return sgmv_cpu.sgmv_cpu(self.fresh_y(), self.x, self.packed,
+                                 sgmv_cpu.SegmentTable(self.segments))
 
     def check(self) -> None:
         got = self.run()
@@ -130,17 +133,24 @@ def test_rows_further_apart_than_their_width():
 def test_shapes_that_disagree_raise_instead_of_reaching_c():
     case = Case(token_slots("distinct", 12, random.Random(6)), [8] * 6, 64, 96)
     table = sgmv_cpu.SegmentTable(case.segments)
-    ranks, scales = torch.tensor(case.ranks, dtype=torch.int32), torch.tensor(case.scales)
-    for x, y, lora_a, lora_b in [
-        (case.x[:, :32], case.y, case.lora_a, case.lora_b),  # x narrower than A
-        (case.x, case.y[:, :50], case.lora_a, case.lora_b),  # y narrower than B
-        (case.x[:5], case.y[:5], case.lora_a, case.lora_b),  # fewer rows than the table
-        (case.x, case.y, case.lora_a[:3], case.lora_b[:3]),  # slots beyond the storage
-        (case.x, case.y, case.lora_a.contiguous(), case.lora_b.contiguous()),  # PEFT layout
+    three = sgmv_cpu.PackedSlots(LIB, 3, 64, 64, 96, torch.zeros(3, dtype=torch.int32),
+                                 torch.zeros(3))
+    for x, y, packed in [
+        (case.x[:, :32], case.y, case.packed),  # x narrower than A
+        (case.x, case.y[:, :50], case.packed),  # y narrower than B
+        (case.x[:5], case.y[:5], case.packed),  # fewer rows than the table
+        (case.x, case.y, three),  # slots beyond the storage
+        (case.x.bfloat16(), case.y.bfloat16(), case.packed),  # not fp32
+        (case.x.T.contiguous().T, case.y, case.packed),  # columns apart
     ]:
         with pytest.raises(ValueError):
-            sgmv_cpu.sgmv_cpu(LIB, y.clone(), x, lora_a, lora_b, table, ranks[:lora_a.shape[0]],
-                              scales[:lora_a.shape[0]])
+            sgmv_cpu.sgmv_cpu(y.clone(), x, packed, table)
+    with pytest.raises(ValueError):  # ranks the kernel cannot read
+        sgmv_cpu.PackedSlots(LIB, 3, 64, 64, 96, torch.zeros(3), torch.zeros(3))
+    with pytest.raises(ValueError):  # a rank above the slot's capacity
+        case.packed.write(0, torch.zeros(65, 64), torch.zeros(96, 65))
+    with pytest.raises(ValueError):  # A and B of different ranks
+        case.packed.write(0, torch.zeros(8, 64), torch.zeros(96, 4))
 
 
 def test_close_to_the_torch_reference():
@@ -153,36 +163,36 @@ def test_close_to_the_torch_reference():
 
 
 class Weights:
-    def __init__(self, case: Case):
-        self.lora_a, self.lora_b = case.lora_a, case.lora_b
+    def __init__(self, case: Case, packed: bool):
+        self.packed = case.packed if packed else None
+        self.lora_a, self.lora_b = (None, None) if packed else (case.lora_a, case.lora_b)
         self.ranks, self.scales = case.ranks, case.scales
-        self.ranks_dev = torch.tensor(case.ranks, dtype=torch.int32)
-        self.scales_dev = torch.tensor(case.scales)
-        self.kernel_layout = True
 
 
-def test_dispatch_uses_the_kernel_for_fp32_and_the_reference_otherwise(monkeypatch):
+def test_dispatch_uses_the_kernel_for_packed_weights_and_the_reference_otherwise(monkeypatch):
     case = Case(token_slots("zipf", 40, random.Random(4)), [8, 16, 32, 64, 4, 0], 64, 96)
-    weights, table = Weights(case), sgmv_cpu.SegmentTable(case.segments)
+    table = sgmv_cpu.SegmentTable(case.segments)
     by_kernel = case.run()
     calls = []
     real = sgmv_cpu.sgmv_cpu
     monkeypatch.setattr(sgmv_cpu, "sgmv_cpu", lambda *a: calls.append(1) or real(*a))
 
-    got = sgmv(case.y.clone(), case.x, weights, case.segments, None, table)
+    got = sgmv(case.y.clone(), case.x, Weights(case, packed=True), case.segments, None, table)
     assert calls == [1]
     assert torch.equal(got, by_kernel)
+    with pytest.raises(ValueError, match="SegmentTable"):
+        sgmv(case.y.clone(), case.x, Weights(case, packed=True), case.segments, None, None)
 
-    # bf16 activations, or weights in the reference's own layout: the reference
-    ref = sgmv(case.y.bfloat16(), case.x.bfloat16(), weights, case.segments, None, table)
+    # weights in the reference's own layout (bf16 ones among them): the reference
+    for dtype in (torch.float32, torch.bfloat16):
+        y = case.y.to(dtype)
+        plain = sgmv(y.clone(), case.x.to(dtype), Weights(case, packed=False), case.segments,
+                     None, table)
+        assert plain.dtype == dtype
+        assert torch.equal(plain, sgmv_ref(y.clone(), case.x.to(dtype), case.lora_a,
+                                           case.lora_b, case.segments, case.ranks,
+                                           case.scales))
     assert calls == [1]
-    weights.lora_a, weights.lora_b = case.lora_a.contiguous(), case.lora_b.contiguous()
-    weights.kernel_layout = False
-    plain = sgmv(case.y.clone(), case.x, weights, case.segments, None, table)
-    assert calls == [1]
-    assert torch.equal(plain, sgmv_ref(case.y.clone(), case.x, weights.lora_a, weights.lora_b,
-                                       case.segments, case.ranks, case.scales))
-    assert ref.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("compiler", ["no-such-compiler", "false"])
@@ -247,8 +257,8 @@ def test_lora_model_runs_the_kernel_on_fp32_and_peft_calls_when_asked(monkeypatc
         lora = LoRAModel(model, 3, 16, torch.float32, torch.device("cpu"),
                          peft_rounding=peft_rounding)
         slots = lora.modules["layer.q_proj"]
-        assert sgmv_cpu.has_kernel_layout(slots.lora_a, slots.lora_b) is not peft_rounding
-        assert slots.kernel_layout is lora.cpu_kernel is not peft_rounding
+        assert (slots.packed is not None) is lora.cpu_kernel is not peft_rounding
+        assert (slots.lora_a is None) is lora.cpu_kernel
         lora.context.segments = segments
         lora.context.table = sgmv_cpu.SegmentTable(segments)
         for a in (adapter(16), adapter(4), None):

@@ -8,14 +8,15 @@ them for the Triton kernels).
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass, replace
 
 import torch
-from loraplex.adapters.peft_format import LoRAAdapter
+from loraplex.adapters.peft_format import LoRAAdapter, LoRAWeights
 from loraplex.kernels import sgmv_cpu
 from loraplex.kernels.segments import Segments, SGMVMeta
 from loraplex.kernels.sgmv import sgmv
-from loraplex.kernels.sgmv_cpu import SegmentTable, transposed_slots
+from loraplex.kernels.sgmv_cpu import PackedSlots, SegmentTable
 from torch import nn
 
 # The projections of Llama, Mistral and Qwen2 decoder layers that take LoRA.
@@ -32,25 +33,37 @@ class LoRAContext:
 
 
 class ModuleSlots:
-    """One projection's adapter weights for every slot."""
+    """One projection's adapter weights for every slot: PEFT's layout padded to the largest
+    rank, or packed for the CPU kernel when `cpu_kernel` is given."""
 
     def __init__(self, num_slots: int, max_rank: int, in_features: int, out_features: int,
-                 dtype: torch.dtype, device: torch.device, cpu_kernel: bool):
-        self.kernel_layout = cpu_kernel  # the storage never changes layout once made
-        if cpu_kernel:
-            # Transposed storage for the CPU kernel, seen through the same [slots, ...] views.
-            self.lora_a, self.lora_b = transposed_slots(num_slots, max_rank, in_features,
-                                                        out_features, dtype)
-        else:
-            self.lora_a = torch.zeros(num_slots, max_rank, in_features, dtype=dtype,
-                                      device=device)
-            self.lora_b = torch.zeros(num_slots, out_features, max_rank, dtype=dtype,
-                                      device=device)
+                 dtype: torch.dtype, device: torch.device, cpu_kernel: ctypes.CDLL | None):
+        self.in_features, self.out_features = in_features, out_features
         self.ranks = [0] * num_slots  # 0: the adapter in this slot does not target this module
         self.scales = [0.0] * num_slots
         # The kernels read ranks and scales on the device: a launch never waits on the host.
         self.ranks_dev = torch.zeros(num_slots, dtype=torch.int32, device=device)
         self.scales_dev = torch.zeros(num_slots, dtype=torch.float32, device=device)
+        self.lora_a: torch.Tensor | None = None  # [num_slots, max_rank, in]
+        self.lora_b: torch.Tensor | None = None  # [num_slots, out, max_rank]
+        self.packed: PackedSlots | None = None
+        if cpu_kernel is not None:
+            self.packed = PackedSlots(cpu_kernel, num_slots, max_rank, in_features,
+                                      out_features, self.ranks_dev, self.scales_dev)
+        else:
+            self.lora_a = torch.zeros(num_slots, max_rank, in_features, dtype=dtype,
+                                      device=device)
+            self.lora_b = torch.zeros(num_slots, out_features, max_rank, dtype=dtype,
+                                      device=device)
+
+    def write(self, slot: int, weights: LoRAWeights) -> None:
+        r = weights.rank
+        if self.packed is not None:
+            self.packed.write(slot, weights.lora_a, weights.lora_b)
+        else:
+            self.lora_a[slot, :r].copy_(weights.lora_a, non_blocking=True)
+            self.lora_b[slot, :, :r].copy_(weights.lora_b, non_blocking=True)
+        self.set(slot, r, weights.scale)
 
     def set(self, slot: int, rank: int, scale: float) -> None:
         self.ranks[slot] = rank
@@ -98,11 +111,12 @@ class LoRAModel:
                    if name.rsplit(".", 1)[-1] in TARGET_NAMES]
         # Building the C kernel (first use on a machine) happens here, at start-up, rather
         # than in the first request's forward.
-        self.cpu_kernel = (device.type == "cpu" and dtype == torch.float32
-                           and not peft_rounding and sgmv_cpu.load() is not None)
+        lib = (sgmv_cpu.load() if device.type == "cpu" and dtype == torch.float32
+               and not peft_rounding else None)
+        self.cpu_kernel = lib is not None
         for name, module in targets:
             slots = ModuleSlots(num_slots, max_rank, module.in_features, module.out_features,
-                                dtype, device, self.cpu_kernel)
+                                dtype, device, lib)
             parent_name, child = name.rsplit(".", 1)
             setattr(model.get_submodule(parent_name), child,
                     LoRALinear(module, slots, self.context))
@@ -111,7 +125,7 @@ class LoRAModel:
     @property
     def module_shapes(self) -> dict[str, tuple[int, int]]:
         """Module name -> (in_features, out_features): all an adapter parser needs to know."""
-        return {name: (s.lora_a.shape[2], s.lora_b.shape[1]) for name, s in self.modules.items()}
+        return {name: (s.in_features, s.out_features) for name, s in self.modules.items()}
 
     def stage(self, adapter: LoRAAdapter) -> LoRAAdapter:
         """Host copies ready for an asynchronous device copy. Called where the adapter is
@@ -149,7 +163,4 @@ class LoRAModel:
             if weights is None:
                 slots.clear(slot)
                 continue
-            r = weights.rank
-            slots.lora_a[slot, :r].copy_(weights.lora_a, non_blocking=True)
-            slots.lora_b[slot, :, :r].copy_(weights.lora_b, non_blocking=True)
-            slots.set(slot, r, weights.scale)
+            slots.write(slot, weights)
