@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs)
     engine.add_argument("--max-num-batched-tokens", type=int,
                         default=SchedulerConfig.max_num_batched_tokens)
+    engine.add_argument("--max-overtakes", type=int, default=SchedulerConfig.max_overtakes,
+                        help="later requests (base model, or adapter already in a slot) that "
+                             "may be admitted before one waiting for an adapter slot; 0 for "
+                             "strict first come, first served")
     engine.add_argument("--block-size", type=int, default=CacheConfig.block_size)
     engine.add_argument("--num-kv-blocks", type=int, default=None,
                         help="exact KV cache size in blocks (default: from memory)")
@@ -112,7 +116,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                               kv_cache_memory_gb=args.kv_cache_memory_gb,
                               gpu_memory_utilization=args.gpu_memory_utilization),
             scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
-                                      max_num_batched_tokens=args.max_num_batched_tokens),
+                                      max_num_batched_tokens=args.max_num_batched_tokens,
+                                      max_overtakes=args.max_overtakes),
             lora=LoRAConfig(max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
                             max_cpu_loras=args.max_cpu_loras,
                             allow_base_mismatch=args.allow_base_mismatch),

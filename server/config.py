@@ -62,10 +62,14 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     # Token budget of one forward: decodes take one each, prefills are chunked into the rest.
     max_num_batched_tokens: int = 2048
+    # How many later requests may be admitted before one waiting for an adapter slot (those
+    # that need no new slot); 0 is strict first come, first served.
+    max_overtakes: int = 32
 
     def __post_init__(self) -> None:
         assert self.max_num_seqs > 0
         assert self.max_num_batched_tokens > 0
+        assert self.max_overtakes >= 0
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,12 @@ def make_request(rid, prompt_len, adapter=None, max_tokens=8):
                    adapter)
 
 
-def make_scheduler(num_blocks=64, block_size=4, budget=32, max_seqs=8, slots=4):
+def make_scheduler(num_blocks=64, block_size=4, budget=32, max_seqs=8, slots=4,
+                   max_overtakes=SchedulerConfig.max_overtakes):
     loads = []
     table = SlotTable(slots, lambda name, slot: loads.append((name, slot)))
-    sched = Scheduler(SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget),
+    sched = Scheduler(SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget,
+                                      max_overtakes=max_overtakes),
                       BlockManager(num_blocks, block_size), table)
     return sched, table, loads
 
@@ -187,8 +189,8 @@ class TestScheduler:
         assert sched.abort("b") is None and sched.abort("nope") is None
         assert sched.blocks.num_free_blocks == sched.blocks.num_blocks
 
-    def test_adapter_slots_gate_admission_in_order(self):
-        sched, _, loads = make_scheduler(slots=1)
+    def test_adapter_slots_gate_admission_in_order_when_nobody_may_overtake(self):
+        sched, _, loads = make_scheduler(slots=1, max_overtakes=0)
         sched.add(make_request("a", 2, adapter="x"))
         sched.add(make_request("b", 2, adapter="y"))
         sched.add(make_request("c", 2, adapter="x"))
@@ -199,6 +201,42 @@ class TestScheduler:
         out = run_step(sched)
         assert [s.request.request_id for s in out.scheduled] == ["b"]
         assert loads == [("x", 0), ("y", 0)]
+
+    def test_resident_and_base_requests_pass_one_waiting_for_a_slot(self):
+        sched, table, loads = make_scheduler(slots=1)
+        for rid, adapter in [("a", "x"), ("b", "y"), ("c", "x"), ("d", None), ("e", "z")]:
+            sched.add(make_request(rid, 2, adapter=adapter))
+        out = run_step(sched)
+        # b waits for the only slot; c (x is resident) and d (base model) go ahead of it, but
+        # e, which would need a slot too, stays behind b.
+        assert [s.request.request_id for s in out.scheduled] == ["a", "c", "d"]
+        assert [r.request_id for r in sched.waiting] == ["b", "e"]
+        b, e = sched.waiting
+        assert b.num_overtaken == 2 and e.num_overtaken == 0
+        for r in [r for r in sched.running if r.adapter == "x"]:
+            sched.finish(r, RequestStatus.FINISHED_STOPPED)
+        out = run_step(sched)
+        assert [s.request.request_id for s in out.scheduled if s.request.adapter] == ["b"]
+        assert loads == [("x", 0), ("y", 0)] and table.refs("y") == 1
+        assert [r.request_id for r in sched.waiting] == ["e"]
+
+    def test_a_request_is_passed_over_at_most_max_overtakes_times(self):
+        sched, _, loads = make_scheduler(slots=1, max_overtakes=2)
+        for rid, adapter in [("a", "x"), ("b", "y"), ("c", "x"), ("d", None), ("e", "x")]:
+            sched.add(make_request(rid, 2, adapter=adapter, max_tokens=4))
+        out = run_step(sched)
+        assert [s.request.request_id for s in out.scheduled] == ["a", "c", "d"]
+        # b has been passed twice: e, though its adapter is resident, waits behind it now
+        for _ in range(2):
+            out = run_step(sched)
+            assert {s.request.request_id for s in out.scheduled} == {"a", "c", "d"}
+        assert [r.request_id for r in sched.waiting] == ["b", "e"]
+        for r in [r for r in sched.running if r.adapter == "x"]:
+            sched.finish(r, RequestStatus.FINISHED_STOPPED)
+        out = run_step(sched)
+        # the slot is free: b takes it (x leaves), and e now needs a slot itself
+        assert [s.request.request_id for s in out.scheduled] == ["d", "b"]
+        assert loads == [("x", 0), ("y", 0)] and [r.request_id for r in sched.waiting] == ["e"]
 
     def test_preemption_releases_adapter_slot(self):
         sched, table, _ = make_scheduler(num_blocks=1, block_size=4)

@@ -1,9 +1,15 @@
 """Continuous batching under a token budget. Plain Python: no torch here.
 
 Each step: running requests first (decodes, then prefill chunks), then waiting requests in
-arrival order while the token budget, the sequence limit, KV blocks and adapter slots allow.
+arrival order while the token budget, the sequence limit and KV blocks allow.
 When a running request needs a KV block and none is free, the newest running request is
 preempted: its blocks are freed and it goes back to the front of the queue to recompute.
+
+A waiting request whose adapter cannot have a slot yet (every slot busy, or its weights still
+on their way from disk) is passed over, as vLLM does, by later requests that need no new
+slot: base-model requests and requests for adapters already resident. Later requests that
+would need a slot stay behind it, so slots go out in arrival order. Each request can be
+passed over at most `max_overtakes` times; after that nobody is admitted before it.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from .request import Request, RequestStatus
 
 
 class AdapterSlots(Protocol):
+    def slot_of(self, name: str) -> int | None: ...
     def acquire(self, name: str) -> int | None: ...
     def release(self, name: str) -> None: ...
 
@@ -92,17 +99,29 @@ class Scheduler:
         budget = limit - out.num_batched_tokens
         if out.preempted:
             return out  # memory is short: admit nobody new this step
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting[0]
+        passed: list[Request] = []  # waiting for an adapter slot, passed over this step
+        i = 0
+        while i < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            if any(p.num_overtaken >= self.config.max_overtakes for p in passed):
+                break
+            request = self.waiting[i]
             num_new = min(request.num_pending_tokens, budget)
             if not self.blocks.can_allocate(request, num_new):
                 break
             if request.adapter is not None:
-                slot = self.slots.acquire(request.adapter)
+                # Behind a request waiting for a slot, only a resident adapter may go ahead.
+                wait = passed and self.slots.slot_of(request.adapter) is None
+                slot = None if wait else self.slots.acquire(request.adapter)
                 if slot is None:
-                    break  # first come, first served: nobody overtakes the head of the queue
+                    if request.num_overtaken >= self.config.max_overtakes:
+                        break
+                    passed.append(request)
+                    i += 1
+                    continue
                 request.lora_slot = slot
-            self.waiting.popleft()
+            for earlier in passed:
+                earlier.num_overtaken += 1
+            del self.waiting[i]
             self.blocks.allocate(request, num_new)
             if request.admitted_time is None:
                 request.admitted_time = time.monotonic()
