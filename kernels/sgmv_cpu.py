@@ -115,7 +115,9 @@ class PackedSlots:
         self.num_panels = -(-out_features // PANEL)
         self.b_offset = in_features * row_width(rank_cap)
         slot_stride = self.b_offset + self.num_panels * rank_cap * PANEL
-        self.data = torch.zeros(num_slots, slot_stride)  # [num_slots, slot_stride] fp32
+        # [num_slots, slot_stride]; dtype and device explicit: C assumes them, whatever the
+        # caller's torch defaults
+        self.data = torch.zeros(num_slots, slot_stride, dtype=torch.float32, device="cpu")
         self._ranks, self._scales = ranks, scales  # kept alive: C holds their addresses
         # Everything the kernel needs from this projection, fixed for its lifetime.
         self.args = (self.data.data_ptr(), slot_stride, self.b_offset, rank_cap, in_features,
@@ -125,9 +127,12 @@ class PackedSlots:
               lora_a: torch.Tensor,  # [r, in]
               lora_b: torch.Tensor,  # [out, r]
               ) -> None:
-        """Pack one adapter's weights into `slot` (its rank and scale are the caller's to set).
-        What the slot held past the new rank's extent is left as it was: never read."""
+        """Pack one adapter's weights into `slot` and record its rank, which says how the
+        kernel reads the slot (the scale is the caller's to set). What the slot held past the
+        new rank's extent is left as it was: never read."""
         r = lora_a.shape[0]
+        if not 0 <= slot < self.num_slots:
+            raise ValueError(f"slot {slot} out of range for {self.num_slots} slots")
         if not (0 < r <= self.rank_cap and lora_a.shape == (r, self.in_features)
                 and lora_b.shape == (self.out_features, r)):
             raise ValueError(f"weights {tuple(lora_a.shape)} / {tuple(lora_b.shape)} do not fit "
@@ -142,20 +147,27 @@ class PackedSlots:
         panels[:full].copy_(lora_b[: full * PANEL].reshape(full, PANEL, r).transpose(1, 2))
         if full < self.num_panels:
             panels[full, :, : self.out_features - full * PANEL].copy_(lora_b[full * PANEL:].T)
+        self._ranks[slot] = r
 
 
 class SegmentTable:
     """A step's segments as the int64 arrays the kernel reads, built once per step."""
 
     def __init__(self, segments: Segments):
+        # C trusts these; `Segments` checks them with asserts only, which `python -O` drops.
+        starts, slots = segments.starts, segments.slots
+        if not (len(starts) == len(slots) + 1 and starts[0] == 0
+                and all(a <= b for a, b in zip(starts, starts[1:]))
+                and all(s >= -1 for s in slots)):
+            raise ValueError(f"malformed segments: starts {starts}, slots {slots}")
         self.num_tokens = segments.num_tokens
-        self.max_slot = max(segments.slots, default=-1)
-        self.starts = torch.tensor(segments.starts, dtype=torch.int64)  # [num_segments + 1]
-        self.slots = torch.tensor(segments.slots, dtype=torch.int64)  # [num_segments]
+        self.max_slot = max(slots, default=-1)
+        self.starts = torch.tensor(starts, dtype=torch.int64, device="cpu")  # [segments + 1]
+        self.slots = torch.tensor(slots, dtype=torch.int64, device="cpu")  # [num_segments]
         # The kernel's list of (segment, first row) tiles: at most T / 4 + num_segments.
-        num_tiles = segments.num_tokens // 4 + len(segments.slots)
-        self.tiles = torch.empty(2 * num_tiles, dtype=torch.int64)
-        self.args = (self.starts.data_ptr(), self.slots.data_ptr(), len(segments.slots),
+        num_tiles = segments.num_tokens // 4 + len(slots)
+        self.tiles = torch.empty(2 * num_tiles, dtype=torch.int64, device="cpu")
+        self.args = (self.starts.data_ptr(), self.slots.data_ptr(), len(slots),
                      self.tiles.data_ptr())
 
 
@@ -169,8 +181,11 @@ def sgmv_cpu(
     # errors that survive `python -O`. This runs once per projection per step, so it is
     # kept to what changes between calls.
     if not (x.device.type == y.device.type == "cpu"
-            and y.dtype == x.dtype == torch.float32 and y.stride(1) == x.stride(1) == 1):
-        raise ValueError("sgmv_cpu needs fp32 rows, contiguous within each row, on the CPU")
+            and y.dtype == x.dtype == torch.float32 and y.stride(1) == x.stride(1) == 1
+            # threads update y's rows at once: they must not overlap
+            and (y.stride(0) >= y.shape[1] or y.shape[0] <= 1)):
+        raise ValueError("sgmv_cpu needs fp32 rows, contiguous within each row and apart from "
+                         "each other, on the CPU")
     if not (x.shape == (table.num_tokens, weights.in_features)
             and y.shape == (table.num_tokens, weights.out_features)
             and table.max_slot < weights.num_slots):

@@ -231,6 +231,7 @@ class TestScheduler:
             out = run_step(sched)
             assert {s.request.request_id for s in out.scheduled} == {"a", "c", "d"}
         assert [r.request_id for r in sched.waiting] == ["b", "e"]
+        assert [r.num_overtaken for r in sched.waiting] == [2, 0]
         for r in [r for r in sched.running if r.adapter == "x"]:
             sched.finish(r, RequestStatus.FINISHED_STOPPED)
         out = run_step(sched)

@@ -142,15 +142,40 @@ def test_shapes_that_disagree_raise_instead_of_reaching_c():
         (case.x, case.y, three),  # slots beyond the storage
         (case.x.bfloat16(), case.y.bfloat16(), case.packed),  # not fp32
         (case.x.T.contiguous().T, case.y, case.packed),  # columns apart
+        (case.x, case.y[:1].expand_as(case.y), case.packed),  # rows of y overlapping
     ]:
         with pytest.raises(ValueError):
-            sgmv_cpu.sgmv_cpu(y.clone(), x, packed, table)
+            sgmv_cpu.sgmv_cpu(y, x, packed, table)  # raises before C touches y
     with pytest.raises(ValueError):  # ranks the kernel cannot read
         sgmv_cpu.PackedSlots(LIB, 3, 64, 64, 96, torch.zeros(3), torch.zeros(3))
     with pytest.raises(ValueError):  # a rank above the slot's capacity
         case.packed.write(0, torch.zeros(65, 64), torch.zeros(96, 65))
     with pytest.raises(ValueError):  # A and B of different ranks
         case.packed.write(0, torch.zeros(8, 64), torch.zeros(96, 4))
+    for slot in (-1, NUM_SLOTS):
+        with pytest.raises(ValueError):
+            case.packed.write(slot, torch.zeros(8, 64), torch.zeros(96, 8))
+    # Segments check themselves with asserts only; the table checks again for python -O.
+    bad = Segments.__new__(Segments)
+    object.__setattr__(bad, "starts", (0, 5, 3))
+    object.__setattr__(bad, "slots", (0, 1))
+    with pytest.raises(ValueError, match="malformed"):
+        sgmv_cpu.SegmentTable(bad)
+
+
+def test_packed_storage_is_fp32_on_the_cpu_and_write_records_the_rank():
+    ranks, scales = torch.zeros(3, dtype=torch.int32), torch.zeros(3)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        packed = sgmv_cpu.PackedSlots(LIB, 3, 16, 8, 70, ranks, scales)
+    finally:
+        torch.set_default_dtype(default)
+    assert packed.data.dtype == torch.float32 and packed.data.device.type == "cpu"
+    packed.write(1, torch.ones(5, 8), torch.ones(70, 5))
+    packed.write(2, torch.ones(16, 8), torch.ones(70, 16))
+    packed.write(2, torch.ones(3, 8), torch.ones(70, 3))  # reloaded at a smaller rank
+    assert ranks.tolist() == [0, 5, 3]
 
 
 def test_close_to_the_torch_reference():

@@ -85,7 +85,9 @@ class Request:
     block_ids: list[int] = field(default_factory=list)
     lora_slot: int = -1  # slot of `adapter` while admitted; -1 for none
     num_preemptions: int = 0
-    num_overtaken: int = 0  # later requests admitted first while it waited for a slot
+    # Later requests admitted first while it waited for a slot, over its whole life (a
+    # preempted request keeps its count: it has waited that long already).
+    num_overtaken: int = 0
     # Monotonic timestamps for latency metrics.
     admitted_time: float | None = None  # first admitted to the running batch
     first_token_time: float | None = None

@@ -99,29 +99,32 @@ class Scheduler:
         budget = limit - out.num_batched_tokens
         if out.preempted:
             return out  # memory is short: admit nobody new this step
-        passed: list[Request] = []  # waiting for an adapter slot, passed over this step
-        i = 0
-        while i < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            if any(p.num_overtaken >= self.config.max_overtakes for p in passed):
+        cap = self.config.max_overtakes
+        admitted = 0
+        # Requests waiting for a slot, passed over this step, with `admitted` when passed.
+        passed: list[tuple[Request, int]] = []
+        stop_at = None  # `admitted` count at which a passed request reaches its cap
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            if stop_at is not None and admitted >= stop_at:
                 break
-            request = self.waiting[i]
+            request = self.waiting.popleft()
             num_new = min(request.num_pending_tokens, budget)
             if not self.blocks.can_allocate(request, num_new):
+                self.waiting.appendleft(request)
                 break
             if request.adapter is not None:
                 # Behind a request waiting for a slot, only a resident adapter may go ahead.
                 wait = passed and self.slots.slot_of(request.adapter) is None
                 slot = None if wait else self.slots.acquire(request.adapter)
                 if slot is None:
-                    if request.num_overtaken >= self.config.max_overtakes:
+                    if request.num_overtaken >= cap:
+                        self.waiting.appendleft(request)
                         break
-                    passed.append(request)
-                    i += 1
+                    passed.append((request, admitted))
+                    stop = admitted + cap - request.num_overtaken
+                    stop_at = stop if stop_at is None else min(stop_at, stop)
                     continue
                 request.lora_slot = slot
-            for earlier in passed:
-                earlier.num_overtaken += 1
-            del self.waiting[i]
             self.blocks.allocate(request, num_new)
             if request.admitted_time is None:
                 request.admitted_time = time.monotonic()
@@ -129,6 +132,10 @@ class Scheduler:
             self.running.append(request)
             out.scheduled.append(ScheduledRequest.of(request, num_new))
             budget -= num_new
+            admitted += 1
+        for request, at in passed:
+            request.num_overtaken += admitted - at
+        self.waiting.extendleft(request for request, _ in reversed(passed))
         return out
 
     def _reserve_blocks(self, request: Request, num_new: int, out: SchedulerOutput) -> bool:
