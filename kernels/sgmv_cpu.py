@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import itertools
 import logging
 import os
 import pathlib
@@ -157,7 +158,7 @@ class SegmentTable:
         # C trusts these; `Segments` checks them with asserts only, which `python -O` drops.
         starts, slots = segments.starts, segments.slots
         if not (len(starts) == len(slots) + 1 and starts[0] == 0
-                and all(a <= b for a, b in zip(starts, starts[1:]))
+                and all(a <= b for a, b in itertools.pairwise(starts))
                 and all(s >= -1 for s in slots)):
             raise ValueError(f"malformed segments: starts {starts}, slots {slots}")
         self.num_tokens = segments.num_tokens
