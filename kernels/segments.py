@@ -9,6 +9,7 @@ split is a copy into the same tensor.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +27,7 @@ class Segments:
         assert not self.starts or self.starts[0] == 0
         assert all(a <= b for a, b in zip(self.starts, self.starts[1:]))
 
-    @property
+    @functools.cached_property  # read by every wrapped projection of the step
     def has_lora(self) -> bool:
         return any(s >= 0 for s in self.slots)
 

@@ -14,12 +14,13 @@ Three implementations of that contract:
 
 * `sgmv_ref`, plain torch, makes PEFT's own calls on those slices (`F.linear`, then scale,
   then add), so on the CPU, on weights in PEFT's memory layout, its arithmetic is PEFT's bit
-  for bit. The oracle of the other two, and the engine's CPU path for dtypes other than fp32
-  or where no C compiler is.
+  for bit. The oracle of the other two, and the engine's CPU path for dtypes other than fp32,
+  for bitsandbytes bases (see ModelRunner) and where no C compiler is.
 * `sgmv_cpu` (`sgmv_cpu.c`), one C call per projection per step with register-tiled loops
-  over weights packed for them, for fp32 on the CPU. It rounds differently from MKL's GEMMs (about 1e-6 relative), and is
-  several times faster than the reference at decode shapes, where the reference's cost is
-  two small-GEMM calls per segment (see docs/benchmarks.md). The engine's CPU path.
+  over weights packed for them, for fp32 on the CPU. It rounds differently from MKL's GEMMs
+  (about 1e-6 relative), and is several times faster than the reference at decode shapes,
+  where the reference's cost is two small-GEMM calls per segment (see docs/benchmarks.md).
+  The engine's CPU path.
 * `sgmv_triton`, two Triton kernels (`sgmv_shrink`: x -> fp32 h = x A^T; `sgmv_expand`:
   y += scale * h B^T) that take several output slices sharing x in one launch each, with
   per-slice ranks and scales. All per-step inputs are device tensors of fixed shape
@@ -27,10 +28,10 @@ Three implementations of that contract:
   captured in a CUDA graph. The engine's CUDA path.
 
 `sgmv` picks between them by device and storage: the engine decides once, when it makes a
-projection's slots, whether the CPU kernel runs (fp32, and a compiler to build it). Triton is imported only on
-the CUDA path: the server runs on machines without it, and CPU tests select Triton's
-interpreter before Triton's first import (TRITON_INTERPRET is read whenever `@triton.jit`
-decorates a function, Triton's own library included; see tests/conftest.py).
+projection's slots, whether the CPU kernel runs (fp32, and a compiler to build it). Triton is
+imported only on the CUDA path: the server runs on machines without it, and CPU tests select
+Triton's interpreter before Triton's first import (TRITON_INTERPRET is read whenever
+`@triton.jit` decorates a function, Triton's own library included; see tests/conftest.py).
 """
 
 from __future__ import annotations
