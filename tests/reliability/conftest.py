@@ -1,0 +1,167 @@
+"""The reliability suite: a real `loraplex serve` process (or the store itself) pushed the
+way a hostile or unlucky client would, each test recording the figures it measured.
+
+Short by default (what CI runs); `LORAPLEX_RELIABILITY=long` (scripts/reliability.sh --long)
+runs the full counts. Figures go to `$LORAPLEX_RELIABILITY_OUT` (JSON lines), from which
+scripts/reliability_report.py writes docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import free_port
+
+LONG = os.environ.get("LORAPLEX_RELIABILITY") == "long"
+ADMIN = "sk-admin-reliability"
+TENANT_KEYS = {"acme": "sk-acme-reliability", "globex": "sk-globex-reliability"}
+
+
+def scale(short: int, long: int) -> int:
+    """A count for this run: `short` in CI, `long` in the full run."""
+    return long if LONG else short
+
+
+def pytest_collection_modifyitems(items):
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.reliability)
+
+
+@dataclass
+class Figures:
+    """Measured figures of the suite, one JSON line each: case (F7, L2, ...), what, value."""
+
+    path: Path | None
+    rows: list[dict] = field(default_factory=list)
+
+    def record(self, case: str, what: str, value, unit: str = "", note: str = "") -> None:
+        row = {"case": case, "what": what, "value": value, "unit": unit, "note": note,
+               "long": LONG, "time": time.time()}
+        self.rows.append(row)
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        print(f"[{case}] {what}: {value} {unit} {note}".rstrip(), file=sys.stderr)
+
+
+@pytest.fixture(scope="session")
+def figures() -> Figures:
+    out = os.environ.get("LORAPLEX_RELIABILITY_OUT")
+    return Figures(Path(out) if out else None)
+
+
+class ServerProcess:
+    """`loraplex serve` in a child process on a loopback port, restartable."""
+
+    def __init__(self, args: list[str], workdir: Path):
+        self.args = args
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.log = workdir / "server.log"
+        self.starts = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 180.0) -> float:
+        """Start and wait until /health answers 200; returns the seconds it took."""
+        assert self.proc is None or self.proc.poll() is not None
+        t0 = time.monotonic()
+        with open(self.log, "a") as log:
+            log.write(f"--- start {self.starts}\n")
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "loraplex.server.cli", "serve", *self.args,
+                 "--host", "127.0.0.1", "--port", str(self.port)],
+                stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
+                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        self.starts += 1
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the server exited with {self.proc.returncode}:\n"
+                                     + self.log.read_text()[-4000:])
+            assert time.monotonic() - t0 < timeout, "the server did not become healthy"
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return time.monotonic() - t0
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(30)
+
+    def wait(self, timeout: float) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def rss_bytes(self) -> int:
+        assert self.proc is not None
+        fields = Path(f"/proc/{self.proc.pid}/status").read_text().split("\n")
+        kb = next(int(line.split()[1]) for line in fields if line.startswith("VmRSS:"))
+        return kb * 1024
+
+    def open_files(self) -> int:
+        assert self.proc is not None
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
+
+@pytest.fixture(scope="session")
+def tenant_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tenants") / "tenants.json"
+    path.write_text(json.dumps({"tenants": {
+        name: {"keys": [key], "adapters": [f"{name}/*"]} for name, key in TENANT_KEYS.items()}}))
+    return path
+
+
+@pytest.fixture
+def make_server(embedded_dir, tenant_file, tmp_path):
+    """Factory: a ServerProcess on the embedded model with an admin key, two tenants and a
+    temporary store; extra flags appended. Every server it made is killed afterwards."""
+    made: list[ServerProcess] = []
+
+    def make(*extra: str, store: Path | None = None) -> ServerProcess:
+        store = store or tmp_path / "store"
+        server = ServerProcess([str(embedded_dir), "--admin-key", ADMIN, "--tenant-keys",
+                                str(tenant_file), "--adapter-store", str(store),
+                                "--num-kv-blocks", "512", *extra], tmp_path)
+        made.append(server)
+        return server
+
+    yield make
+    for server in made:
+        server.kill()
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def upload_files(adapter_dir: Path, name: str, weights: bytes | None = None,
+                 config: bytes | None = None) -> dict:
+    """The multipart form of POST /v1/adapters."""
+    return {"name": (None, name),
+            "config": ("adapter_config.json",
+                       config if config is not None
+                       else (adapter_dir / "adapter_config.json").read_bytes()),
+            "weights": ("adapter_model.safetensors",
+                        weights if weights is not None
+                        else (adapter_dir / "adapter_model.safetensors").read_bytes())}
