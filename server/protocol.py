@@ -12,8 +12,9 @@ from .engine.request import RequestError, SamplingParams
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                403: "permission_error", 404: "invalid_request_error",
-               413: "invalid_request_error", 429: "rate_limit_error",
-               500: "internal_server_error", 503: "service_unavailable"}
+               413: "invalid_request_error", 415: "invalid_request_error",
+               429: "rate_limit_error", 500: "internal_server_error",
+               503: "service_unavailable", 507: "server_error"}
 
 
 class APIError(Exception):

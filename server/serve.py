@@ -40,7 +40,12 @@ def build_state(config: ServerConfig) -> ServerState:
     info = {}
     stored = store.list()
     for i, s in enumerate(stored, 1):  # uploads survive restarts
-        engine.register_adapter(s.name, str(s.path))
+        try:
+            engine.register_adapter(s.name, str(s.path))
+        except Exception as e:  # noqa: BLE001 - damaged on disk: the rest is still served
+            store.quarantine(s.name, str(e))
+            _say(f"stored adapter {i}/{len(stored)}: {s.name} quarantined: {e}")
+            continue
         info[s.name] = AdapterInfo(s.sha256, s.size, s.created, "upload")
         _say(f"stored adapter {i}/{len(stored)}: {s.name}")
     for i, (name, path) in enumerate(config.lora_modules, 1):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -52,6 +53,8 @@ class ServerState:
     max_in_flight: int = 1024  # requests queued or running before 503
     created: int = field(default_factory=lambda: int(time.time()))
     in_flight: int = 0
+    # Held while an admin route changes the store and the engine together.
+    admin_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     draining: bool = False  # SIGTERM received: finish what runs, accept nothing new
 
     @property

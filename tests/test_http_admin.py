@@ -180,7 +180,9 @@ def test_bad_upload_is_refused_and_nothing_changes(setup, embedded_adapters, cas
     assert needle.lower() in r.json()["error"]["message"].lower(), (case, r.json())
     after = ([s.name for s in state.store.list()], sorted(state.engine.engine.adapters))
     assert after == before
-    assert not list(state.store.root.glob("tmp-*"))
+    assert not list(state.store.staging_root.iterdir())  # nothing half-written left
+    assert {p.name for p in state.store.objects.iterdir()} == {
+        s.sha256 for s in state.store.list()}  # no orphan objects
     assert completion(url, ACME, "acme/sql").status_code == 200  # everyone else still served
 
 

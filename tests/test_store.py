@@ -74,3 +74,65 @@ def test_sigkill_at_any_point_leaves_whole_adapters_or_nothing(tmp_path):
         named = {s.sha256 for s in store.list()}
         assert {p.name for p in store.objects.iterdir()} == named  # no orphans
     assert kills == 30 and written > 30
+
+
+def test_a_damaged_record_is_quarantined_and_the_rest_still_opens(tmp_path, caplog):
+    store = AdapterStore(tmp_path / "store")
+    w = tmp_path / "w"
+    w.write_bytes(b"weights" * 100)
+    good = store.put("good", b"{}", w)
+    store.put("torn", b"{}", w)
+    torn = store.names / "torn.json"
+    torn.write_bytes(torn.read_bytes() + b'"}extra')  # half-overwritten: JSONDecodeError
+    (store.names / "nowhere.json").write_text(
+        '{"name": "nowhere", "sha256": "' + "0" * 64 + '", "created": 1}')
+    reopened = AdapterStore(tmp_path / "store")
+    assert [s.name for s in reopened.list()] == ["good"] and reopened.get("good") == good
+    assert sorted(p.name.split(".json")[0] for p in reopened.quarantine_dir.iterdir()) == [
+        "nowhere", "torn"]
+    assert "quarantined" in caplog.text
+
+
+def test_recovery_keeps_a_live_writers_staging_and_removes_a_dead_ones(tmp_path):
+    store = AdapterStore(tmp_path / "store")
+    dead = store.staging_root / "dead"
+    dead.mkdir()  # no writer holds its lock: a crash left it
+    (dead / WEIGHTS_FILE).write_bytes(b"x")
+    with store.staging() as live:
+        (live / WEIGHTS_FILE).write_bytes(b"half an upload")
+        AdapterStore(tmp_path / "store")  # another process opening the store meanwhile
+        assert (live / WEIGHTS_FILE).exists() and not dead.exists()
+    assert not live.exists()
+
+
+def test_disk_full_while_naming_leaves_no_orphan_object(tmp_path, monkeypatch):
+    import errno
+
+    import loraplex.adapters.store as store_module
+    import pytest
+
+    store = AdapterStore(tmp_path / "store")
+    w = tmp_path / "w"
+    w.write_bytes(b"weights" * 100)
+    kept = store.put("kept", b"{}", w)
+    w.write_bytes(b"other weights" * 100)
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_module.AdapterStore, "_write_record", full)
+    with pytest.raises(store_module.StoreFullError):
+        store.put("new", b"{}", w)
+    assert [s.name for s in store.list()] == ["kept"]
+    assert [p.name for p in store.objects.iterdir()] == [kept.sha256]
+    assert not list(store.staging_root.iterdir())
+
+
+def test_objects_in_use_survive_a_delete_until_collected(tmp_path):
+    store = AdapterStore(tmp_path / "store")
+    w = tmp_path / "w"
+    w.write_bytes(b"weights" * 100)
+    old = store.put("x", b"{}", w)
+    assert store.delete("x", keep=[old.path])  # a running request still reads it
+    assert old.path.is_dir() and store.get("x") is None
+    assert store.collect() == 1 and not old.path.exists()

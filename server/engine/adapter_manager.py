@@ -79,6 +79,11 @@ class AdapterManager:
     def is_pinned(self, name: str) -> bool:
         return name in self._pinned
 
+    def paths_in_use(self) -> set[str]:
+        """Directories of every live version, old ones with requests still running included:
+        their files may be read again (an evicted version is re-read from disk)."""
+        return {summary.path for summary in self._versions.values()}
+
     # ---- changes ----------------------------------------------------------------------
 
     def install(self, adapter: LoRAAdapter) -> str:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import errno
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 from loraplex.adapters.peft_format import AdapterError
-from loraplex.adapters.store import CONFIG_FILE, WEIGHTS_FILE
+from loraplex.adapters.store import CONFIG_FILE, WEIGHTS_FILE, StoreFullError
 from loraplex.adapters.validate import check_config_bytes, check_name, check_safetensors
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -49,11 +50,6 @@ def _limited(request: Request, limit: int) -> Request:
     return Request(request.scope, receive)
 
 
-def _save(source, path: Path) -> None:
-    with open(path, "wb") as f:
-        shutil.copyfileobj(source, f)
-
-
 async def _engine(state: ServerState, fn):
     try:
         return await asyncio.wrap_future(state.engine.call(fn))
@@ -82,26 +78,52 @@ async def upload(request: Request) -> Response:
         if config is None:
             raise APIError(400, "the form needs a 'config' field (adapter_config.json)", "config")
         config_bytes = await config.read() if isinstance(config, UploadFile) else config.encode()
-        with tempfile.TemporaryDirectory(prefix="tmp-", dir=state.store.root) as tmp:
-            staged = Path(tmp)
-            await run_in_threadpool(_save, weights.file, staged / WEIGHTS_FILE)
-            (staged / CONFIG_FILE).write_bytes(config_bytes)
+        with state.store.staging() as staged:
             try:
+                await run_in_threadpool(_stage, weights.file, config_bytes, staged)
                 check_name(name, state.served_model_name)
                 check_config_bytes(config_bytes, limits)
                 await run_in_threadpool(check_safetensors, staged / WEIGHTS_FILE, limits)
-                adapter = await run_in_threadpool(state.engine.engine.parse_adapter, name, tmp)
+                adapter = await run_in_threadpool(state.engine.engine.parse_adapter, name,
+                                                  str(staged))
             except AdapterError as e:
                 raise _refuse(e) from None
-            stored = await run_in_threadpool(state.store.put, name, config_bytes,
-                                             staged / WEIGHTS_FILE)
+            # Store and engine change together: a concurrent upload, delete or unload of
+            # the same name cannot interleave between them.
+            async with state.admin_lock:
+                keep = await _engine(state, lambda e: e.adapter_manager.paths_in_use())
+                stored = await _store(state, state.store.put_staged, name, staged, keep)
+                # A new version: requests running on the old one finish on its weights.
+                adapter = dataclasses.replace(adapter, path=str(stored.path))
+                await _engine(state, lambda e: e.install_adapter(adapter))
+                state.adapter_info[name] = AdapterInfo(stored.sha256, stored.size,
+                                                       stored.created, "upload")
     finally:
         await form.close()
-    # A new version: requests running on the old one finish on its weights.
-    adapter = dataclasses.replace(adapter, path=str(stored.path))
-    await _engine(state, lambda e: e.install_adapter(adapter))
-    state.adapter_info[name] = AdapterInfo(stored.sha256, stored.size, stored.created, "upload")
     return JSONResponse(await _describe(state, name), status_code=201)
+
+
+def _stage(source, config: bytes, staged: Path) -> None:
+    with _store_full():
+        (staged / CONFIG_FILE).write_bytes(config)
+        with open(staged / WEIGHTS_FILE, "wb") as f:
+            shutil.copyfileobj(source, f)
+
+
+@contextlib.contextmanager
+def _store_full():
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT) or isinstance(e, StoreFullError):
+            raise APIError(507, "the adapter store is out of disk space; nothing was stored",
+                           None, "insufficient_storage") from None
+        raise
+
+
+async def _store(state: ServerState, fn, *args):
+    with _store_full():
+        return await run_in_threadpool(fn, *args)
 
 
 async def _describe(state: ServerState, name: str) -> dict:
@@ -135,9 +157,11 @@ async def get_adapter(request: Request) -> Response:
 
 async def delete_adapter(request: Request) -> Response:
     state, name = _state(request), request.path_params["name"]
-    await _engine(state, lambda e: e.unregister_adapter(name))
-    await run_in_threadpool(state.store.delete, name)
-    state.adapter_info.pop(name, None)
+    async with state.admin_lock:
+        await _engine(state, lambda e: e.unregister_adapter(name))
+        keep = await _engine(state, lambda e: e.adapter_manager.paths_in_use())
+        await _store(state, state.store.delete, name, keep)
+        state.adapter_info.pop(name, None)
     return JSONResponse({"id": name, "object": "adapter", "deleted": True})
 
 
@@ -186,8 +210,10 @@ async def load_lora_adapter(request: Request) -> Response:
         adapter = await run_in_threadpool(state.engine.engine.parse_adapter, name, str(resolved))
     except AdapterError as e:
         raise _refuse(e) from None
-    await _engine(state, lambda e: e.install_adapter(adapter))
-    state.adapter_info[name] = await run_in_threadpool(AdapterInfo.of_dir, resolved, "path")
+    info = await run_in_threadpool(AdapterInfo.of_dir, resolved, "path")
+    async with state.admin_lock:
+        await _engine(state, lambda e: e.install_adapter(adapter))
+        state.adapter_info[name] = info
     return JSONResponse({"id": name, "object": "adapter", "loaded": True})
 
 
@@ -196,9 +222,11 @@ async def unload_lora_adapter(request: Request) -> Response:
     name = (await _json(request, state)).get("lora_name")
     if not isinstance(name, str):
         raise APIError(400, "lora_name must be a string", "lora_name")
-    await _engine(state, lambda e: e.unregister_adapter(name))
-    if state.adapter_info.pop(name, None) is not None and state.store.get(name):
-        await run_in_threadpool(state.store.delete, name)
+    async with state.admin_lock:
+        await _engine(state, lambda e: e.unregister_adapter(name))
+        keep = await _engine(state, lambda e: e.adapter_manager.paths_in_use())
+        await _store(state, state.store.delete, name, keep)
+        state.adapter_info.pop(name, None)
     return JSONResponse({"id": name, "object": "adapter", "unloaded": True})
 
 
