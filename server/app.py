@@ -64,7 +64,8 @@ async def health(request: Request) -> Response:
 
 async def metrics_route(request: Request) -> Response:
     state: ServerState = request.app.state.loraplex
-    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    names_visible = state.principal(request).patterns != ()
+    return Response(state.metrics.render(names_visible), media_type=CONTENT_TYPE_LATEST)
 
 
 async def version_route(request: Request) -> Response:

@@ -1,6 +1,7 @@
 """Who is calling, and what they may do.
 
-Three kinds of key: the admin key (`--admin-key`: adapter management, and everything else),
+Four kinds of key: the admin key (`--admin-key`: adapter management, and everything else),
+the metrics key (`--metrics-key`: /metrics only, for Prometheus and the endpoint picker),
 one shared key (`--api-key`, as vLLM's: every model), and tenant keys (`--tenant-keys FILE`:
 a tenant sees and calls only the adapters its patterns allow, plus the base model). With no
 shared or tenant key configured, inference is open, as in vLLM. Keys are compared in constant time.
@@ -79,13 +80,14 @@ def _digest(key: str) -> bytes:
 class Keyring:
     admin_key: str | None = None
     api_key: str | None = None
+    metrics_key: str | None = None
     tenants: dict[bytes, Tenant] = field(default_factory=dict)  # sha256(key) -> tenant
     by_name: dict[str, Tenant] = field(default_factory=dict)
 
     @classmethod
     def load(cls, admin_key: str | None, api_key: str | None,
-             tenant_file: str | None) -> Keyring:
-        ring = cls(admin_key=admin_key, api_key=api_key)
+             tenant_file: str | None, metrics_key: str | None = None) -> Keyring:
+        ring = cls(admin_key=admin_key, api_key=api_key, metrics_key=metrics_key)
         if tenant_file:
             try:
                 spec = json.loads(Path(tenant_file).read_text())["tenants"]
@@ -113,9 +115,9 @@ class Keyring:
 
     def identify(self, authorization: str | None) -> Principal | None:
         """The caller behind an Authorization header; None if absent or unknown."""
-        if not authorization or not authorization.startswith("Bearer "):
+        key = bearer_key(authorization)
+        if key is None:
             return None
-        key = authorization[len("Bearer "):].strip()
         if self.admin_key and hmac.compare_digest(key.encode(), self.admin_key.encode()):
             return Principal("admin", is_admin=True)
         if self.api_key and hmac.compare_digest(key.encode(), self.api_key.encode()):
@@ -126,13 +128,23 @@ class Keyring:
         return None
 
 
-OPEN_PATHS = ("/health", "/ping", "/version", "/metrics")
+def bearer_key(authorization: str | None) -> str | None:
+    """The key of `Bearer <key>`; the scheme is case-insensitive (RFC 9110 11.1)."""
+    scheme, _, key = (authorization or "").strip().partition(" ")
+    key = key.strip()
+    return key if scheme.lower() == "bearer" and key else None
+
+
+OPEN_PATHS = ("/health", "/ping", "/version", "/openapi.json")
+METRICS_PATH = "/metrics"
 ADMIN_PREFIXES = ("/v1/adapters", "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 
 
 def route_class(path: str) -> str:
     if path in OPEN_PATHS:
         return "open"
+    if path == METRICS_PATH:
+        return "metrics"
     if any(path == p or path.startswith(p + "/") for p in ADMIN_PREFIXES):
         return "admin"
     return "inference"
@@ -143,6 +155,8 @@ def authorize(ring: Keyring, path: str, authorization: str | None) -> Principal:
     kind = route_class(path)
     if kind == "open":
         return Principal("anonymous")
+    if kind == "metrics":
+        return _metrics_principal(ring, authorization)
     principal = ring.identify(authorization)
     if kind == "admin":
         if not ring.admin_key:
@@ -157,6 +171,24 @@ def authorize(ring: Keyring, path: str, authorization: str | None) -> Principal:
             return Principal("anonymous")
         raise APIError(401, "invalid or missing API key", None, "invalid_api_key")
     return principal
+
+
+def _metrics_principal(ring: Keyring, authorization: str | None) -> Principal:
+    """/metrics: with --metrics-key, only that key (or the admin key) reads it, in full.
+    Without one it is open, as in vLLM; but where tenants are promised that other tenants'
+    adapters look like names that do not exist, an anonymous reader gets the view without
+    adapter or tenant names (`Principal.patterns` empty)."""
+    key = bearer_key(authorization)
+    principal = ring.identify(authorization)
+    if ring.metrics_key and key is not None and hmac.compare_digest(
+            key.encode(), ring.metrics_key.encode()):
+        return Principal("metrics")
+    if principal is not None and principal.is_admin:
+        return principal
+    if ring.metrics_key:
+        raise APIError(401, "invalid or missing metrics key (--metrics-key)", None,
+                       "invalid_api_key")
+    return Principal("anonymous", patterns=() if ring.tenants else None)
 
 
 def check_rate(ring: Keyring, principal: Principal, tokens: int) -> None:

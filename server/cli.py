@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=None, help="require this bearer key on /v1 routes")
     serve.add_argument("--admin-key", default=None,
                        help="bearer key for the adapter admin API (off without it)")
+    serve.add_argument("--metrics-key", default=None,
+                       help="bearer key /metrics requires (the admin key works too); without "
+                            "it /metrics is open, and with --tenant-keys its open view names "
+                            "no adapter or tenant")
     serve.add_argument("--tenant-keys", default=None, metavar="FILE",
                        help="JSON file mapping tenant keys to adapter patterns and rates")
     serve.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
@@ -124,6 +128,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         ),
         host=args.host, port=args.port, served_model_name=args.served_model_name,
         api_key=args.api_key, admin_key=args.admin_key, tenant_keys=args.tenant_keys,
+        metrics_key=args.metrics_key,
         lora_modules=_lora_modules(args.lora_modules), adapter_store=args.adapter_store,
         allowed_lora_dirs=tuple(args.allowed_lora_dirs), max_adapter_mb=args.max_adapter_mb,
         drain_timeout=args.drain_timeout,

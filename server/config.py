@@ -111,6 +111,7 @@ class ServerConfig:
     served_model_name: str | None = None  # None: the model's own name
     api_key: str | None = None  # one shared key for /v1 routes, as vLLM's --api-key
     admin_key: str | None = None  # adapter management; without it the admin API is off
+    metrics_key: str | None = None  # /metrics only with this key (or the admin key)
     tenant_keys: str | None = None  # JSON file: tenants, their keys, adapters and rates
     lora_modules: tuple[tuple[str, str], ...] = ()  # (name, path) loaded at start-up
     adapter_store: str | None = None  # uploaded adapters; None: <model cache>/adapters

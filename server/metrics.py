@@ -129,5 +129,28 @@ class Metrics:
         self.adapter_tokens.labels(*labels, "prompt").inc(prompt_tokens)
         self.adapter_tokens.labels(*labels, "generation").inc(generation_tokens)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, names_visible: bool = True) -> bytes:
+        """The exposition; without `names_visible`, no adapter or tenant name appears."""
+        return generate_latest(self.registry if names_visible else _Anonymous(self.registry))
+
+
+class _Anonymous:
+    """A registry view without names: series labelled by adapter or tenant are left out and
+    `vllm:lora_requests_info` keeps its series (the picker reads `max_lora`) with empty adapter
+    lists. Counts, latencies and KV usage, which the endpoint picker balances on, stay."""
+
+    NAMED = {"adapter", "tenant"}
+    LISTS = ("running_lora_adapters", "waiting_lora_adapters")
+
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+
+    def collect(self):
+        for family in self.registry.collect():
+            samples = [s for s in family.samples if not self.NAMED & s.labels.keys()]
+            if family.name == "vllm:lora_requests_info":
+                samples = [s._replace(labels=dict(s.labels, **dict.fromkeys(self.LISTS, "")))
+                           for s in samples]
+            if samples:
+                family.samples = samples
+                yield family

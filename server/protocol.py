@@ -3,6 +3,8 @@ status code and OpenAI's error body: `{"error": {"message", "type", "param", "co
 
 from __future__ import annotations
 
+import json
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -36,6 +38,56 @@ class APIError(Exception):
 
 def bad(message: str, param: str | None) -> APIError:
     return APIError(400, message, param)
+
+
+# The limits every request is held to, in one place (the OpenAPI document states them too).
+MAX_PROMPTS = 64  # prompts in one /v1/completions call
+MAX_STOP = 16  # stop strings
+MAX_STOP_CHARS = 256  # characters in one stop string
+MAX_STOP_TOKEN_IDS = 64
+MAX_TEMPERATURE = 2.0  # OpenAI's range
+INT64 = (-(2**63), 2**63 - 1)
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_json(body: bytes) -> Any:
+    """A request body as JSON, or a 400: invalid JSON, NaN/Infinity (not JSON, though
+    Python's parser takes them), integers beyond Python's 4,300-digit limit, or nesting
+    deeper than the parser's recursion limit."""
+    try:
+        return json.loads(body, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise bad("the request body is nested too deeply", None) from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, the digit limit
+        raise bad(f"the request body is not valid JSON: {e}", None) from None
+
+
+def _number(body: dict, key: str, default: float, lo: float, hi: float,
+            lo_open: bool = False) -> float:
+    """A finite number in [lo, hi] ((lo, hi] with `lo_open`). JSON integers of any size are
+    compared exactly, before any conversion to float could overflow."""
+    value = _get(body, key, (int, float), default)
+    if (isinstance(value, float) and not math.isfinite(value)) or value > hi or (
+            value <= lo if lo_open else value < lo):
+        low = f"({lo}" if lo_open else f"[{lo}"
+        raise bad(f"'{key}' must be a number in {low}, {hi}], got {_short(value)}", key)
+    return float(value)
+
+
+def _integer(body: dict, key: str, default: int | None, lo: int, hi: int) -> int | None:
+    value = _get(body, key, int, default)
+    if value is not None and not lo <= value <= hi:
+        raise bad(f"'{key}' must be an integer in [{lo}, {hi}], got {_short(value)}", key)
+    return value
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
 
 
 def _get(body: dict, key: str, types: type | tuple, default: Any = None) -> Any:
@@ -84,6 +136,14 @@ def _sampling(body: dict, max_tokens: int | None, logprobs: int | None) -> Sampl
         stop = [stop]
     if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) for s in stop)):
         raise bad("'stop' must be a string or an array of strings", "stop")
+    if stop and (len(stop) > MAX_STOP or any(len(s) > MAX_STOP_CHARS for s in stop)):
+        raise bad(f"'stop' takes at most {MAX_STOP} strings of at most {MAX_STOP_CHARS} "
+                  "characters", "stop")
+    stop_token_ids = _get(body, "stop_token_ids", list, [])
+    if len(stop_token_ids) > MAX_STOP_TOKEN_IDS or not all(
+            _is_int(t) and 0 <= t < 2**31 for t in stop_token_ids):
+        raise bad(f"'stop_token_ids' must be at most {MAX_STOP_TOKEN_IDS} token ids",
+                  "stop_token_ids")
     for field, ok in (("presence_penalty", 0), ("frequency_penalty", 0), ("repetition_penalty", 1)):
         if _get(body, field, (int, float), ok) != ok:
             raise bad(f"{field} is not supported yet", field)
@@ -93,17 +153,27 @@ def _sampling(body: dict, max_tokens: int | None, logprobs: int | None) -> Sampl
     try:
         return SamplingParams(
             max_tokens=max_tokens if max_tokens is not None else 16,
-            temperature=float(_get(body, "temperature", (int, float), 1.0)),
-            top_p=float(_get(body, "top_p", (int, float), 1.0)),
-            top_k=_get(body, "top_k", int, 0),
-            seed=_get(body, "seed", int),
+            temperature=_number(body, "temperature", 1.0, 0.0, MAX_TEMPERATURE),
+            top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
+            top_k=_integer(body, "top_k", 0, -1, INT64[1]),
+            seed=_integer(body, "seed", None, *SEED_RANGE),
             stop=tuple(stop or ()),
-            stop_token_ids=tuple(_get(body, "stop_token_ids", list, [])),
+            stop_token_ids=tuple(stop_token_ids),
             ignore_eos=_get(body, "ignore_eos", bool, False),
             logprobs=logprobs,
         )
     except RequestError as e:
         raise bad(str(e), e.param) from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _max_tokens(body: dict, key: str, default: int | None) -> int | None:
+    # Past the context length the engine refuses it with vLLM's message; this only keeps
+    # absurd integers out of that message.
+    return _integer(body, key, default, 1, INT64[1])
 
 
 def _common(body: dict) -> tuple[str | None, int, bool, bool]:
@@ -125,21 +195,21 @@ def parse_completion(body: Any) -> GenerationRequest:
     model, n, stream, include_usage = _common(body)
     prompt = body.get("prompt")
     if isinstance(prompt, str) or (isinstance(prompt, list) and prompt
-                                   and all(isinstance(t, int) for t in prompt)):
+                                   and all(_is_int(t) for t in prompt)):
         prompts = [prompt]
     elif isinstance(prompt, list) and prompt and all(
-            isinstance(p, str) or (isinstance(p, list) and all(isinstance(t, int) for t in p))
+            isinstance(p, str) or (isinstance(p, list) and all(_is_int(t) for t in p))
             for p in prompt):
         prompts = list(prompt)
     else:
         raise bad("'prompt' must be a string, an array of strings, or an array of token arrays",
                   "prompt")
+    if len(prompts) > MAX_PROMPTS:
+        raise bad(f"'prompt' takes at most {MAX_PROMPTS} prompts per call", "prompt")
     if any(p == "" or p == [] for p in prompts):
         raise bad("'prompt' must not be empty", "prompt")
-    logprobs = _get(body, "logprobs", int)
-    if logprobs is not None and not 0 <= logprobs <= 20:
-        raise bad("'logprobs' must be between 0 and 20", "logprobs")
-    params = _sampling(body, _get(body, "max_tokens", int, 16), logprobs)
+    logprobs = _integer(body, "logprobs", None, 0, 20)
+    params = _sampling(body, _max_tokens(body, "max_tokens", 16), logprobs)
     return GenerationRequest(model, prompts, params, n, stream, include_usage,
                              echo=_get(body, "echo", bool, False))
 
@@ -158,7 +228,8 @@ def parse_chat(body: Any, max_default: int | None = None) -> tuple[GenerationReq
             raise bad(f"messages[{i}] must be an object with a valid 'role'", "messages")
         content = m.get("content")
         if isinstance(content, list):  # content parts: only text is understood
-            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+            if not all(isinstance(p, dict) and p.get("type") == "text"
+                       and isinstance(p.get("text", ""), str) for p in content):
                 raise bad(f"messages[{i}]: only text content parts are supported", "messages")
             m = dict(m, content="".join(p.get("text", "") for p in content))
             messages[i] = m
@@ -167,14 +238,12 @@ def parse_chat(body: Any, max_default: int | None = None) -> tuple[GenerationReq
     fmt = _get(body, "response_format", dict)
     if fmt and fmt.get("type", "text") != "text":
         raise bad("only response_format type 'text' is supported", "response_format")
-    max_tokens = _get(body, "max_completion_tokens", int)
+    max_tokens = _max_tokens(body, "max_completion_tokens", None)
     if max_tokens is None:
-        max_tokens = _get(body, "max_tokens", int, max_default)
+        max_tokens = _max_tokens(body, "max_tokens", max_default)
     logprobs = None
     if _get(body, "logprobs", bool, False):
-        logprobs = _get(body, "top_logprobs", int, 0)
-        if not 0 <= logprobs <= 20:
-            raise bad("'top_logprobs' must be between 0 and 20", "top_logprobs")
+        logprobs = _integer(body, "top_logprobs", 0, 0, 20)
     elif body.get("top_logprobs") is not None:
         raise bad("'top_logprobs' needs 'logprobs' set to true", "top_logprobs")
     params = _sampling(body, max_tokens, logprobs)

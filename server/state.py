@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from loraplex.adapters.store import CONFIG_FILE, WEIGHTS_FILE, AdapterStore
 from loraplex.adapters.validate import Limits
@@ -16,7 +18,7 @@ from .auth import Keyring, Principal, check_rate
 from .engine.async_engine import AsyncEngine
 from .engine.request import RequestError
 from .metrics import Metrics
-from .protocol import APIError
+from .protocol import APIError, parse_json
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,19 @@ class ServerState:
     def check_rate(self, request: Request, tokens: int) -> None:
         check_rate(self.keyring, self.principal(request), tokens)
 
+    async def read_json(self, request: Request) -> Any:
+        """A JSON request body: size-capped (413), parsed strictly (400), and only with
+        `Content-Type: application/json` (415): a web page may send text/plain or form bodies
+        to any origin without a CORS preflight, so parsing those would let any site drive an
+        open server from its visitors' browsers (FastAPI, hence vLLM, refuses them too)."""
+        media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if media != "application/json" and not (media.startswith("application/")
+                                                and media.endswith("+json")):
+            raise APIError(415, "the request body must be JSON sent with 'Content-Type: "
+                                f"application/json' (got {media or 'no Content-Type'!r})",
+                           None, "unsupported_media_type")
+        return parse_json(await self.read_body(request))
+
     async def read_body(self, request: Request) -> bytes:
         """The body, refused with 413 as soon as it passes the limit (never buffered whole)."""
         declared = request.headers.get("content-length")
@@ -97,10 +112,27 @@ class ServerState:
 
     # ---- prompts --------------------------------------------------------------------
 
+    @functools.cached_property
+    def max_prompt_chars(self) -> int:
+        """No token spans more characters than the vocabulary's longest entry (special tokens
+        included), so a longer text cannot fit the context: refused before it is tokenized,
+        which takes seconds per megabyte."""
+        vocab = self.tokenizer.get_vocab() if self.tokenizer is not None else {}
+        return self.max_model_len * max((len(t) for t in vocab), default=1)
+
+    def check_prompt_chars(self, chars: int, param: str) -> None:
+        if chars > self.max_prompt_chars:
+            raise APIError(400, f"This model's maximum context length is {self.max_model_len} "
+                                f"tokens. However, your prompt has {chars} characters, more "
+                                f"than {self.max_model_len} tokens can hold.", param)
+
     def prompt_ids(self, prompt: str | list[int], param: str = "prompt") -> list[int]:
         """Token ids of a prompt, refused (400, naming `param`) as the engine would refuse
-        them, before anything is queued or streamed."""
+        them, before anything is queued or streamed. Slow for long text: call it off the
+        event loop."""
         engine = self.engine.engine
+        if isinstance(prompt, str):
+            self.check_prompt_chars(len(prompt), param)
         try:
             ids = engine.tokenize(prompt)
             engine.check_length(len(ids), 0)
@@ -115,6 +147,8 @@ class ServerState:
             raise APIError(400, str(e), e.param) from None
 
     def render_chat(self, messages: list[dict]) -> str:
+        """The conversation as the model's chat template writes it (off the event loop)."""
+        self.check_prompt_chars(sum(len(m.get("content") or "") for m in messages), "messages")
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, "this model has no chat template; use /v1/completions",
                            "messages")

@@ -120,7 +120,7 @@ def test_client_errors(server, client):
 
 def test_error_shape_and_open_routes(server):
     r = httpx.post(f"{server}/v1/completions", content=b"{not json",
-                   headers={"Authorization": f"Bearer {KEY}"})
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
     for path in ("/health", "/ping", "/version"):
         assert httpx.get(f"{server}{path}").status_code == 200

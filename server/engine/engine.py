@@ -189,7 +189,13 @@ class LLMEngine:
             return failed + outputs
         self.scheduler.advance(plan)
         sampling = [s.request for s in plan.scheduled if s.samples]
-        tokens, logprobs = self.sampler(logits, sampling)
+        try:
+            tokens, logprobs = self.sampler(logits, sampling)
+        except Exception as e:  # as for the forward: the batch fails, the engine goes on
+            log.exception("sampling failed; failing the %d requests sampled", len(sampling))
+            outputs = self._fail(sampling, f"internal error: {type(e).__name__}: {e}")
+            self._publish()
+            return failed + outputs
         outputs = [self._append(req, tok, lp) for req, tok, lp in zip(sampling, tokens, logprobs)]
         self._emit(outputs)
         self._publish()

@@ -44,6 +44,8 @@ class SamplingParams:
              "stop must be a list of non-empty strings"),
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
              "stop_token_ids must be non-negative integers"),
+            (self.seed is None or -(2**63) <= self.seed < 2**64, "seed",
+             "seed must fit in 64 bits"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs",
              f"logprobs must be between 0 and 20, got {self.logprobs}"),
         ]

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
-import json
 import shutil
 from pathlib import Path
 
@@ -180,10 +179,7 @@ async def unpin(request: Request) -> Response:
 
 
 async def _json(request: Request, state: ServerState) -> dict:
-    try:
-        body = json.loads(await state.read_body(request))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    body = await state.read_json(request)
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     return body

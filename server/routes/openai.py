@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -46,14 +47,6 @@ class Choice:
     @property
     def num_tokens(self) -> int:
         return sum(len(o.new_token_ids) for o in self.outputs)
-
-
-async def _read_json(request: Request, state: ServerState):
-    body = await state.read_body(request)
-    try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}") from None
 
 
 def _resolve_model(state: ServerState, request: Request, model: str | None) -> str | None:
@@ -143,10 +136,14 @@ async def _sse_stream(job: Job, events) -> AsyncIterator[bytes]:
     yield b"data: [DONE]\n\n"
 
 
-def _prepare(state: ServerState, request: Request, gen: GenerationRequest,
-             prompts: list, prefix: str, default_max_tokens: bool = False) -> Job:
+async def _prepare(state: ServerState, request: Request, gen: GenerationRequest,
+                   prompts: list, prefix: str, default_max_tokens: bool = False) -> Job:
     adapter = _resolve_model(state, request, gen.model)
-    ids = [state.prompt_ids(p, "messages" if prefix == "chatcmpl" else "prompt") for p in prompts]
+    state.check_capacity(len(prompts) * gen.n)  # before the work of tokenizing
+    param = "messages" if prefix == "chatcmpl" else "prompt"
+    # Tokenizing is CPU work of up to a second per prompt: on a thread, so that every other
+    # request and /health go on meanwhile.
+    ids = [await run_in_threadpool(state.prompt_ids, p, param) for p in prompts]
     if default_max_tokens:  # vLLM's chat default: whatever the context leaves
         gen = dataclasses.replace(gen, params=dataclasses.replace(
             gen.params, max_tokens=state.max_model_len - max(len(p) for p in ids)))
@@ -175,10 +172,10 @@ def _completion_logprobs(state: ServerState, outs: list[RequestOutput], offset: 
 
 async def completions(request: Request) -> Response:
     state: ServerState = request.app.state.loraplex
-    gen = parse_completion(await _read_json(request, state))
+    gen = parse_completion(await state.read_json(request))
     if gen.echo:
         raise APIError(400, "echo is not supported", "echo")
-    job = _prepare(state, request, gen, gen.prompts, "cmpl")
+    job = await _prepare(state, request, gen, gen.prompts, "cmpl")
     if gen.stream:
         return StreamingResponse(_sse_stream(job, _completion_events(job)),
                                  media_type="text/event-stream")
@@ -227,12 +224,13 @@ def _chat_logprobs(state: ServerState, outs: list[RequestOutput]) -> list[dict]:
 
 async def chat_completions(request: Request) -> Response:
     state: ServerState = request.app.state.loraplex
-    body = await _read_json(request, state)
+    body = await state.read_json(request)
     gen, messages = parse_chat(body)
     explicit = isinstance(body, dict) and (body.get("max_tokens") is not None
                                            or body.get("max_completion_tokens") is not None)
-    job = _prepare(state, request, gen, [state.render_chat(messages)], "chatcmpl",
-                   default_max_tokens=not explicit)
+    prompt = await run_in_threadpool(state.render_chat, messages)
+    job = await _prepare(state, request, gen, [prompt], "chatcmpl",
+                         default_max_tokens=not explicit)
     if gen.stream:
         return StreamingResponse(_sse_stream(job, _chat_events(job)),
                                  media_type="text/event-stream")
