@@ -37,7 +37,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +46,11 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 log = logging.getLogger("loraplex.adapters.store")
+
+
+# Object directories still in use though no name may refer to them any more; a callable is
+# asked under the store lock, so that nothing that starts using an object meanwhile is missed.
+Keep = Iterable[Path | str] | Callable[[], Iterable[Path | str]]
 
 
 @dataclass(frozen=True)
@@ -134,8 +139,7 @@ class AdapterStore:
 
     # ---- writing --------------------------------------------------------------------
 
-    def put(self, name: str, config: bytes, weights: Path,
-            keep: Iterable[Path | str] = ()) -> StoredAdapter:
+    def put(self, name: str, config: bytes, weights: Path, keep: Keep = ()) -> StoredAdapter:
         """Store `config` and a copy of the weights file under `name`, replacing any earlier
         version (see `put_staged`)."""
         with self.staging() as staged:
@@ -144,11 +148,10 @@ class AdapterStore:
                 shutil.copyfile(weights, staged / WEIGHTS_FILE)
             return self.put_staged(name, staged, keep)
 
-    def put_staged(self, name: str, staged: Path,
-                   keep: Iterable[Path | str] = ()) -> StoredAdapter:
+    def put_staged(self, name: str, staged: Path, keep: Keep = ()) -> StoredAdapter:
         """Make the adapter files in `staged` (a `staging()` directory holding CONFIG_FILE and
         WEIGHTS_FILE) the content of `name`. Objects nobody names any more are collected,
-        except those in `keep`. Raises StoreFullError when the disk fills; then nothing
+        except those `keep` names. Raises StoreFullError when the disk fills; then nothing
         changed."""
         sha = self._digest(staged)
         with _full_is_store_full():
@@ -187,7 +190,7 @@ class AdapterStore:
             raise
         _fsync(self.names)
 
-    def delete(self, name: str, keep: Iterable[Path | str] = ()) -> bool:
+    def delete(self, name: str, keep: Keep = ()) -> bool:
         """Forget `name`; its object goes too once no name refers to it and it is not in
         `keep`."""
         with self._locked():
@@ -200,14 +203,18 @@ class AdapterStore:
             self._collect(keep)
             return True
 
-    def collect(self, keep: Iterable[Path | str] = ()) -> int:
+    def collect(self, keep: Keep = ()) -> int:
         """Remove objects no name refers to, except those in `keep`; returns how many."""
         with self._locked():
             return self._collect(keep)
 
-    def _collect(self, keep: Iterable[Path | str]) -> int:
+    def _collect(self, keep: Keep) -> int:
+        try:
+            kept = {Path(p).name for p in (keep() if callable(keep) else keep)}
+        except Exception:  # noqa: BLE001 - not knowing what is in use, remove nothing
+            log.exception("adapter store: cannot tell which objects are in use; none removed")
+            return 0
         named = {sha for _, sha, _ in self._records()}
-        kept = {Path(p).name for p in keep}
         removed = 0
         for obj in self.objects.iterdir():
             if obj.name not in named and obj.name not in kept:

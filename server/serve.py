@@ -55,7 +55,7 @@ def build_state(config: ServerConfig) -> ServerState:
     served_name = config.served_model_name or engine.loaded.name
     metrics = Metrics(served_name)
     engine.stat_loggers.append(metrics)  # before the engine thread starts
-    return ServerState(
+    state = ServerState(
         engine=AsyncEngine(engine),
         served_model_name=served_name,
         max_model_len=engine.max_model_len,
@@ -69,6 +69,8 @@ def build_state(config: ServerConfig) -> ServerState:
         max_body_bytes=int(config.max_body_mb * 2**20),
         max_in_flight=config.max_in_flight,
     )
+    engine.adapter_manager.on_dropped = state.collect_soon
+    return state
 
 
 def _default_store(config: ServerConfig) -> Path:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,8 @@ from .engine.async_engine import AsyncEngine
 from .engine.request import RequestError
 from .metrics import Metrics
 from .protocol import APIError, parse_json
+
+log = logging.getLogger("loraplex.server")
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,26 @@ class ServerState:
     in_flight: int = 0
     # Held while an admin route changes the store and the engine together.
     admin_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _collector: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="loraplex-collect"))
     draining: bool = False  # SIGTERM received: finish what runs, accept nothing new
+
+    # ---- the store ------------------------------------------------------------------
+
+    def paths_in_use(self) -> set[str]:
+        """Adapter directories the engine may still read (off the engine thread)."""
+        return self.engine.call(lambda e: e.adapter_manager.paths_in_use()).result()
+
+    def collect_soon(self) -> None:
+        """Collect store objects nobody uses any more, on a thread of its own (called from
+        the engine thread when an old version's last request ends)."""
+        self._collector.submit(self._collect)
+
+    def _collect(self) -> None:
+        try:
+            self.store.collect(self.paths_in_use)
+        except Exception:  # noqa: BLE001 - retried at the next change or start
+            log.exception("collecting unused adapter files failed")
 
     @property
     def tokenizer(self):

@@ -61,6 +61,8 @@ class AdapterManager:
         self._fetched: queue.SimpleQueue[tuple[str, LoRAAdapter | Exception]] = (
             queue.SimpleQueue())
         self.on_fetched: Callable[[], None] = lambda: None  # wakes an idle engine loop
+        # A replaced or removed version ended: its files may now be collected (engine thread).
+        self.on_dropped: Callable[[], None] = lambda: None
         self._fetch_done = threading.Event()
 
     # ---- what callers see -------------------------------------------------------------
@@ -212,6 +214,7 @@ class AdapterManager:
         self._requests.pop(key, None)
         if name not in self._keys:
             self._stats().residency.setdefault(name, {})["host"] = 0
+        self.on_dropped()
 
     def _keep_in_host(self, key: str, adapter: LoRAAdapter) -> None:
         self._stats().residency.setdefault(adapter.name, {})["host"] = 1

@@ -90,8 +90,8 @@ async def upload(request: Request) -> Response:
             # Store and engine change together: a concurrent upload, delete or unload of
             # the same name cannot interleave between them.
             async with state.admin_lock:
-                keep = await _engine(state, lambda e: e.adapter_manager.paths_in_use())
-                stored = await _store(state, state.store.put_staged, name, staged, keep)
+                stored = await _store(state, state.store.put_staged, name, staged,
+                                      state.paths_in_use)
                 # A new version: requests running on the old one finish on its weights.
                 adapter = dataclasses.replace(adapter, path=str(stored.path))
                 await _engine(state, lambda e: e.install_adapter(adapter))
@@ -158,8 +158,7 @@ async def delete_adapter(request: Request) -> Response:
     state, name = _state(request), request.path_params["name"]
     async with state.admin_lock:
         await _engine(state, lambda e: e.unregister_adapter(name))
-        keep = await _engine(state, lambda e: e.adapter_manager.paths_in_use())
-        await _store(state, state.store.delete, name, keep)
+        await _store(state, state.store.delete, name, state.paths_in_use)
         state.adapter_info.pop(name, None)
     return JSONResponse({"id": name, "object": "adapter", "deleted": True})
 
@@ -220,8 +219,7 @@ async def unload_lora_adapter(request: Request) -> Response:
         raise APIError(400, "lora_name must be a string", "lora_name")
     async with state.admin_lock:
         await _engine(state, lambda e: e.unregister_adapter(name))
-        keep = await _engine(state, lambda e: e.adapter_manager.paths_in_use())
-        await _store(state, state.store.delete, name, keep)
+        await _store(state, state.store.delete, name, state.paths_in_use)
         state.adapter_info.pop(name, None)
     return JSONResponse({"id": name, "object": "adapter", "unloaded": True})
 

@@ -165,3 +165,56 @@ def upload_files(adapter_dir: Path, name: str, weights: bytes | None = None,
             "weights": ("adapter_model.safetensors",
                         weights if weights is not None
                         else (adapter_dir / "adapter_model.safetensors").read_bytes())}
+
+
+@dataclass(frozen=True)
+class AdapterFiles:
+    config: bytes
+    weights: bytes
+
+    def form(self, name: str) -> dict:
+        return {"name": (None, name), "config": ("adapter_config.json", self.config),
+                "weights": ("adapter_model.safetensors", self.weights)}
+
+
+@pytest.fixture(scope="session")
+def adapter_variants(embedded_adapters) -> list[AdapterFiles]:
+    """Valid PEFT adapters for the embedded model with distinct bytes: the rank-8 `sql`
+    adapter with its B matrices scaled (five variants), then one of rank 16 (twice the size)."""
+    import torch
+    from safetensors.torch import load_file, save
+
+    source = embedded_adapters["sql"]
+    config = json.loads((source / "adapter_config.json").read_text())
+    tensors = load_file(source / "adapter_model.safetensors")
+    variants = []
+    for i in range(5):
+        scaled = {k: (t * (1 + 0.1 * i) if "lora_B" in k else t).contiguous()
+                  for k, t in tensors.items()}
+        variants.append(AdapterFiles(json.dumps(config).encode(), save(scaled)))
+    wide = {k: torch.cat([t, t], dim=0 if "lora_A" in k else 1).contiguous()
+            for k, t in tensors.items()}
+    variants.append(AdapterFiles(json.dumps(dict(config, r=16, lora_alpha=32)).encode(),
+                                 save(wide)))
+    return variants
+
+
+def store_on_disk(root: Path) -> dict:
+    """What a store directory holds, read without opening it as a store (which would run
+    recovery): names -> sha256, object names, staging and quarantine entries."""
+    names = {}
+    for record in (root / "names").glob("*.json"):
+        data = json.loads(record.read_text())
+        names[data["name"]] = data["sha256"]
+    return {"names": names,
+            "objects": {p.name for p in (root / "objects").iterdir()},
+            "staging": sorted(p.name for p in (root / "staging").iterdir()),
+            "quarantine": sorted(p.name for p in (root / "quarantine").iterdir())}
+
+
+def object_sha(obj: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256((obj / "adapter_config.json").read_bytes())
+    digest.update((obj / "adapter_model.safetensors").read_bytes())
+    return digest.hexdigest()
