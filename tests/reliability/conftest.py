@@ -204,7 +204,10 @@ def store_on_disk(root: Path) -> dict:
     recovery): names -> sha256, object names, staging and quarantine entries."""
     names = {}
     for record in (root / "names").glob("*.json"):
-        data = json.loads(record.read_text())
+        try:
+            data = json.loads(record.read_text())
+        except ValueError:  # damaged: what recovery at the next start must deal with
+            continue
         names[data["name"]] = data["sha256"]
     return {"names": names,
             "objects": {p.name for p in (root / "objects").iterdir()},

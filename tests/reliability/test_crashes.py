@@ -162,3 +162,32 @@ def object_sha_of_form(variant) -> str:
     import hashlib
 
     return hashlib.sha256(variant.config + variant.weights).hexdigest()
+
+
+def test_a_damaged_store_still_starts_and_serves_the_rest(make_server, adapter_variants,
+                                                          tmp_path, figures):
+    """A torn name record and a truncated weights file (a disk fault, an operator's slip):
+    both moved aside and logged, the server starts, and the intact adapter is served."""
+    store = tmp_path / "store"
+    server = make_server(store=store)
+    server.start()
+    for name, variant in zip(NAMES, adapter_variants):
+        r = httpx.post(f"{server.url}/v1/adapters", headers=auth(ADMIN), timeout=60,
+                       files=variant.form(name))
+        assert r.status_code == 201, r.text
+    server.kill()
+    record = store / "names" / "acme%2Fa.json"
+    record.write_bytes(record.read_bytes()[:-5] + b'"}junk')  # half-overwritten
+    sha_b = store_on_disk(store)["names"]["acme/b"]
+    weights = store / "objects" / sha_b / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    server.start()
+    assert registry(server).keys() == {"acme/c"}
+    r = httpx.post(f"{server.url}/v1/completions", headers=auth(ACME), timeout=60,
+                   json={"model": "acme/c", "prompt": "Hi", "max_tokens": 2})
+    assert r.status_code == 200
+    disk = store_on_disk(store)
+    assert len(disk["quarantine"]) == 2 and disk["names"].keys() == {"acme/c"}
+    assert "quarantined" in server.log.read_text()
+    figures.record("F6", "damaged records at start-up quarantined, rest served", "2 of 3",
+                   note="a torn record and a truncated weights file")
