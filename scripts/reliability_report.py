@@ -28,7 +28,7 @@ CASES = {
     "B2": "hypothesis: sampling parameters, safetensors headers",
     "B3": "atheris on the adapter parser",
     "B4": "giant and malformed fields and headers",
-    "slow clients": "slow-header connections",
+    "F11": "slow-header (slowloris) connections",
 }
 
 

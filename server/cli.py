@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="largest adapter upload accepted")
     serve.add_argument("--drain-timeout", type=float, default=ServerConfig.drain_timeout,
                        help="seconds in-flight requests get to finish after SIGTERM")
+    serve.add_argument("--header-timeout", type=float, default=ServerConfig.header_timeout,
+                       help="seconds a connection gets to send complete request headers "
+                            "(slow-header clients are closed)")
+    serve.add_argument("--max-connections", type=int, default=ServerConfig.max_connections,
+                       help="open connections before requests get a plain 503 from uvicorn; "
+                            "keep it above the 1024 requests in flight that get OpenAI's 503")
     model = serve.add_argument_group("model")
     model.add_argument("--quantization", choices=["nf4", "int8", "none"], default=None,
                        help="default: nf4 on CUDA, none on the CPU")
@@ -132,6 +138,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         lora_modules=_lora_modules(args.lora_modules), adapter_store=args.adapter_store,
         allowed_lora_dirs=tuple(args.allowed_lora_dirs), max_adapter_mb=args.max_adapter_mb,
         drain_timeout=args.drain_timeout,
+        header_timeout=args.header_timeout, max_connections=args.max_connections,
     )
 
 

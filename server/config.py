@@ -120,7 +120,18 @@ class ServerConfig:
     drain_timeout: float = 30.0  # seconds requests in flight get to finish after SIGTERM
     max_body_mb: float = 8.0
     max_in_flight: int = 1024
+    # Seconds a connection has to deliver complete request headers, from its opening (or, on
+    # a kept-alive connection, from a next request's first byte); slower ones are closed, as
+    # proxies do (HAProxy's timeout http-request, nginx's client_header_timeout), or a
+    # slow-header client holds a socket forever.
+    header_timeout: float = 10.0
+    # Open connections before uvicorn answers new requests with its own plain-text 503.
+    # Above max_in_flight, so that a full queue is refused first by our 503 in OpenAI's shape,
+    # with as much again for /health, /metrics, idle keep-alive connections and clients still
+    # sending headers.
+    max_connections: int = 2048
 
     def __post_init__(self) -> None:
         assert 0 <= self.port < 65536
         assert self.max_body_mb > 0 and self.max_in_flight > 0
+        assert self.header_timeout > 0 and self.max_connections > 0

@@ -7,6 +7,7 @@ import os
 import sys
 import threading
 import time
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
 import uvicorn
@@ -16,8 +17,9 @@ from loraplex.adapters.validate import Limits
 from .app import build_app
 from .auth import Keyring
 from .config import ServerConfig
-from .engine.async_engine import AsyncEngine
+from .engine.async_engine import AsyncEngine, EngineDeadError
 from .engine.engine import LLMEngine
+from .http_protocol import HeaderTimeoutProtocol
 from .metrics import Metrics
 from .state import AdapterInfo, ServerState
 
@@ -78,9 +80,20 @@ def _default_store(config: ServerConfig) -> Path:
     return Path(root or Path.home() / ".cache" / "loraplex") / "adapters"
 
 
+# Once the drain has ended, uvicorn waits this long for the last responses to go out, then
+# cancels their tasks (by default it waits for open connections without limit).
+CLOSE_GRACE_S = 3
+# A process still alive this long after the drain ended (a thread that will not stop) is
+# ended with os._exit(1): the drain deadline is a promise to whoever sent the signal. Room
+# for uvicorn's grace, the engine's last step and the interpreter's own exit.
+FORCE_EXIT_S = 15.0
+
+
 class DrainingServer(uvicorn.Server):
     """On SIGTERM/SIGINT: refuse new work with 503 and let requests in flight finish, for at
-    most `drain_timeout` seconds, then stop. A second signal stops at once."""
+    most `drain_timeout` seconds; then end those still running with finish_reason "abort"
+    (their clients get a proper last chunk or response) and stop. A second signal stops at
+    once."""
 
     def __init__(self, config: uvicorn.Config, state: ServerState, drain_timeout: float):
         super().__init__(config)
@@ -101,8 +114,18 @@ class DrainingServer(uvicorn.Server):
         while self.state.in_flight and time.monotonic() < deadline:
             time.sleep(0.05)
         if self.state.in_flight:
-            _say(f"drain timeout: stopping with {self.state.in_flight} requests in flight")
+            try:
+                aborted = self.state.engine.call(lambda e: e.abort_all()).result(CLOSE_GRACE_S)
+                _say(f"drain timeout: aborted the {aborted} requests still running")
+            except (FutureTimeout, EngineDeadError) as e:  # the force exit below still holds
+                _say(f"drain timeout: could not abort the {self.state.in_flight} requests in "
+                     f"flight: {e!r}")
+        # uvicorn now closes idle connections and gives the rest CLOSE_GRACE_S to send their
+        # last chunk, the abort's included.
         self.should_exit = True
+        time.sleep(FORCE_EXIT_S)  # a daemon thread: a normal exit ends it first
+        _say(f"still running {FORCE_EXIT_S:g}s after the drain ended: forcing exit")
+        os._exit(1)
 
 
 def serve(config: ServerConfig) -> int:
@@ -112,8 +135,11 @@ def serve(config: ServerConfig) -> int:
     _say(f"serving {state.served_model_name} at http://{host}:{config.port}/v1")
     names = sorted(state.engine.engine.adapters)
     _say(f"adapters: {', '.join(names) if names else '(none yet)'}")
-    server = DrainingServer(uvicorn.Config(app, host=config.host, port=config.port,
-                                           log_level="warning"), state, config.drain_timeout)
+    server = DrainingServer(uvicorn.Config(
+        app, host=config.host, port=config.port, log_level="warning",
+        http=HeaderTimeoutProtocol.with_timeout(config.header_timeout),
+        limit_concurrency=config.max_connections, timeout_graceful_shutdown=CLOSE_GRACE_S),
+        state, config.drain_timeout)
     try:
         server.run()
     finally:

@@ -140,6 +140,16 @@ class LLMEngine:
             self._emit([self._finish_output(self._tracked[request_id], "abort")])
             self._publish()
 
+    def abort_all(self) -> int:
+        """End every request with finish_reason "abort" (a shutdown that cannot wait for
+        them); returns how many there were."""
+        requests = [t.request for t in self._tracked.values()]
+        for req in requests:
+            self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+        self._emit([self._finish_output(self._tracked[r.request_id], "abort") for r in requests])
+        self._publish()
+        return len(requests)
+
     def fail_all(self, message: str) -> None:
         """End every request with an error output (the engine cannot go on)."""
         self._fail([t.request for t in self._tracked.values()], message)
