@@ -127,6 +127,25 @@ def test_abort_mid_generation_leaves_others_exact(engine, reference):
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
 
 
+def test_abort_all_ends_running_and_waiting_requests_and_frees_everything():
+    engine = make_engine(num_blocks=8, budget=8)  # room for one of them: the rest wait
+    finals = {}
+
+    def collect(out):
+        if out.finished:
+            finals[out.request_id] = out.finish_reason
+
+    for i in range(3):
+        engine.add_request(f"r{i}", [5, 6, 7, 8, 9], SamplingParams(max_tokens=20, **GREEDY),
+                           callback=collect)
+    engine.step()
+    assert engine.scheduler.num_running and engine.scheduler.num_waiting
+    assert engine.abort_all() == 3 and engine.abort_all() == 0
+    assert finals == {"r0": "abort", "r1": "abort", "r2": "abort"}
+    assert not engine.has_unfinished()
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
 def test_seeded_sampling_is_reproducible_whatever_the_batch(engine):
     params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=1234,
                             ignore_eos=True)
