@@ -91,8 +91,10 @@ def _layer_index(config: Mapping, key: str) -> int | None:
         for pattern in [patterns] if isinstance(patterns, str) else patterns:
             match = _match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key, "layers_pattern",
                            full=False)
-            if match:
+            # A pattern with its own alternatives ("d|") can match without the index group.
+            if match and match.group("idx") is not None:
                 break
+            match = None
     return int(match.group("idx")) if match else None
 
 
@@ -154,13 +156,26 @@ def _check_config(config: Mapping, max_rank: int) -> None:
     if config.get("layer_replication"):
         refuse("layer_replication", "layer replication is not supported")
     targets = config.get("target_modules")
-    if not targets or not isinstance(targets, (str, list)):
+    if not targets or not (isinstance(targets, str) or (
+            isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
         refuse("target_modules", "must be a non-empty list of names or a regex string")
+    layers = config.get("layers_to_transform")
+    if layers is not None and not (_is_index(layers) or (
+            isinstance(layers, list) and all(_is_index(i) for i in layers))):
+        refuse("layers_to_transform", "must be a layer index or a list of them")
+    pattern = config.get("layers_pattern")
+    if pattern is not None and not (isinstance(pattern, str) or (
+            isinstance(pattern, list) and all(isinstance(p, str) for p in pattern))):
+        refuse("layers_pattern", "must be a string or a list of strings")
     if config.get("use_rslora") not in (None, False, True):
         refuse("use_rslora", "must be true or false")
     alpha = config.get("lora_alpha", 8)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
         refuse("lora_alpha", f"must be a positive number, got {alpha!r}")
+
+
+def _is_index(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _same_base(claimed: str, base_names: Collection[str]) -> bool:
@@ -187,10 +202,10 @@ def load_adapter(
         hint = f" (found {pickled[0]}: pickled checkpoints are never opened)" if pickled else ""
         raise AdapterError(f"{WEIGHTS_FILE}: missing in {path}{hint}")
     try:
-        config = json.loads((path / CONFIG_FILE).read_text())
+        config = json.loads((path / CONFIG_FILE).read_bytes())
     except FileNotFoundError:
         raise AdapterError(f"{CONFIG_FILE}: missing in {path}") from None
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:  # bad JSON or encoding, the digit limit, depth
         raise AdapterError(f"{CONFIG_FILE}: not valid JSON: {e}") from None
     if not isinstance(config, dict):
         raise AdapterError(f"{CONFIG_FILE}: must be a JSON object")

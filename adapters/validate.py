@@ -4,6 +4,7 @@ the safetensors file's structure (a pickle is refused unopened; the header can l
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass
@@ -37,10 +38,23 @@ def check_config_bytes(config: bytes, limits: Limits) -> None:
         raise AdapterError(f"config: larger than {limits.max_config_bytes} bytes")
     try:
         parsed = json.loads(config)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad JSON or encoding, the digit limit, depth
         raise AdapterError(f"config: adapter_config.json is not valid JSON: {e}") from None
     if not isinstance(parsed, dict):
         raise AdapterError("config: adapter_config.json must be a JSON object")
+
+
+MAX_DIMS = 8
+_SIZE_LIMIT = 2**63  # safetensors reads sizes and offsets as 64-bit integers
+
+
+def _size(value) -> bool:
+    """A dimension or byte offset as safetensors takes it: a non-negative JSON integer."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _SIZE_LIMIT
+
+
+def _not_a_number(name: str):
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def check_safetensors(path: Path, limits: Limits) -> None:
@@ -60,12 +74,15 @@ def check_safetensors(path: Path, limits: Limits) -> None:
         if 8 + header_len > size:
             raise AdapterError("weights: truncated safetensors file (header runs past the end)")
         try:
-            header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            header = json.loads(f.read(header_len), parse_constant=_not_a_number)
+        except (ValueError, RecursionError):
             raise AdapterError("weights: safetensors header is not valid JSON") from None
     if not isinstance(header, dict):
         raise AdapterError("weights: safetensors header is not a JSON object")
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and all(
+            isinstance(v, str) for v in metadata.values())):
+        raise AdapterError("weights: safetensors __metadata__ must map strings to strings")
     if len(header) > limits.max_tensors:
         raise AdapterError(f"weights: {len(header)} tensors exceed the limit {limits.max_tensors}")
     data_size = size - 8 - header_len
@@ -74,17 +91,17 @@ def check_safetensors(path: Path, limits: Limits) -> None:
                            f"{limits.max_weights_bytes}")
     spans = []
     for key, info in header.items():
-        try:
-            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise AdapterError(f"weights: tensor {key!r} has a malformed header entry") from None
-        if dtype not in DTYPE_BYTES:
-            raise AdapterError(f"weights: tensor {key!r} has dtype {dtype}; only F16, BF16 and "
-                               f"F32 are accepted")
-        count = 1
-        for dim in shape:
-            count *= dim
-        if end - begin != count * DTYPE_BYTES[dtype] or begin < 0:
+        dtype, shape, offsets = ((info.get("dtype"), info.get("shape"), info.get("data_offsets"))
+                                 if isinstance(info, dict) else (None, None, None))
+        if not (isinstance(shape, list) and len(shape) <= MAX_DIMS and all(map(_size, shape))
+                and isinstance(offsets, list) and len(offsets) == 2
+                and all(map(_size, offsets))):
+            raise AdapterError(f"weights: tensor {key!r} has a malformed header entry")
+        if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
+            raise AdapterError(f"weights: tensor {key!r} has dtype {dtype!r}; only F16, BF16 "
+                               f"and F32 are accepted")
+        begin, end = offsets
+        if end - begin != math.prod(shape) * DTYPE_BYTES[dtype]:
             raise AdapterError(f"weights: tensor {key!r}: its offsets do not match its shape "
                                f"{shape} and dtype {dtype}")
         spans.append((begin, end))

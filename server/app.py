@@ -16,6 +16,7 @@ from .auth import Keyring, authorize
 from .engine.async_engine import EngineDeadError
 from .engine.request import RequestError
 from .protocol import APIError
+from . import openapi
 from .routes import admin, openai
 from .state import ServerState
 
@@ -98,7 +99,7 @@ def build_app(state: ServerState) -> Starlette:
     app = Starlette(
         routes=[Route("/health", health), Route("/ping", health, methods=["GET", "POST"]),
                 Route("/version", version_route), Route("/metrics", metrics_route),
-                *openai.routes, *admin.routes],
+                *openai.routes, *admin.routes, *openapi.routes],
         exception_handlers={APIError: _api_error, RequestError: _request_error,
                             HTTPException: _http_error, EngineDeadError: _engine_dead,
                             Exception: _internal_error},

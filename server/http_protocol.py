@@ -13,6 +13,7 @@ timeout.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any
 
@@ -53,6 +54,18 @@ class HeaderTimeoutProtocol(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_timer()
         super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request h11 cannot parse (a Content-Length that is not a
+        number, a malformed request line), in OpenAI's error shape like every other error."""
+        body = json.dumps({"error": {"message": msg, "type": "invalid_request_error",
+                                     "param": None, "code": "invalid_http_request"}}).encode()
+        headers = [(b"content-type", b"application/json"), (b"connection", b"close"),
+                   (b"content-length", str(len(body)).encode())]
+        for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+                      h11.Data(data=body), h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
 
     def _watch_headers(self) -> None:
         """Keep a deadline running while the client owes request headers (h11's IDLE: no

@@ -247,3 +247,46 @@ def test_names(name, ok):
     else:
         with pytest.raises(AdapterError, match="name"):
             check_name(name, reserved="tiny-llama")
+
+
+@pytest.mark.parametrize("entry", [
+    {"dtype": "F32", "shape": [1], "data_offsets": ["0", "4"]},
+    {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]},
+    {"dtype": "F32", "shape": None, "data_offsets": [0, 4]},
+    {"dtype": "F32", "shape": 5, "data_offsets": [0, 4]},
+    {"dtype": "F32", "shape": ["a", 2**63], "data_offsets": [0, 4]},
+    {"dtype": "F32", "shape": [-1, -1], "data_offsets": [0, 4]},
+    {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]},
+    {"dtype": "F32", "shape": [1.0], "data_offsets": [0, 4]},
+    {"dtype": "F32", "shape": [2**64, 0], "data_offsets": [0, 0]},
+    {"dtype": "F32", "shape": [1], "data_offsets": [0, 4.0]},
+    {"dtype": "F32", "shape": [1], "data_offsets": [0]},
+    "not an object",
+])
+def test_malformed_safetensors_entries_are_adapter_errors(tmp_path, entry):
+    """Found by hypothesis: each of these raised TypeError, OverflowError or passed the check
+    and failed in safetensors, all 500s over HTTP."""
+    raw = json.dumps({"w": entry}).encode()
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 4)
+    with pytest.raises(AdapterError):
+        check_safetensors(path, Limits())
+
+
+@pytest.mark.parametrize("header", [b"[" * 100_000, b'{"w": ' + b"9" * 5000 + b"}",
+                                    b'{"__metadata__": false}', b'{"__metadata__": {"a": 1}}',
+                                    b'{"w": NaN}'])
+def test_hostile_safetensors_headers_are_adapter_errors(tmp_path, header):
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(AdapterError):
+        check_safetensors(path, Limits())
+
+
+@pytest.mark.parametrize("change", [{"layers_to_transform": ""}, {"layers_to_transform": 0.5},
+                                    {"layers_to_transform": [True]}, {"layers_pattern": 5},
+                                    {"target_modules": [1, 2]}])
+def test_config_fields_of_the_wrong_type_are_adapter_errors(engine, good, tmp_path, change):
+    bad = write_variant(good, tmp_path, with_config(**change))
+    with pytest.raises(AdapterError):
+        engine.parse_adapter("x", str(bad))

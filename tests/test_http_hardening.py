@@ -97,6 +97,13 @@ def test_edge_values_inside_the_ranges_are_served(live):
         assert r.status_code == 200, (extra, r.text)
 
 
+def test_a_top_p_below_float32s_smallest_keeps_the_top_token(live):
+    url, _ = live  # found by hypothesis: 500, "invalid multinomial distribution"
+    for top_p in (5e-324, 1e-46):
+        r = post(url, {"model": "acme/sql", "prompt": "Hi", "max_tokens": 2, "top_p": top_p})
+        assert r.status_code == 200, r.text
+
+
 def test_a_seed_past_64_bits_never_reaches_the_sampler():
     with pytest.raises(RequestError):
         SamplingParams(seed=2**64)

@@ -56,6 +56,7 @@ class Sampler:
             sorted_probs, idx = probs.sort(descending=True)
             # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
             drop = sorted_probs.cumsum(-1) - sorted_probs >= p.top_p
+            drop[0] = False  # also when top_p rounds to 0 in the logits' dtype
             sorted_probs[drop] = 0.0
             probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_probs)
         generator = None
