@@ -70,18 +70,21 @@ class AsyncEngine:
         request is refused. Leaving the iteration early (a client went away) aborts it."""
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        request = await asyncio.wrap_future(self.submit(
-            prompt, params, adapter, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out),
-            request_id))
+        rid = request_id or f"req-{next(self._ids)}"
         finished = False
         try:
+            # Inside the try: a client gone while the engine takes the request must still
+            # abort it (the inbox runs in order, so the abort comes after the add).
+            await asyncio.wrap_future(self.submit(
+                prompt, params, adapter,
+                lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out), rid))
             while not finished:
                 out = await outputs.get()
                 finished = out.finished
                 yield out
         finally:
             if not finished:
-                self.abort(request.request_id)
+                self.abort(rid)
 
     def shutdown(self, timeout: float | None = 10.0) -> None:
         self._stop.set()
