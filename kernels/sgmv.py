@@ -15,7 +15,7 @@ Three implementations of that contract:
 * `sgmv_ref`, plain torch, makes PEFT's own calls on those slices (`F.linear`, then scale,
   then add), so on the CPU, on weights in PEFT's memory layout, its arithmetic is PEFT's bit
   for bit. The oracle of the other two, and the engine's CPU path for dtypes other than fp32,
-  for bitsandbytes bases (see ModelRunner) and where no C compiler is.
+  for bitsandbytes bases (see `resolve_backend`) and where no C compiler is.
 * `sgmv_cpu` (`sgmv_cpu.c`), one C call per projection per step with register-tiled loops
   over weights packed for them, for fp32 on the CPU. It rounds differently from MKL's GEMMs
   (about 1e-6 relative), and is several times faster than the reference at decode shapes,
@@ -25,13 +25,16 @@ Three implementations of that contract:
   y += scale * h B^T) that take several output slices sharing x in one launch each, with
   per-slice ranks and scales. All per-step inputs are device tensors of fixed shape
   (`SGMVMeta`), and no launch reads a device value on the host, so both launches can be
-  captured in a CUDA graph. The engine's CUDA path.
+  captured in a CUDA graph. The engine's CUDA path (`sgmv_triton` takes several output
+  slices at once: the engine's fused q/k/v and gate/up groups call it directly).
 
-`sgmv` picks between them by device and storage: the engine decides once, when it makes a
-projection's slots, whether the CPU kernel runs (fp32, and a compiler to build it). Triton is
-imported only on the CUDA path: the server runs on machines without it, and CPU tests select
-Triton's interpreter before Triton's first import (TRITON_INTERPRET is read whenever
-`@triton.jit` decorates a function, Triton's own library included; see tests/conftest.py).
+`sgmv` follows the backend the engine chose once, at start-up (`--lora-backend`, see
+`server/runner/lora_layers.py`): weights packed for the C kernel go to it, a step with an
+`SGMVMeta` goes to Triton, the rest to the reference. Triton is imported only on its path:
+the server runs on machines without it. The Triton backend runs on CPU tensors too, in
+Triton's interpreter, which must be selected before Triton's first import (TRITON_INTERPRET
+is read whenever `@triton.jit` decorates a function, Triton's own library included; see
+tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -109,20 +112,19 @@ def sgmv(
     x: torch.Tensor,  # [T, in]
     weights: SlotWeights,
     segments: Segments,
-    meta: SGMVMeta | None,  # required for CUDA tensors
-    table: sgmv_cpu.SegmentTable | None = None,  # the CPU kernel's copy of `segments`
+    meta: SGMVMeta | None,  # the Triton kernels' view of `segments`; None for the others
+    table: sgmv_cpu.SegmentTable | None = None,  # the CPU kernel's view of `segments`
 ) -> torch.Tensor:
-    """The SGMV contract above: the Triton kernels on CUDA; on the CPU the C kernel where the
-    weights are packed for it, the torch reference elsewhere."""
-    if not y.is_cuda:
-        if weights.packed is not None:
-            if table is None:
-                raise ValueError("weights packed for the CPU kernel need the step's "
-                                 "SegmentTable")
-            return sgmv_cpu.sgmv_cpu(y, x, weights.packed, table)
+    """The SGMV contract above, by the backend the engine chose at start-up: the C kernel
+    where the weights are packed for it, the Triton kernels where the step has an SGMVMeta
+    (on CUDA, or on CPU tensors in Triton's interpreter), the torch reference otherwise."""
+    if weights.packed is not None:
+        if table is None:
+            raise ValueError("weights packed for the CPU kernel need the step's SegmentTable")
+        return sgmv_cpu.sgmv_cpu(y, x, weights.packed, table)
+    if meta is None:
         return sgmv_ref(y, x, weights.lora_a, weights.lora_b, segments, weights.ranks,
                         weights.scales)
-    assert meta is not None, "CUDA tensors need the step's SGMVMeta"
     if x.dtype != weights.lora_a.dtype:
         x = x.to(weights.lora_a.dtype)
     return sgmv_triton(y, x, weights.lora_a[None], weights.lora_b, meta,

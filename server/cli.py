@@ -9,6 +9,7 @@ import sys
 
 from .config import (
     CacheConfig,
+    ConfigError,
     EngineConfig,
     LoRAConfig,
     ModelConfig,
@@ -96,6 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
                            "rest are re-read from disk when requested")
     lora.add_argument("--allow-base-mismatch", action="store_true",
                       help="serve adapters whose base_model_name_or_path names another model")
+    lora.add_argument("--lora-backend", choices=["auto", "triton", "cpu-kernel", "torch"],
+                      default="auto",
+                      help="how a mixed batch's LoRA runs: the Triton SGMV kernels (CUDA, or "
+                           "the CPU with TRITON_INTERPRET=1), the C kernel (fp32 on the CPU), "
+                           "or PEFT's own torch calls; auto: triton on CUDA, else the C kernel "
+                           "for a dense fp32 model, else torch")
+    lora.add_argument("--lora-fuse", action=argparse.BooleanOptionalAction, default=True,
+                      help="with the triton backend, one launch pair for each layer's q/k/v "
+                           "and one for gate/up (default: on)")
     engine = serve.add_argument_group("engine")
     engine.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs)
     engine.add_argument("--max-num-batched-tokens", type=int,
@@ -130,7 +140,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                                       max_overtakes=args.max_overtakes),
             lora=LoRAConfig(max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
                             max_cpu_loras=args.max_cpu_loras,
-                            allow_base_mismatch=args.allow_base_mismatch),
+                            allow_base_mismatch=args.allow_base_mismatch,
+                            backend=args.lora_backend, fuse=args.lora_fuse),
         ),
         host=args.host, port=args.port, served_model_name=args.served_model_name,
         api_key=args.api_key, admin_key=args.admin_key, tenant_keys=args.tenant_keys,
@@ -157,7 +168,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .serve import serve  # the model stack loads only once arguments are good
 
-    return serve(config)
+    try:
+        return serve(config)
+    except ConfigError as e:
+        print(f"loraplex: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -10,7 +10,17 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 Quantization = Literal["nf4", "int8", "none"]
+# How a mixed batch's LoRA math runs: "triton" (the SGMV kernels; on the CPU only under
+# TRITON_INTERPRET=1, which is how tests run the CUDA path), "cpu-kernel" (sgmv_cpu.c; fp32 on
+# the CPU), "torch" (the reference: PEFT's own calls, any device), or "auto": triton on CUDA,
+# the C kernel for a dense fp32 CPU model where a compiler builds it, torch otherwise.
+LoRABackend = Literal["auto", "triton", "cpu-kernel", "torch"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run on this machine, found while starting (e.g. a LoRA
+    backend the device lacks): the CLI prints it as a usage error, without a traceback."""
 
 
 @dataclass(frozen=True)
@@ -83,8 +93,14 @@ class LoRAConfig:
     max_cpu_loras: int | None = None
     # Serve adapters whose base_model_name_or_path names another model.
     allow_base_mismatch: bool = False
+    backend: LoRABackend = "auto"
+    # With the triton backend, one shrink and one expand launch for a layer's q/k/v and one
+    # pair for gate/up, instead of a pair per projection (the other backends have no fused
+    # launch: there it changes nothing).
+    fuse: bool = True
 
     def __post_init__(self) -> None:
+        assert self.backend in ("auto", "triton", "cpu-kernel", "torch"), self.backend
         assert self.max_loras > 0
         assert self.max_lora_rank > 0
         assert self.max_cpu_loras is None or self.max_cpu_loras >= self.max_loras, (

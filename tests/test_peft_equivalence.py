@@ -87,11 +87,12 @@ SCENARIOS = {
 
 
 def engine_config(model: ModelConfig, num_blocks=512, block_size=16, max_loras=16, budget=2048,
-                  max_seqs=256):
+                  max_seqs=256, backend="auto", fuse=True):
     return EngineConfig(model=model, cache=CacheConfig(num_blocks=num_blocks, block_size=block_size),
                         scheduler=SchedulerConfig(max_num_batched_tokens=budget,
                                                   max_num_seqs=max_seqs),
-                        lora=LoRAConfig(max_loras=max_loras, max_lora_rank=64))
+                        lora=LoRAConfig(max_loras=max_loras, max_lora_rank=64, backend=backend,
+                                        fuse=fuse))
 
 
 class Setup:
@@ -179,9 +180,9 @@ def _adapters_change_output(setup: Setup, prompts: list[list[int]], n: int = 16)
             f"{name} leaves the output as is")
 
 
-def _run_scenarios(setup: Setup) -> None:
+def _run_scenarios(setup: Setup, **engine_args) -> None:
     for scenario, (overrides, arrive_every) in SCENARIOS.items():
-        engine = setup.engine(**overrides)
+        engine = setup.engine(**overrides, **engine_args)
         got, preemptions, mixed = run(engine, setup.cases, arrive_every)
         setup.check(got, scenario, engine)
         assert mixed > 0, "no step mixed several adapters"
@@ -226,6 +227,85 @@ def test_tiny_mixed_batches_match_peft_on_cuda(tmp_path, monkeypatch):
                   tmp_path / "adapters", TINY_PROMPTS, ADAPTER_SPECS)
     _run_scenarios(setup)
     assert launches, "the engine never took the Triton path"
+
+
+# ---- the Triton backend on CPU tensors, in Triton's interpreter -----------------------------
+
+# Mixed ranks and target sets, every rank at most 16 (one rank block per launch: the
+# interpreter runs each program in Python, about 20 ms each): q/v only (k's slice of the
+# fused q/k/v group has rank 0), per-module ranks and alphas, a rank-2 k with rsLoRA, and
+# gate/up on the first two layers only.
+TRITON_SPECS = ("r1_qv", "patterns", "rslora_patterns", "regex_mlp01")
+
+
+@pytest.mark.parametrize("arch,fuse", [("llama", True), ("llama", False), ("qwen2", True)],
+                         ids=["llama-fused", "llama-unfused", "qwen2-fused"])
+def test_tiny_mixed_batches_match_peft_triton_backend(tmp_path, monkeypatch, arch, fuse):
+    """The engine's CUDA path, run on the CPU: LoRA through the Triton SGMV kernels in the
+    interpreter, fused (one launch pair per q/k/v and per gate/up) or one pair per projection.
+    One run has it all at once: two slots for four adapters (slot reloads), a 16-token budget
+    (chunked prefill), a KV cache that forces preemption, staggered arrivals (mixed steps of
+    decodes and prefill chunks); every request token-exact against PEFT. Qwen2's q/k/v carry
+    biases, which the fused group's base outputs must keep."""
+    from loraplex.kernels import sgmv as sgmv_module
+    from loraplex.server.runner import lora_layers
+
+    launches = []  # output slices of each Triton launch pair
+    triton_path = sgmv_module.sgmv_triton
+
+    def counted(y, x, lora_a, *args, **kw):
+        launches.append(lora_a.shape[0])
+        return triton_path(y, x, lora_a, *args, **kw)
+
+    monkeypatch.setattr(sgmv_module, "sgmv_triton", counted)
+    monkeypatch.setattr(lora_layers, "sgmv_triton", counted)
+    model_dir = save_tiny_model(arch, tmp_path / "model", num_hidden_layers=2)
+    setup = Setup(ModelConfig(model=str(model_dir), quantization="none"), tmp_path / "adapters",
+                  TINY_PROMPTS, {name: ADAPTER_SPECS[name] for name in TRITON_SPECS})
+    _adapters_change_output(setup, TINY_PROMPTS[:3])
+    engine = setup.engine(num_blocks=20, block_size=4, max_loras=2, budget=16, backend="triton",
+                          fuse=fuse)
+    assert engine.runner.lora.backend == "triton"
+    assert len(engine.runner.lora.groups) == (4 if fuse else 0)  # 2 layers x (q/k/v, gate/up)
+    loads = []
+    load = engine.runner.lora.load
+    monkeypatch.setattr(engine.runner.lora, "load", lambda slot, a: loads.append(a.name) or load(slot, a))
+    got, preemptions, mixed = run(engine, setup.cases, arrive_every=2)
+    setup.check(got, f"triton {arch} fuse={fuse}", engine)
+    assert mixed > 0 and preemptions > 0
+    assert len(loads) > len(setup.adapters), f"no slot was reloaded: {loads}"
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+    assert launches and set(launches) == ({3, 2, 1} if fuse else {1}), set(launches)
+
+
+def test_lora_backend_is_chosen_once_and_refused_where_it_cannot_run(monkeypatch):
+    import loraplex.kernels.sgmv_cpu as sgmv_cpu
+    from loraplex.server.cli import build_parser, config_from_args
+    from loraplex.server.config import ConfigError
+    from loraplex.server.runner.lora_layers import resolve_backend
+
+    lora = config_from_args(build_parser().parse_args(["serve"])).engine.lora
+    assert (lora.backend, lora.fuse) == ("auto", True)
+    lora = config_from_args(build_parser().parse_args(
+        ["serve", "--lora-backend", "triton", "--no-lora-fuse"])).engine.lora
+    assert (lora.backend, lora.fuse) == ("triton", False)
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_backend("auto", cuda, torch.bfloat16, quantized=True) == "triton"
+    assert resolve_backend("auto", cpu, torch.float32, quantized=True) == "torch"
+    assert resolve_backend("auto", cpu, torch.bfloat16, quantized=False) == "torch"
+    assert resolve_backend("torch", cuda, torch.bfloat16, quantized=False) == "torch"
+    with pytest.raises(ConfigError, match="fp32 models on the CPU"):
+        resolve_backend("cpu-kernel", cpu, torch.bfloat16, quantized=False)
+    with pytest.raises(ConfigError, match="fp32 models on the CPU"):
+        resolve_backend("cpu-kernel", cuda, torch.float32, quantized=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ConfigError, match="TRITON_INTERPRET=1"):
+        resolve_backend("triton", cpu, torch.float32, quantized=False)
+    monkeypatch.setattr(sgmv_cpu, "load", lambda: None)  # no C compiler
+    assert resolve_backend("auto", cpu, torch.float32, quantized=False) == "torch"
+    with pytest.raises(ConfigError, match="C compiler"):
+        resolve_backend("cpu-kernel", cpu, torch.float32, quantized=False)
 
 
 def test_tiny_sliding_window_matches_transformers(tmp_path):

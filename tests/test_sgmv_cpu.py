@@ -254,10 +254,10 @@ def test_benchmark_runs_and_checks_its_two_paths_agree(capsys):
     assert "| torch reference |" in out and "kernel speed-up:" in out
 
 
-def test_lora_model_runs_the_kernel_on_fp32_and_peft_calls_when_asked(monkeypatch):
-    """The engine's wrapping picks the kernel's layout for an fp32 CPU model (and the
-    reference's with `peft_rounding`, used for bitsandbytes bases); slots loaded, reloaded with
-    a smaller rank and cleared give the right deltas either way."""
+def test_lora_model_runs_the_kernel_for_its_backend_and_peft_calls_for_torch(monkeypatch):
+    """The cpu-kernel backend stores slots in the kernel's layout, the torch backend (used for
+    bitsandbytes bases) in the reference's; slots loaded, reloaded with a smaller rank and
+    cleared give the right deltas either way."""
     from loraplex.adapters.peft_format import LoRAAdapter, LoRAWeights
     from loraplex.server.runner.lora_layers import LoRAModel
     from torch import nn
@@ -274,18 +274,15 @@ def test_lora_model_runs_the_kernel_on_fp32_and_peft_calls_when_asked(monkeypatc
     monkeypatch.setattr(sgmv_cpu, "sgmv_cpu", lambda *a: calls.append(1) or real(*a))
     x = torch.randn(1, 6, 40, generator=gen)
     segments = Segments.from_token_slots([-1, 1, 1, 1, 1, 1])
-    for peft_rounding in (False, True):
+    for backend in ("cpu-kernel", "torch"):
         model = nn.Module()
         model.layer = nn.Module()
         model.layer.q_proj = nn.Linear(40, 24, bias=False)
         base = model.layer.q_proj.weight.detach().clone()
-        lora = LoRAModel(model, 3, 16, torch.float32, torch.device("cpu"),
-                         peft_rounding=peft_rounding)
+        lora = LoRAModel(model, 3, 16, torch.float32, torch.device("cpu"), backend)
         slots = lora.modules["layer.q_proj"]
-        assert (slots.packed is not None) is lora.cpu_kernel is not peft_rounding
-        assert (slots.lora_a is None) is lora.cpu_kernel
-        lora.context.segments = segments
-        lora.context.table = sgmv_cpu.SegmentTable(segments)
+        assert (slots.packed is not None) is (slots.lora_a is None) is (backend == "cpu-kernel")
+        lora.prepare(segments)
         for a in (adapter(16), adapter(4), None):
             if a is None:
                 slots.clear(1)
@@ -299,4 +296,4 @@ def test_lora_model_runs_the_kernel_on_fp32_and_peft_calls_when_asked(monkeypatc
                 w = a.modules["layer.q_proj"]
                 want[1:] += w.scale * (x[0, 1:] @ w.lora_a.T) @ w.lora_b.T
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-            assert len(calls) == (0 if peft_rounding else 1)
+            assert len(calls) == (backend == "cpu-kernel")

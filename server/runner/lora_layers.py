@@ -2,25 +2,72 @@
 
 Each wrapped projection owns a stacked slot store (`A [slots, max_rank, in]`,
 `B [slots, out, max_rank]`, per-slot rank and scale). The model runner sets one `LoRAContext`
-per step; every layer reads the same segments from it (and, on CUDA, the same device copy of
-them for the Triton kernels).
+per step; every layer reads the same segments from it (and, for the Triton backend, the same
+device copy of them, `SGMVMeta`).
+
+Which implementation runs is decided once, at start-up (`resolve_backend`), never per call:
+the Triton kernels, the CPU C kernel, or the torch reference. The Triton backend also runs on
+CPU tensors in Triton's interpreter, which is how tests take the engine's CUDA path on a
+machine without a GPU. With it, projections that share their input (a layer's q/k/v, its
+gate/up) keep their slots stacked (`FusedSlots`) and take one shrink and one expand launch
+for the whole group (`LoRAGroup`), as the kernels' output slices allow.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 from dataclasses import dataclass, replace
 
 import torch
 from loraplex.adapters.peft_format import LoRAAdapter, LoRAWeights
 from loraplex.kernels import sgmv_cpu
 from loraplex.kernels.segments import Segments, SGMVMeta
-from loraplex.kernels.sgmv import sgmv
+from loraplex.kernels.sgmv import sgmv, sgmv_triton
 from loraplex.kernels.sgmv_cpu import PackedSlots, SegmentTable
 from torch import nn
 
+from ..config import ConfigError
+
 # The projections of Llama, Mistral and Qwen2 decoder layers that take LoRA.
 TARGET_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Projections of one parent module that read the same input, in the order the model calls
+# them: with the Triton backend each group is one launch pair.
+FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype,
+                    quantized: bool) -> str:
+    """The LoRA backend the engine will use ("triton", "cpu-kernel" or "torch"), or a
+    ConfigError that says why the requested one cannot run here."""
+    if requested == "auto":
+        if device.type == "cuda":
+            return "triton"
+        # bitsandbytes' CPU kernels round activations to bf16, which turns any difference in
+        # the LoRA delta's last bit into logit differences of tenths; on such bases the CPU
+        # keeps PEFT's own calls, so that outputs stay comparable with PEFT's token for token.
+        if (device.type == "cpu" and dtype == torch.float32 and not quantized
+                and sgmv_cpu.load() is not None):
+            return "cpu-kernel"
+        return "torch"
+    if requested == "triton":
+        interpreted = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+        if device.type != "cuda" and not interpreted:
+            raise ConfigError("--lora-backend triton runs on CUDA, or on the CPU in Triton's "
+                             "interpreter: set TRITON_INTERPRET=1 before starting")
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            raise ConfigError("--lora-backend triton needs the triton package") from None
+    elif requested == "cpu-kernel":
+        if device.type != "cpu" or dtype != torch.float32:
+            raise ConfigError("--lora-backend cpu-kernel runs fp32 models on the CPU only")
+        if sgmv_cpu.load() is None:
+            raise ConfigError("--lora-backend cpu-kernel needs a C compiler (cc or gcc) to "
+                             "build kernels/sgmv_cpu.c; see the log")
+    elif requested != "torch":
+        raise ConfigError(f"unknown LoRA backend {requested!r}")
+    return requested
 
 
 @dataclass
@@ -28,33 +75,42 @@ class LoRAContext:
     """Per-step LoRA metadata, written by the model runner before each forward."""
 
     segments: Segments = Segments((0,), ())
-    meta: SGMVMeta | None = None  # set on CUDA only
-    table: SegmentTable | None = None  # set where the CPU kernel runs
+    meta: SGMVMeta | None = None  # set for the Triton backend only
+    table: SegmentTable | None = None  # set for the CPU kernel only
 
 
 class ModuleSlots:
     """One projection's adapter weights for every slot: PEFT's layout padded to the largest
-    rank, or packed for the CPU kernel when `cpu_kernel` is given."""
+    rank (`lora_a`/`lora_b`, possibly views into a group's `FusedSlots`), or packed for the CPU
+    kernel (`packed`)."""
 
-    def __init__(self, num_slots: int, max_rank: int, in_features: int, out_features: int,
-                 dtype: torch.dtype, device: torch.device, cpu_kernel: ctypes.CDLL | None):
+    def __init__(self, in_features: int, out_features: int, ranks_dev: torch.Tensor,
+                 scales_dev: torch.Tensor, lora_a: torch.Tensor | None = None,
+                 lora_b: torch.Tensor | None = None, packed: PackedSlots | None = None):
+        num_slots = ranks_dev.shape[0]
         self.in_features, self.out_features = in_features, out_features
         self.ranks = [0] * num_slots  # 0: the adapter in this slot does not target this module
         self.scales = [0.0] * num_slots
         # The kernels read ranks and scales on the device: a launch never waits on the host.
-        self.ranks_dev = torch.zeros(num_slots, dtype=torch.int32, device=device)
-        self.scales_dev = torch.zeros(num_slots, dtype=torch.float32, device=device)
-        self.lora_a: torch.Tensor | None = None  # [num_slots, max_rank, in]
-        self.lora_b: torch.Tensor | None = None  # [num_slots, out, max_rank]
-        self.packed: PackedSlots | None = None
+        self.ranks_dev = ranks_dev  # [num_slots] int32
+        self.scales_dev = scales_dev  # [num_slots] fp32
+        self.lora_a = lora_a  # [num_slots, max_rank, in]
+        self.lora_b = lora_b  # [num_slots, out, max_rank]
+        self.packed = packed
+
+    @classmethod
+    def create(cls, num_slots: int, max_rank: int, in_features: int, out_features: int,
+               dtype: torch.dtype, device: torch.device,
+               cpu_kernel: ctypes.CDLL | None) -> ModuleSlots:
+        """Zeroed slots of one projection; packed for the CPU kernel when it is given."""
+        ranks = torch.zeros(num_slots, dtype=torch.int32, device=device)
+        scales = torch.zeros(num_slots, dtype=torch.float32, device=device)
         if cpu_kernel is not None:
-            self.packed = PackedSlots(cpu_kernel, num_slots, max_rank, in_features,
-                                      out_features, self.ranks_dev, self.scales_dev)
-        else:
-            self.lora_a = torch.zeros(num_slots, max_rank, in_features, dtype=dtype,
-                                      device=device)
-            self.lora_b = torch.zeros(num_slots, out_features, max_rank, dtype=dtype,
-                                      device=device)
+            return cls(in_features, out_features, ranks, scales, packed=PackedSlots(
+                cpu_kernel, num_slots, max_rank, in_features, out_features, ranks, scales))
+        return cls(in_features, out_features, ranks, scales,
+                   torch.zeros(num_slots, max_rank, in_features, dtype=dtype, device=device),
+                   torch.zeros(num_slots, out_features, max_rank, dtype=dtype, device=device))
 
     def write(self, slot: int, weights: LoRAWeights) -> None:
         r = weights.rank
@@ -76,6 +132,71 @@ class ModuleSlots:
         self.set(slot, 0, 0.0)
 
 
+class FusedSlots:
+    """The slots of projections that share their input, stacked as one Triton launch pair
+    takes them: A per slice, B along the output. Each member's `ModuleSlots` is a set of views
+    into these tensors, so loading a slot writes the stacked layout directly."""
+
+    def __init__(self, num_slots: int, max_rank: int, in_features: int,
+                 widths: tuple[int, ...], dtype: torch.dtype, device: torch.device):
+        n = len(widths)
+        self.widths = widths
+        self.lora_a = torch.zeros(n, num_slots, max_rank, in_features, dtype=dtype,
+                                  device=device)  # [slices, slots, max_rank, in]
+        self.lora_b = torch.zeros(num_slots, sum(widths), max_rank, dtype=dtype,
+                                  device=device)  # [slots, sum(widths), max_rank]
+        self.ranks_dev = torch.zeros(n, num_slots, dtype=torch.int32, device=device)
+        self.scales_dev = torch.zeros(n, num_slots, dtype=torch.float32, device=device)
+        self.members: list[ModuleSlots] = []
+        col = 0
+        for p, width in enumerate(widths):
+            self.members.append(ModuleSlots(
+                in_features, width, self.ranks_dev[p], self.scales_dev[p], self.lora_a[p],
+                self.lora_b[:, col:col + width]))
+            col += width
+
+
+class LoRAGroup:
+    """A layer's q/k/v (or gate/up), whose LoRA runs as one shrink and one expand launch.
+
+    The model calls the members one after another on the same input. The first call computes
+    every member's base output into one buffer `[T, sum(widths)]`, adds the group's LoRA to it
+    in one launch pair, and hands each member its column slice; the other members take
+    theirs. A call with another input computes the group again for that input, so a model
+    that calls its projections in another order, or on different inputs, stays correct."""
+
+    def __init__(self, bases: list[nn.Module], slots: FusedSlots, context: LoRAContext):
+        self.bases = bases
+        self.slots = slots
+        self.context = context
+        self._x: torch.Tensor | None = None
+        self._pending: dict[int, torch.Tensor] = {}
+
+    def output(self, member: int, x: torch.Tensor) -> torch.Tensor:  # x [1, T, in]
+        if self._x is x and member in self._pending:
+            out = self._pending.pop(member)
+            if not self._pending:
+                self._x = None
+            return out
+        outs = self._compute(x)
+        self._x = x
+        self._pending = {p: out for p, out in enumerate(outs) if p != member}
+        return outs[member]
+
+    def _compute(self, x: torch.Tensor) -> list[torch.Tensor]:
+        widths = self.slots.widths
+        y = torch.cat([base(x) for base in self.bases], dim=-1)  # [1, T, sum(widths)]
+        segments = self.context.segments
+        if segments.has_lora:
+            x2 = x.reshape(-1, x.shape[-1])  # [T, in]
+            if x2.dtype != self.slots.lora_a.dtype:
+                x2 = x2.to(self.slots.lora_a.dtype)
+            sgmv_triton(y.view(-1, y.shape[-1]), x2.contiguous(), self.slots.lora_a,
+                        self.slots.lora_b, self.context.meta, self.slots.ranks_dev,
+                        self.slots.scales_dev, widths)
+        return list(y.split(widths, dim=-1))  # views [1, T, w]
+
+
 class LoRALinear(nn.Module):
     """`y = base(x)`, then `y += sgmv(x)` with this step's segments."""
 
@@ -94,33 +215,74 @@ class LoRALinear(nn.Module):
         return y
 
 
+class GroupedLoRALinear(nn.Module):
+    """A member of a `LoRAGroup`: its output is the group's column slice for this member."""
+
+    def __init__(self, base: nn.Module, group: LoRAGroup, member: int):
+        super().__init__()
+        self.base_layer = base
+        self.group = group
+        self.member = member
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [1, T, in]
+        return self.group.output(self.member, x)
+
+
 class LoRAModel:
     """Wraps a model's projections in place and moves adapters in and out of slots."""
 
     def __init__(self, model: nn.Module, num_slots: int, max_rank: int, dtype: torch.dtype,
-                 device: torch.device, peft_rounding: bool = False):
-        """`peft_rounding` keeps PEFT's own GEMM calls on the CPU rather than the C kernel,
-        so that the LoRA delta rounds exactly as PEFT's does."""
+                 device: torch.device, backend: str = "torch", fuse: bool = True):
+        """`backend` is resolved already (`resolve_backend`); `fuse` groups the projections
+        of FUSED_GROUPS when the backend is Triton."""
+        assert backend in ("triton", "cpu-kernel", "torch"), backend
         self.context = LoRAContext()
         self.num_slots = num_slots
         self.device = device
+        self.backend = backend
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._loads_pending = False
         self.modules: dict[str, ModuleSlots] = {}
-        targets = [(name, module) for name, module in model.named_modules()
-                   if name.rsplit(".", 1)[-1] in TARGET_NAMES]
-        # Building the C kernel (first use on a machine) happens here, at start-up, rather
-        # than in the first request's forward.
-        lib = (sgmv_cpu.load() if device.type == "cpu" and dtype == torch.float32
-               and not peft_rounding else None)
-        self.cpu_kernel = lib is not None
-        for name, module in targets:
-            slots = ModuleSlots(num_slots, max_rank, module.in_features, module.out_features,
-                                dtype, device, lib)
-            parent_name, child = name.rsplit(".", 1)
-            setattr(model.get_submodule(parent_name), child,
-                    LoRALinear(module, slots, self.context))
+        self.groups: list[LoRAGroup] = []
+        targets = {name: module for name, module in model.named_modules()
+                   if name.rsplit(".", 1)[-1] in TARGET_NAMES}
+        # Building the C kernel (first use on a machine) happens in resolve_backend, at
+        # start-up; here it is already cached.
+        lib = sgmv_cpu.load() if backend == "cpu-kernel" else None
+        if backend == "triton" and fuse:
+            for parent_name in sorted({name.rsplit(".", 1)[0] for name in targets}):
+                for group in FUSED_GROUPS:
+                    names = [f"{parent_name}.{child}" for child in group]
+                    bases = [targets.get(name) for name in names]
+                    if None in bases or len({b.in_features for b in bases}) != 1:
+                        continue
+                    fused = FusedSlots(num_slots, max_rank, bases[0].in_features,
+                                       tuple(b.out_features for b in bases), dtype, device)
+                    lora_group = LoRAGroup(bases, fused, self.context)
+                    self.groups.append(lora_group)
+                    for member, (name, base) in enumerate(zip(names, bases)):
+                        self._wrap(model, name, GroupedLoRALinear(base, lora_group, member))
+                        self.modules[name] = fused.members[member]
+                        del targets[name]
+        for name, module in targets.items():
+            slots = ModuleSlots.create(num_slots, max_rank, module.in_features,
+                                       module.out_features, dtype, device, lib)
+            self._wrap(model, name, LoRALinear(module, slots, self.context))
             self.modules[name] = slots
+
+    @staticmethod
+    def _wrap(model: nn.Module, name: str, wrapper: nn.Module) -> None:
+        parent_name, child = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent_name), child, wrapper)
+
+    def prepare(self, segments: Segments) -> None:
+        """Set this step's segments, and the backend's own view of them, for every layer."""
+        self.context.segments = segments
+        if self.backend == "triton":
+            # The runner groups tokens by slot, so a slot is at most one segment.
+            self.context.meta = SGMVMeta.build(segments, self.num_slots, self.device)
+        elif self.backend == "cpu-kernel":
+            self.context.table = SegmentTable(segments) if segments.has_lora else None
 
     @property
     def module_shapes(self) -> dict[str, tuple[int, int]]:

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import torch
-from loraplex.kernels.segments import Segments, SGMVMeta
-from loraplex.kernels.sgmv_cpu import SegmentTable
+from loraplex.kernels.segments import Segments
 
 from ..config import EngineConfig
 from ..engine.request import Request, SamplingParams
 from ..engine.scheduler import ScheduledRequest
 from .attention import ATTN_IMPLEMENTATION, AttentionMetadata, KVGeometry, PagedKVCache, PrefillSeq
 from .loader import LoadedModel
-from .lora_layers import LoRAModel
+from .lora_layers import LoRAModel, resolve_backend
 
 
 class ModelRunner:
@@ -22,12 +21,10 @@ class ModelRunner:
         self.model = model
         self.device = loaded.device
         self.block_size = config.cache.block_size
-        # bitsandbytes' CPU kernels round activations to bf16, which turns any difference in
-        # the LoRA delta's last bit into logit differences of tenths; on such bases the CPU
-        # keeps PEFT's own calls, so that outputs stay comparable with PEFT's token for token.
+        backend = resolve_backend(config.lora.backend, loaded.device, loaded.dtype,
+                                  quantized=loaded.quantization != "none")
         self.lora = LoRAModel(model, config.lora.max_loras, config.lora.max_lora_rank,
-                              loaded.dtype, loaded.device,
-                              peft_rounding=loaded.quantization != "none")
+                              loaded.dtype, loaded.device, backend, config.lora.fuse)
         self.kv = PagedKVCache(KVGeometry.of(model.config.get_text_config()), num_blocks,
                                self.block_size, loaded.dtype, loaded.device)
 
@@ -87,13 +84,7 @@ class ModelRunner:
             decode_block_tables=self._padded(decode_tables) if decode_rows else None,
             decode_context_lens=self._tensor(decode_lens) if decode_rows else None,
         )
-        segments = Segments.from_token_slots(token_slots)
-        self.lora.context.segments = segments
-        if self.device.type == "cuda":
-            # Tokens are grouped by slot above, so a slot is at most one segment.
-            self.lora.context.meta = SGMVMeta.build(segments, self.lora.num_slots, self.device)
-        elif self.lora.cpu_kernel:
-            self.lora.context.table = SegmentTable(segments) if segments.has_lora else None
+        self.lora.prepare(Segments.from_token_slots(token_slots))
         self.lora.await_loads()
         keep = [last_row[i] for i in range(len(scheduled)) if i in last_row]
         if not keep:
