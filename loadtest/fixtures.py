@@ -93,17 +93,26 @@ SHAPES = {
 
 
 @torch.no_grad()
-def make_random_model(out_dir: str | Path, shape: str, tokenizer_dir: str | Path,
-                      dtype: torch.dtype = torch.bfloat16, seed: int = 0, say=print) -> Path:
+def make_random_model(out_dir: str | Path, shape: str, tokenizer_dir: str | Path | None,
+                      dtype: torch.dtype = torch.bfloat16, seed: int = 0, say=print,
+                      num_layers: int | None = None, vocab_size: int = 128256,
+                      device: str | torch.device = "cpu") -> Path:
     """A Llama-architecture checkpoint of `shape` with random weights, saved as safetensors
     beside a copy of the tokenizer in `tokenizer_dir` (the vocabulary is sized to it, so
-    text prompts work; only the embedding and lm_head differ from the named model's)."""
+    text prompts work; only the embedding and lm_head differ from the named model's).
+    Without a tokenizer the vocabulary has `vocab_size` entries (Llama 3's by default) and
+    requests must be token ids. `num_layers` overrides the shape's layer count (each layer
+    keeps its shapes); `device` is where the weights are initialised (a GPU does it in
+    seconds)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     out = Path(out_dir)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(**SHAPES[shape], vocab_size=len(tokenizer),
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else None
+    special = ({"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+               if tokenizer else {"bos_token_id": 1, "eos_token_id": 2})
+    layers = {} if num_layers is None else {"num_hidden_layers": num_layers}
+    config = LlamaConfig(**{**SHAPES[shape], **layers},
+                         vocab_size=len(tokenizer) if tokenizer else vocab_size, **special,
                          initializer_range=0.02, tie_word_embeddings=False,
                          torch_dtype=str(dtype).removeprefix("torch."))
     say(f"building {shape} ({config.num_hidden_layers} layers, hidden {config.hidden_size}) "
@@ -112,12 +121,14 @@ def make_random_model(out_dir: str | Path, shape: str, tokenizer_dir: str | Path
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # initialise in the saved dtype: half the memory of fp32
     try:
-        model = LlamaForCausalLM(config)
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(default)
     say(f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters; saving to {out}")
     model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    if tokenizer:
+        tokenizer.save_pretrained(out)
     return out
 
 

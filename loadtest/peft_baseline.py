@@ -46,8 +46,9 @@ class PeftBaseline:
                 model.load_adapter(path, adapter_name=name)
         self.model = model.eval()
         self.has_adapters = bool(items)
-        self.tokenizer = tokenizer
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.tokenizer = tokenizer  # None: token-id prompts only (`generate`)
+        pad = tokenizer.pad_token_id if tokenizer is not None else None
+        self.pad_id = pad if pad is not None else 0
         self.max_batch = max_batch
 
     def tokenize(self, prompt: str) -> list[int]:
@@ -61,8 +62,11 @@ class PeftBaseline:
         to its longest request with EOS ignored. Returns each request's own tokens and the
         time (perf_counter) at which each decoding step ended."""
         width = max(len(ids) for _, ids, _ in batch)
-        input_ids = torch.tensor([[self.pad_id] * (width - len(ids)) + ids for _, ids, _ in batch])
-        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for _, ids, _ in batch])
+        device = self.model.device
+        input_ids = torch.tensor([[self.pad_id] * (width - len(ids)) + ids for _, ids, _ in batch],
+                                 device=device)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for _, ids, _ in batch],
+                            device=device)
         clock = _StepClock()
         kwargs = {}
         if self.has_adapters:

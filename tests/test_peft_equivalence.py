@@ -238,15 +238,15 @@ def test_tiny_mixed_batches_match_peft_on_cuda(tmp_path, monkeypatch):
 TRITON_SPECS = ("r1_qv", "patterns", "rslora_patterns", "regex_mlp01")
 
 
-@pytest.mark.parametrize("arch,fuse", [("llama", True), ("llama", False), ("qwen2", True)],
-                         ids=["llama-fused", "llama-unfused", "qwen2-fused"])
+@pytest.mark.parametrize("arch,fuse", [("llama", True), ("qwen2", False)],
+                         ids=["llama-fused", "qwen2-unfused"])
 def test_tiny_mixed_batches_match_peft_triton_backend(tmp_path, monkeypatch, arch, fuse):
     """The engine's CUDA path, run on the CPU: LoRA through the Triton SGMV kernels in the
     interpreter, fused (one launch pair per q/k/v and per gate/up) or one pair per projection.
     One run has it all at once: two slots for four adapters (slot reloads), a 16-token budget
     (chunked prefill), a KV cache that forces preemption, staggered arrivals (mixed steps of
-    decodes and prefill chunks); every request token-exact against PEFT. Qwen2's q/k/v carry
-    biases, which the fused group's base outputs must keep."""
+    decodes and prefill chunks); every request token-exact against PEFT. (Qwen2's q/k/v carry
+    biases; about a minute and a half of interpreter per case on two cores.)"""
     from loraplex.kernels import sgmv as sgmv_module
     from loraplex.server.runner import lora_layers
 
