@@ -6,7 +6,7 @@ First the machine: GPU, driver, versions of python, torch, triton, transformers,
 bitsandbytes. Then the stages, each a subprocess with its own share of --budget: past it the
 stage is killed and noted as timed out; a failing stage does not stop the later ones.
 
-  tests    the compiled SGMV kernels against the fp32 loops (tests/test_sgmv.py), the
+  tests    the compiled SGMV and paged decode kernels against their references, the
            `cuda`-marked tests (engine on CUDA vs PEFT, pinned side-stream slot loads) and the
            engine's Triton backend vs PEFT (`-k triton_backend`)
   kernels  a reduced grid of kernels/bench_sgmv.py: ours vs the torch reference and vLLM's
@@ -51,10 +51,11 @@ def stages(out: Path) -> list[Stage]:
     scale = [py, "-m", "loraplex.loadtest.engine_scale", "--out", str(out)]
     return [
         Stage("tests", 0.33,
-              [[*pytest, "tests/test_sgmv.py"],
+              [[*pytest, "tests/test_sgmv.py", "tests/test_paged_attention.py"],
                [*pytest, "-m", "cuda", "tests/test_peft_equivalence.py", "tests/test_engine.py"],
                [*pytest, "tests/test_peft_equivalence.py", "-k", "triton_backend"]],
-              [[*pytest, "tests/test_sgmv.py", "-k", "one_launch or meta_rows"],
+              [[*pytest, "tests/test_sgmv.py", "tests/test_paged_attention.py", "-k",
+                "one_launch or meta_rows or gqa_groups"],
                [*pytest, "tests/test_peft_equivalence.py", "-k", "lora_backend_is"]]),
         Stage("kernels", 0.2,
               [[*bench, "--batches", "1,16,256", "--adapters", "1,B", "--ranks", "16,mixed",

@@ -121,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="KV cache size on the CPU")
     engine.add_argument("--gpu-memory-utilization", type=float,
                         default=CacheConfig.gpu_memory_utilization)
+    engine.add_argument("--decode-attention", choices=["auto", "triton", "torch"],
+                        default="auto",
+                        help="decode attention over the paged KV cache: the Triton kernel "
+                             "reading blocks in place, or a padded gather and SDPA (auto: "
+                             "triton on CUDA, torch elsewhere)")
     serve.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"])
     return parser
@@ -134,7 +139,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                               cache_dir=args.model_cache),
             cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_kv_blocks,
                               kv_cache_memory_gb=args.kv_cache_memory_gb,
-                              gpu_memory_utilization=args.gpu_memory_utilization),
+                              gpu_memory_utilization=args.gpu_memory_utilization,
+                              decode_attention=args.decode_attention),
             scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                       max_num_batched_tokens=args.max_num_batched_tokens,
                                       max_overtakes=args.max_overtakes),

@@ -87,8 +87,9 @@ SCENARIOS = {
 
 
 def engine_config(model: ModelConfig, num_blocks=512, block_size=16, max_loras=16, budget=2048,
-                  max_seqs=256, backend="auto", fuse=True):
-    return EngineConfig(model=model, cache=CacheConfig(num_blocks=num_blocks, block_size=block_size),
+                  max_seqs=256, backend="auto", fuse=True, decode_attention="auto"):
+    return EngineConfig(model=model, cache=CacheConfig(num_blocks=num_blocks, block_size=block_size,
+                                                       decode_attention=decode_attention),
                         scheduler=SchedulerConfig(max_num_batched_tokens=budget,
                                                   max_num_seqs=max_seqs),
                         lora=LoRAConfig(max_loras=max_loras, max_lora_rank=64, backend=backend,
@@ -238,11 +239,12 @@ def test_tiny_mixed_batches_match_peft_on_cuda(tmp_path, monkeypatch):
 TRITON_SPECS = ("r1_qv", "patterns", "rslora_patterns", "regex_mlp01")
 
 
-@pytest.mark.parametrize("arch,fuse", [("llama", True), ("qwen2", False)],
-                         ids=["llama-fused", "qwen2-unfused"])
-def test_tiny_mixed_batches_match_peft_triton_backend(tmp_path, monkeypatch, arch, fuse):
+@pytest.mark.parametrize("arch,fuse,decode", [("llama", True, "triton"), ("qwen2", False, "torch")],
+                         ids=["llama-fused-paged", "qwen2-unfused"])
+def test_tiny_mixed_batches_match_peft_triton_backend(tmp_path, monkeypatch, arch, fuse, decode):
     """The engine's CUDA path, run on the CPU: LoRA through the Triton SGMV kernels in the
-    interpreter, fused (one launch pair per q/k/v and per gate/up) or one pair per projection.
+    interpreter, fused (one launch pair per q/k/v and per gate/up) or one pair per projection;
+    decode attention by the Triton paged kernel or the torch gather.
     One run has it all at once: two slots for four adapters (slot reloads), a 16-token budget
     (chunked prefill), a KV cache that forces preemption, staggered arrivals (mixed steps of
     decodes and prefill chunks); every request token-exact against PEFT. (Qwen2's q/k/v carry
@@ -264,8 +266,8 @@ def test_tiny_mixed_batches_match_peft_triton_backend(tmp_path, monkeypatch, arc
                   TINY_PROMPTS, {name: ADAPTER_SPECS[name] for name in TRITON_SPECS})
     _adapters_change_output(setup, TINY_PROMPTS[:3])
     engine = setup.engine(num_blocks=20, block_size=4, max_loras=2, budget=16, backend="triton",
-                          fuse=fuse)
-    assert engine.runner.lora.backend == "triton"
+                          fuse=fuse, decode_attention=decode)
+    assert engine.runner.lora.backend == "triton" and engine.runner.decode_attention == decode
     assert len(engine.runner.lora.groups) == (4 if fuse else 0)  # 2 layers x (q/k/v, gate/up)
     loads = []
     load = engine.runner.lora.load
@@ -308,13 +310,15 @@ def test_lora_backend_is_chosen_once_and_refused_where_it_cannot_run(monkeypatch
         resolve_backend("cpu-kernel", cpu, torch.float32, quantized=False)
 
 
-def test_tiny_sliding_window_matches_transformers(tmp_path):
-    """Mistral with a sliding window shorter than the prompts: the mask must follow it."""
+@pytest.mark.parametrize("decode", ["torch", "triton"])
+def test_tiny_sliding_window_matches_transformers(tmp_path, decode):
+    """Mistral with a sliding window shorter than the prompts: the mask must follow it, in
+    the torch decode path and in the Triton paged kernel (interpreted off the GPU)."""
     model_dir = save_tiny_model("mistral", tmp_path / "model", sliding_window=8)
     specs = {k: ADAPTER_SPECS[k] for k in ("r8_attn", "r16_all")}
     setup = Setup(ModelConfig(model=str(model_dir), quantization="none"),
                   tmp_path / "adapters", TINY_PROMPTS, specs)
-    engine = setup.engine(budget=16)
+    engine = setup.engine(budget=16, decode_attention=decode)
     got, _, _ = run(engine, setup.cases, arrive_every=2)
     setup.check(got, "sliding_window", engine)
 

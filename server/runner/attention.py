@@ -4,7 +4,8 @@ The model runner packs every scheduled sequence's new tokens into one row and pa
 `AttentionMetadata` as the `lp_attn` keyword; transformers forwards it to the function
 registered here under `ATTN_IMPLEMENTATION`. Each layer writes the new keys/values into the
 cache (`module.layer_idx`), then every sequence attends over its own cached context: decodes
-in one padded batch, prefill chunks one sequence at a time (causal within the chunk).
+in one batch (the Triton paged kernel reading blocks in place, or a padded gather and SDPA),
+prefill chunks one sequence at a time (causal within the chunk).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from loraplex.kernels.paged_attention import decode_mask, paged_decode, paged_decode_ref
 from transformers import AttentionInterface
 
 ATTN_IMPLEMENTATION = "loraplex_paged"
@@ -62,18 +64,16 @@ class AttentionMetadata:
     decode_rows: torch.Tensor | None  # [B] packed row of each single-token sequence
     decode_block_tables: torch.Tensor | None  # [B, max_blocks], padded with block 0
     decode_context_lens: torch.Tensor | None  # [B]
+    # "triton": the paged decode kernel reads blocks in place; "torch": gather and SDPA.
+    decode_backend: str = "torch"
     _masks: dict = field(default_factory=dict)  # masks per sliding window, built once a step
 
-    def decode_mask(self, window: int | None) -> torch.Tensor:  # [B, 1, 1, max_blocks * bs]
+    def decode_mask(self, window: int | None) -> torch.Tensor:  # [B, max_blocks * bs]
         key = ("decode", window)
         if key not in self._masks:
-            lens = self.decode_context_lens
-            pos = torch.arange(self.decode_block_tables.shape[1] * self.cache.block_size,
-                               device=lens.device)
-            mask = pos[None, :] < lens[:, None]
-            if window is not None:
-                mask &= pos[None, :] > (lens[:, None] - 1 - window)
-            self._masks[key] = mask[:, None, None, :]
+            self._masks[key] = decode_mask(
+                self.decode_context_lens,
+                self.decode_block_tables.shape[1] * self.cache.block_size, window)
         return self._masks[key]
 
     def prefill_mask(self, i: int, window: int | None) -> torch.Tensor | None:  # [n, ctx]
@@ -116,17 +116,16 @@ def paged_attention_forward(
     q = query[0].transpose(0, 1)  # [T, H, D]
     out = torch.empty_like(q)
     if meta.decode_rows is not None:
-        b = meta.decode_rows.shape[0]
-        # index_select copies whole blocks; advanced indexing with the 2-D table goes element
-        # by element, several times slower on the CPU.
-        blocks = meta.decode_block_tables.flatten()  # [B * max_blocks]
-        k = cache.k[layer].index_select(0, blocks).view(b, -1, num_kv_heads, head_dim)
-        v = cache.v[layer].index_select(0, blocks).view(b, -1, num_kv_heads, head_dim)
-        qd = q[meta.decode_rows].unsqueeze(2)  # [B, H, 1, D]
-        o = F.scaled_dot_product_attention(
-            qd, k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
-            attn_mask=meta.decode_mask(sliding_window), scale=scaling, enable_gqa=True)
-        out[meta.decode_rows] = o.squeeze(2)
+        qd = q[meta.decode_rows]  # [B, H, D]
+        scale = scaling if scaling is not None else head_dim ** -0.5
+        if meta.decode_backend == "triton":
+            o = paged_decode(qd, cache.k[layer], cache.v[layer], meta.decode_block_tables,
+                             meta.decode_context_lens, scale, sliding_window)
+        else:
+            o = paged_decode_ref(qd, cache.k[layer], cache.v[layer], meta.decode_block_tables,
+                                 meta.decode_context_lens, scale, sliding_window,
+                                 meta.decode_mask(sliding_window))
+        out[meta.decode_rows] = o
     for i, seq in enumerate(meta.prefills):
         k = cache.k[layer].index_select(0, seq.block_ids)  # [blocks, bs, KVH, D]
         v = cache.v[layer].index_select(0, seq.block_ids)

@@ -36,6 +36,18 @@ TARGET_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
+def check_triton(what: str, device: torch.device) -> None:
+    """A ConfigError unless Triton can run `what` here: on CUDA, or in its interpreter."""
+    interpreted = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+    if device.type != "cuda" and not interpreted:
+        raise ConfigError(f"{what} runs on CUDA, or on the CPU in Triton's interpreter: set "
+                          "TRITON_INTERPRET=1 before starting")
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"{what} needs the triton package") from None
+
+
 def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype,
                     quantized: bool) -> str:
     """The LoRA backend the engine will use ("triton", "cpu-kernel" or "torch"), or a
@@ -51,14 +63,7 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype,
             return "cpu-kernel"
         return "torch"
     if requested == "triton":
-        interpreted = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
-        if device.type != "cuda" and not interpreted:
-            raise ConfigError("--lora-backend triton runs on CUDA, or on the CPU in Triton's "
-                             "interpreter: set TRITON_INTERPRET=1 before starting")
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            raise ConfigError("--lora-backend triton needs the triton package") from None
+        check_triton("--lora-backend triton", device)
     elif requested == "cpu-kernel":
         if device.type != "cpu" or dtype != torch.float32:
             raise ConfigError("--lora-backend cpu-kernel runs fp32 models on the CPU only")

@@ -10,7 +10,7 @@ from ..engine.request import Request, SamplingParams
 from ..engine.scheduler import ScheduledRequest
 from .attention import ATTN_IMPLEMENTATION, AttentionMetadata, KVGeometry, PagedKVCache, PrefillSeq
 from .loader import LoadedModel
-from .lora_layers import LoRAModel, resolve_backend
+from .lora_layers import LoRAModel, check_triton, resolve_backend
 
 
 class ModelRunner:
@@ -25,6 +25,12 @@ class ModelRunner:
                                   quantized=loaded.quantization != "none")
         self.lora = LoRAModel(model, config.lora.max_loras, config.lora.max_lora_rank,
                               loaded.dtype, loaded.device, backend, config.lora.fuse)
+        decode = config.cache.decode_attention
+        if decode == "auto":
+            decode = "triton" if loaded.device.type == "cuda" else "torch"
+        elif decode == "triton":
+            check_triton("--decode-attention triton", loaded.device)
+        self.decode_attention = decode
         self.kv = PagedKVCache(KVGeometry.of(model.config.get_text_config()), num_blocks,
                                self.block_size, loaded.dtype, loaded.device)
 
@@ -83,6 +89,7 @@ class ModelRunner:
             decode_rows=self._tensor(decode_rows) if decode_rows else None,
             decode_block_tables=self._padded(decode_tables) if decode_rows else None,
             decode_context_lens=self._tensor(decode_lens) if decode_rows else None,
+            decode_backend=self.decode_attention,
         )
         self.lora.prepare(Segments.from_token_slots(token_slots))
         self.lora.await_loads()

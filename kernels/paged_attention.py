@@ -1,0 +1,90 @@
+"""Paged decode attention: each decoding sequence's query against its own cached keys and
+values, read in place through its block table, with no padded copy of the context.
+
+Semantics, for sequence b with context length L_b, query head h and its KV head
+g = h // (H / KVH), over cached positions p < L_b (and p >= L_b - window with a window):
+
+    o[b, h] = softmax_p(scale * q[b, h] . K[b, p, g]) @ V[b, p, g]
+
+where position p lives in slot p % block_size of block block_tables[b, p // block_size].
+
+`paged_decode_ref` is the torch path the engine had: gather each sequence's blocks into a
+padded copy, mask, and call SDPA. `paged_decode` is one Triton program per (sequence, KV
+head) that walks the sequence's pages with an online softmax (fp32), and serves the KV
+head's whole query group at once, so each cached key and value is read once per step.
+Decode is memory-bound: the floor is reading the context's K and V once. Everything a launch
+reads per step is a device tensor of fixed shape, as a CUDA graph would need.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def decode_mask(context_lens: torch.Tensor, width: int, window: int | None) -> torch.Tensor:
+    """[B, width] bool: the positions each sequence attends to."""
+    pos = torch.arange(width, device=context_lens.device)
+    mask = pos[None, :] < context_lens[:, None]
+    if window is not None:
+        mask &= pos[None, :] > (context_lens[:, None] - 1 - window)
+    return mask
+
+
+def paged_decode_ref(
+    q: torch.Tensor,  # [B, H, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
+    block_tables: torch.Tensor,  # [B, max_blocks] int, padded with any valid block
+    context_lens: torch.Tensor,  # [B] int
+    scale: float,
+    window: int | None = None,
+    mask: torch.Tensor | None = None,  # [B, max_blocks * block_size] bool, if made already
+) -> torch.Tensor:  # [B, H, D], q's dtype
+    b = q.shape[0]
+    _, block_size, kvh, d = k_cache.shape
+    # index_select copies whole blocks; advanced indexing with the 2-D table goes element
+    # by element, several times slower on the CPU.
+    blocks = block_tables.flatten()  # [B * max_blocks]
+    k = k_cache.index_select(0, blocks).view(b, -1, kvh, d)
+    v = v_cache.index_select(0, blocks).view(b, -1, kvh, d)
+    if mask is None:
+        mask = decode_mask(context_lens, k.shape[1], window)
+    o = F.scaled_dot_product_attention(
+        q.unsqueeze(2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
+        attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True)
+    return o.squeeze(2)
+
+
+def paged_decode(
+    q: torch.Tensor,  # [B, H, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
+    block_tables: torch.Tensor,  # [B, max_blocks] int
+    context_lens: torch.Tensor,  # [B] int
+    scale: float,
+    window: int | None = None,
+) -> torch.Tensor:  # [B, H, D], q's dtype
+    """Launches `_decode_kernel`: one program per (sequence, KV head)."""
+    import triton
+
+    from .paged_attention_kernel import _decode_kernel
+
+    b, h, d = q.shape
+    _, block_size, kvh, _ = k_cache.shape
+    assert h % kvh == 0 and k_cache.shape == v_cache.shape and k_cache.shape[3] == d
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and block_tables.is_contiguous()
+    assert q.stride(2) == 1
+    o = torch.empty_like(q)
+    if b == 0:
+        return o
+    group = h // kvh
+    _decode_kernel[(b, kvh)](
+        q, k_cache, v_cache, block_tables, context_lens, o,
+        float(scale), window or 0,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0), o.stride(0), o.stride(1),
+        GROUP=group, GROUP_P2=max(triton.next_power_of_2(group), 1),
+        BLOCK_SIZE=block_size, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
+    )
+    return o

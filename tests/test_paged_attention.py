@@ -1,0 +1,81 @@
+"""The Triton paged decode kernel (in the interpreter off the GPU) against the torch path it
+replaces, over GQA groups, head sizes, block sizes, context lengths, windows and dtypes.
+
+Cache positions that no sequence may read (other sequences' blocks, slots past a context's
+end, positions before a window) hold NaN in the kernel's copy of the cache: a read of any of
+them would turn its output NaN. The reference runs on the clean cache."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+pytest.importorskip("triton")
+from loraplex.kernels.paged_attention import paged_decode, paged_decode_ref  # noqa: E402
+
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
+
+
+def case(heads: int, kv_heads: int, head_dim: int, block_size: int, lens: list[int],
+         window: int | None, dtype: torch.dtype, seed: int = 0):
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    max_blocks = max(-(-n // block_size) for n in lens)
+    num_blocks = len(lens) * max_blocks + 3
+    k = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen).to(dtype)
+    v = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen).to(dtype)
+    free = list(range(num_blocks))
+    rng.shuffle(free)
+    tables, readable = [], torch.zeros(num_blocks, block_size, dtype=torch.bool)
+    for n in lens:
+        own = [free.pop() for _ in range(-(-n // block_size))]
+        tables.append(own + [0] * (max_blocks - len(own)))  # padded with block 0, as the runner does
+        first = max(n - window, 0) if window else 0
+        for p in range(first, n):
+            readable[own[p // block_size], p % block_size] = True
+    k_poisoned, v_poisoned = k.clone(), v.clone()
+    k_poisoned[~readable] = float("nan")
+    v_poisoned[~readable] = float("nan")
+    q = torch.randn(len(lens), heads, head_dim, generator=gen).to(dtype)
+    to = dict(device=DEVICE)
+    bt = torch.tensor(tables, dtype=torch.long, **to)
+    cl = torch.tensor(lens, dtype=torch.long, **to)
+    scale = head_dim ** -0.5
+    want = paged_decode_ref(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), bt, cl, scale, window)
+    got = paged_decode(q.to(DEVICE), k_poisoned.to(DEVICE), v_poisoned.to(DEVICE), bt, cl,
+                       scale, window)
+    assert got.dtype == dtype and got.shape == q.shape
+    assert not got.isnan().any()
+    torch.testing.assert_close(got.float(), want.float(), atol=TOLERANCE[dtype],
+                               rtol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (8, 2), (6, 2)],
+                         ids=["mha", "gqa2", "gqa4", "gqa3"])
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_gqa_groups_and_block_sizes(heads, kv_heads, block_size):
+    case(heads, kv_heads, 16, block_size, [1, 5, 16, 17, 40], None, torch.float32)
+
+
+@pytest.mark.parametrize("head_dim", [8, 80])
+def test_head_dims(head_dim):
+    case(4, 2, head_dim, 4, [3, 9, 12], None, torch.float32)
+
+
+@pytest.mark.parametrize("window", [1, 3, 8, 100])
+def test_sliding_window(window):
+    case(4, 2, 16, 4, [1, 4, 7, 13, 30], window, torch.float32)
+
+
+def test_bf16_cache():
+    case(4, 2, 16, 8, [2, 11, 33], None, torch.bfloat16)
+
+
+def test_empty_batch():
+    q = torch.zeros(0, 4, 16, device=DEVICE)
+    cache = torch.zeros(2, 4, 2, 16, device=DEVICE)
+    table = torch.zeros(0, 1, dtype=torch.long, device=DEVICE)
+    assert paged_decode(q, cache, cache, table, table[:, 0], 0.25).shape == (0, 4, 16)
