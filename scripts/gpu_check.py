@@ -10,7 +10,8 @@ stage is killed and noted as timed out; a failing stage does not stop the later 
            `cuda`-marked tests (engine on CUDA vs PEFT, pinned side-stream slot loads) and the
            engine's Triton backend vs PEFT (`-k triton_backend`)
   kernels  a reduced grid of kernels/bench_sgmv.py: ours vs the torch reference and vLLM's
-           ops (when peers/vllm_lora is present), with the fraction of copy bandwidth
+           ops (when peers/vllm_lora is present), and kernels/bench_paged_attention.py: the
+           paged decode kernel vs the torch gather; both with the fraction of copy bandwidth
   engine   loadtest/engine_scale.py: a Llama-3-8B-shaped random model (8 of its 32 layers),
            NF4 and bf16, 1 and 100 adapters vs base only vs PEFT
 
@@ -48,6 +49,8 @@ def stages(out: Path) -> list[Stage]:
     py, pytest = sys.executable, [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
     bench = [py, "-m", "loraplex.kernels.bench_sgmv", "--out", str(out / "bench_sgmv.json"),
              "--md", str(out / "bench_sgmv.md")]
+    paged = [py, "-m", "loraplex.kernels.bench_paged_attention", "--out",
+             str(out / "bench_paged.json"), "--md", str(out / "bench_paged.md")]
     scale = [py, "-m", "loraplex.loadtest.engine_scale", "--out", str(out)]
     return [
         Stage("tests", 0.33,
@@ -59,8 +62,8 @@ def stages(out: Path) -> list[Stage]:
                [*pytest, "tests/test_peft_equivalence.py", "-k", "lora_backend_is"]]),
         Stage("kernels", 0.2,
               [[*bench, "--batches", "1,16,256", "--adapters", "1,B", "--ranks", "16,mixed",
-                "--repeats", "10"]],
-              [[*bench, "--smoke", "--peers", str(out / "no-peers")]]),
+                "--repeats", "10"], [*paged, "--repeats", "10"]],
+              [[*bench, "--smoke", "--peers", str(out / "no-peers")], [*paged, "--smoke"]]),
         # The stage's own deadline leaves it time to write what finished before it is killed.
         Stage("engine", 0.45,
               [[*scale, "--layers", "8", "--deadline", "{deadline}"]],
@@ -143,9 +146,10 @@ def markdown(report: dict, out: Path) -> str:
     for s in report["stages"]:
         lines.append(f"| {s['stage']} | {s['status']} | {s['seconds']} ({s['budget_s']}) | "
                      f"{'; '.join(s['summary'])} |")
-    for name in ("bench_sgmv.md",):
+    for name, title in (("bench_sgmv.md", "SGMV kernels"),
+                        ("bench_paged.md", "Paged decode attention")):
         if (out / name).is_file():
-            lines += ["", "## Kernels", "", (out / name).read_text()]
+            lines += ["", f"## {title}", "", (out / name).read_text()]
     if (out / "engine_scale.json").is_file():
         sys.path.insert(0, str(ROOT))
         from loraplex.loadtest.engine_scale import markdown as engine_md

@@ -39,6 +39,9 @@ def test_gpu_check_dry_run_writes_every_stage_result(tmp_path):
         assert set(row["groups"]) == {"qkv", "o", "gate_up", "down"}
         assert row["ours"] > 0 and row["torch"] > 0 and row["bytes"] > 0
     assert "vLLM LoRA ops: not fetched" in (tmp_path / "kernels.log").read_text()
+    paged = json.loads((tmp_path / "bench_paged.json").read_text())["rows"]
+    assert [(r["batch"], r["context"]) for r in paged] == [(1, 5), (1, 17), (3, 5), (3, 17)]
+    assert all(r["max_abs_diff"] < 1e-4 for r in paged)
 
     # engine: both quantizations, both adapter counts, PEFT beside each, on the Triton backend
     scale = json.loads((tmp_path / "engine_scale.json").read_text())
@@ -51,7 +54,8 @@ def test_gpu_check_dry_run_writes_every_stage_result(tmp_path):
         assert row["identical_to_peft"] == "2/2"
 
     md = (tmp_path / "gpu_check.md").read_text()
-    assert "| tests | ok |" in md and "## Kernels" in md and "## Engine" in md
+    assert "| tests | ok |" in md and "## SGMV kernels" in md and "## Engine" in md
+    assert "## Paged decode attention" in md
 
 
 def test_gpu_check_notes_a_stage_out_of_time_and_goes_on(tmp_path):
