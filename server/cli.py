@@ -76,9 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--header-timeout", type=float, default=ServerConfig.header_timeout,
                        help="seconds a connection gets to send complete request headers "
                             "(slow-header clients are closed)")
+    serve.add_argument("--max-in-flight", type=int, default=ServerConfig.max_in_flight,
+                       help="requests queued or running before new ones get 503 in OpenAI's "
+                            "error shape (load shedding)")
+    serve.add_argument("--max-body-mb", type=float, default=ServerConfig.max_body_mb,
+                       help="largest request body, in MB (413 above it)")
     serve.add_argument("--max-connections", type=int, default=ServerConfig.max_connections,
                        help="open connections before requests get a plain 503 from uvicorn; "
-                            "keep it above the 1024 requests in flight that get OpenAI's 503")
+                            "keep it above --max-in-flight, which gets OpenAI's 503")
     model = serve.add_argument_group("model")
     model.add_argument("--quantization", choices=["nf4", "int8", "none"], default=None,
                        help="default: nf4 on CUDA, none on the CPU")
@@ -154,7 +159,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         metrics_key=args.metrics_key,
         lora_modules=_lora_modules(args.lora_modules), adapter_store=args.adapter_store,
         allowed_lora_dirs=tuple(args.allowed_lora_dirs), max_adapter_mb=args.max_adapter_mb,
-        drain_timeout=args.drain_timeout,
+        drain_timeout=args.drain_timeout, max_in_flight=args.max_in_flight,
+        max_body_mb=args.max_body_mb,
         header_timeout=args.header_timeout, max_connections=args.max_connections,
     )
 
