@@ -91,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
                        default="auto")
     model.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto)")
     model.add_argument("--max-model-len", type=int, default=None)
+    model.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                       help="replay decode steps from CUDA graphs (default: on with CUDA and "
+                            "both Triton paths; falls back to eager if capture fails)")
+    model.add_argument("--enforce-eager", action="store_true",
+                       help="vLLM's name for --no-cuda-graphs")
     model.add_argument("--model-cache", default=None,
                        help="where GGUF conversions are cached (default ~/.cache/loraplex)")
     lora = serve.add_argument_group("adapters")
@@ -141,7 +146,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         engine=EngineConfig(
             model=ModelConfig(model=args.model, quantization=args.quantization, dtype=args.dtype,
                               device=args.device, max_model_len=args.max_model_len,
-                              cache_dir=args.model_cache),
+                              cache_dir=args.model_cache,
+                              cuda_graphs=False if args.enforce_eager else args.cuda_graphs),
             cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_kv_blocks,
                               kv_cache_memory_gb=args.kv_cache_memory_gb,
                               gpu_memory_utilization=args.gpu_memory_utilization,

@@ -41,6 +41,10 @@ class ModelConfig:
     # Where converted models (GGUF -> safetensors) are cached. None: $LORAPLEX_CACHE or
     # ~/.cache/loraplex.
     cache_dir: str | None = None
+    # Decode steps through static buffers, replayed from CUDA graphs captured per batch size
+    # (server/runner/decode_graphs.py). None: on where it can run (CUDA, with both Triton
+    # paths); True elsewhere runs the same static-buffer steps uncaptured (tests do).
+    cuda_graphs: bool | None = None
 
     def __post_init__(self) -> None:
         assert self.quantization in (None, "nf4", "int8", "none"), self.quantization

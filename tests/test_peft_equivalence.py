@@ -11,7 +11,7 @@ budget small enough to chunk every prefill.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -87,8 +87,9 @@ SCENARIOS = {
 
 
 def engine_config(model: ModelConfig, num_blocks=512, block_size=16, max_loras=16, budget=2048,
-                  max_seqs=256, backend="auto", fuse=True, decode_attention="auto"):
-    return EngineConfig(model=model, cache=CacheConfig(num_blocks=num_blocks, block_size=block_size,
+                  max_seqs=256, backend="auto", fuse=True, decode_attention="auto",
+                  cuda_graphs=None):
+    return EngineConfig(model=replace(model, cuda_graphs=cuda_graphs), cache=CacheConfig(num_blocks=num_blocks, block_size=block_size,
                                                        decode_attention=decode_attention),
                         scheduler=SchedulerConfig(max_num_batched_tokens=budget,
                                                   max_num_seqs=max_seqs),
@@ -240,11 +241,13 @@ TRITON_SPECS = ("r1_qv", "patterns", "rslora_patterns", "regex_mlp01")
 
 
 @pytest.mark.parametrize("arch,fuse,decode", [("llama", True, "triton"), ("qwen2", False, "torch")],
-                         ids=["llama-fused-paged", "qwen2-unfused"])
+                         ids=["llama-fused-paged-static", "qwen2-unfused"])
 def test_tiny_mixed_batches_match_peft_triton_backend(tmp_path, monkeypatch, arch, fuse, decode):
     """The engine's CUDA path, run on the CPU: LoRA through the Triton SGMV kernels in the
     interpreter, fused (one launch pair per q/k/v and per gate/up) or one pair per projection;
-    decode attention by the Triton paged kernel or the torch gather.
+    decode attention by the Triton paged kernel or the torch gather. With both Triton paths,
+    plain decode steps go through the CUDA-graph runner's static buffers (padded to a graph
+    size, scratch block, fixed segment table), uncaptured on the CPU.
     One run has it all at once: two slots for four adapters (slot reloads), a 16-token budget
     (chunked prefill), a KV cache that forces preemption, staggered arrivals (mixed steps of
     decodes and prefill chunks); every request token-exact against PEFT. (Qwen2's q/k/v carry
@@ -265,9 +268,18 @@ def test_tiny_mixed_batches_match_peft_triton_backend(tmp_path, monkeypatch, arc
     setup = Setup(ModelConfig(model=str(model_dir), quantization="none"), tmp_path / "adapters",
                   TINY_PROMPTS, {name: ADAPTER_SPECS[name] for name in TRITON_SPECS})
     _adapters_change_output(setup, TINY_PROMPTS[:3])
-    engine = setup.engine(num_blocks=20, block_size=4, max_loras=2, budget=16, backend="triton",
-                          fuse=fuse, decode_attention=decode)
+    static = decode == "triton"
+    engine = setup.engine(num_blocks=21 if static else 20, block_size=4, max_loras=2, budget=16,
+                          backend="triton", fuse=fuse, decode_attention=decode,
+                          cuda_graphs=static or None)
     assert engine.runner.lora.backend == "triton" and engine.runner.decode_attention == decode
+    graphs = engine.runner.graphs
+    assert (graphs is not None) is static and engine.blocks.num_blocks == 20
+    static_steps = []
+    if static:
+        graph_run = graphs.run
+        monkeypatch.setattr(graphs, "run", lambda s, size: static_steps.append((len(s), size))
+                            or graph_run(s, size))
     assert len(engine.runner.lora.groups) == (4 if fuse else 0)  # 2 layers x (q/k/v, gate/up)
     loads = []
     load = engine.runner.lora.load
@@ -278,6 +290,8 @@ def test_tiny_mixed_batches_match_peft_triton_backend(tmp_path, monkeypatch, arc
     assert len(loads) > len(setup.adapters), f"no slot was reloaded: {loads}"
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
     assert launches and set(launches) == ({3, 2, 1} if fuse else {1}), set(launches)
+    if static:  # some decode steps ran static, some of them padded
+        assert static_steps and any(n < size for n, size in static_steps), static_steps
 
 
 def test_lora_backend_is_chosen_once_and_refused_where_it_cannot_run(monkeypatch):
@@ -291,6 +305,9 @@ def test_lora_backend_is_chosen_once_and_refused_where_it_cannot_run(monkeypatch
     lora = config_from_args(build_parser().parse_args(
         ["serve", "--lora-backend", "triton", "--no-lora-fuse"])).engine.lora
     assert (lora.backend, lora.fuse) == ("triton", False)
+    for flags, graphs in ([], None), (["--cuda-graphs"], True), (["--enforce-eager"], False):
+        assert config_from_args(build_parser().parse_args(
+            ["serve", *flags])).engine.model.cuda_graphs is graphs
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_backend("auto", cuda, torch.bfloat16, quantized=True) == "triton"

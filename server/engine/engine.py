@@ -65,6 +65,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.loaded, config, num_blocks)
         self.runner.warm_up()
         # A lone request must always fit in the cache, so the context is capped by its size.
+        num_blocks = self.runner.num_usable_blocks  # less a scratch block for decode graphs
         self.max_model_len = min(self.loaded.max_model_len, num_blocks * config.cache.block_size)
         self.blocks = BlockManager(num_blocks, config.cache.block_size)
         self.adapter_manager = AdapterManager(config.lora, self.runner.lora, self.parse_adapter,

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from loraplex.kernels.segments import Segments
 
-from ..config import EngineConfig
+from ..config import ConfigError, EngineConfig
 from ..engine.request import Request, SamplingParams
 from ..engine.scheduler import ScheduledRequest
 from .attention import ATTN_IMPLEMENTATION, AttentionMetadata, KVGeometry, PagedKVCache, PrefillSeq
+from .decode_graphs import DEFAULT_SIZES, DecodeGraphs
 from .loader import LoadedModel
 from .lora_layers import LoRAModel, check_triton, resolve_backend
+
+log = logging.getLogger(__name__)
 
 
 class ModelRunner:
@@ -33,6 +38,26 @@ class ModelRunner:
         self.decode_attention = decode
         self.kv = PagedKVCache(KVGeometry.of(model.config.get_text_config()), num_blocks,
                                self.block_size, loaded.dtype, loaded.device)
+        self.graphs: DecodeGraphs | None = None
+        self.num_usable_blocks = num_blocks
+        static = backend == "triton" and decode == "triton"
+        wanted = config.model.cuda_graphs
+        if wanted and not static:
+            raise ConfigError("--cuda-graphs needs --lora-backend triton and "
+                              "--decode-attention triton (the torch paths decide on the host)")
+        if wanted or (wanted is None and static and loaded.device.type == "cuda"):
+            # The cache's last block is the padded rows' scratch: no request may own it.
+            self.num_usable_blocks = num_blocks - 1
+            max_len = min(loaded.max_model_len, self.num_usable_blocks * self.block_size)
+            capture = loaded.device.type == "cuda"
+            try:
+                self.graphs = DecodeGraphs(self, DEFAULT_SIZES, -(-max_len // self.block_size),
+                                           num_blocks - 1, capture)
+            except Exception:  # noqa: BLE001 - an uncapturable model still serves, eagerly
+                if not capture or wanted:
+                    raise
+                log.warning("CUDA graph capture failed; decoding eagerly", exc_info=True)
+                self.num_usable_blocks = num_blocks
 
     def warm_up(self) -> None:
         """One throwaway forward before serving. bitsandbytes repacks 4-bit weights at a
@@ -52,6 +77,9 @@ class ModelRunner:
         Returns fp32 logits `[num_sampling, vocab]` for the sequences with `samples` set, in
         the order they appear in `scheduled`.
         """
+        size = self.graphs.size_for(scheduled) if self.graphs is not None else None
+        if size is not None:
+            return self.graphs.run(scheduled, size)
         # Grouping sequences by adapter slot makes each adapter's tokens one segment.
         order = sorted(range(len(scheduled)), key=lambda i: scheduled[i].request.lora_slot)
         bs = self.block_size
