@@ -55,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shape", default="llama3-8b", choices=["llama3-8b", "tiny"])
     ap.add_argument("--layers", type=int, default=None, help="default: the shape's own")
     ap.add_argument("--quantizations", default="nf4,none",
-                    help="comma-separated; none is the dense dtype (bf16 on CUDA, fp32 on CPU)")
+                    help="comma-separated; none is the dense dtype (bf16 on CUDA, fp32 on CPU); "
+                         "a name ending in :eager runs without CUDA graphs, with the torch "
+                         "decode attention and unfused LoRA groups (e.g. nf4,nf4:eager)")
     ap.add_argument("--adapter-counts", default="1,100")
     ap.add_argument("--ranks", default="8,16", help="cycled over the adapters; all-linear")
     ap.add_argument("--requests", type=int, default=64)
@@ -98,20 +100,28 @@ def main(argv: list[str] | None = None) -> int:
                                       dtype=torch.bfloat16 if cuda else torch.float32)
         _say(f"{len(paths)} adapters written in {time.monotonic() - t0:.1f}s")
         names = list(paths)
-        for quantization in args.quantizations.split(","):
-            if not time_left(f"{quantization}: everything"):
+        for variant in args.quantizations.split(","):
+            if not time_left(f"{variant}: everything"):
                 continue
+            quantization, _, mode = variant.partition(":")
+            eager = mode == "eager"
             t0 = time.monotonic()
             engine = LLMEngine(EngineConfig(
-                model=ModelConfig(model=str(model_dir), quantization=quantization),
+                model=ModelConfig(model=str(model_dir), quantization=quantization,
+                                  cuda_graphs=False if eager else None),
                 # Room left on the GPU for PEFT's copy of the model, loaded beside the engine.
-                cache=CacheConfig(kv_cache_memory_gb=1.0, gpu_memory_utilization=0.5),
+                cache=CacheConfig(kv_cache_memory_gb=1.0, gpu_memory_utilization=0.5,
+                                  decode_attention="torch" if eager else "auto"),
                 lora=LoRAConfig(max_loras=min(args.max_loras, max(counts)), max_lora_rank=64,
-                                max_cpu_loras=max(counts), backend=args.lora_backend)))
+                                max_cpu_loras=max(counts), backend=args.lora_backend,
+                                fuse=not eager)))
             for name in names:
                 engine.register_adapter(name, str(paths[name]))
-            backend = engine.runner.lora.backend
-            _say(f"{quantization}: engine ready in {time.monotonic() - t0:.1f}s "
+            runner = engine.runner
+            backend = (f"{runner.lora.backend}{' fused' if runner.lora.groups else ''}, "
+                       f"{runner.decode_attention} decode"
+                       f"{', CUDA graphs' if runner.graphs and runner.graphs.capture else ''}")
+            _say(f"{variant}: engine ready in {time.monotonic() - t0:.1f}s "
                  f"(LoRA backend {backend})")
             base_reqs = make_token_requests(vocab, [None], args.requests, args.max_tokens, 0)
             # Warm-up: Triton compiles its kernels for the shapes it meets first.
@@ -120,19 +130,22 @@ def main(argv: list[str] | None = None) -> int:
             t_base, _ = run_engine(engine, base_reqs, base_only=True)
             useful = args.requests * args.max_tokens
             for n in counts:
-                if not time_left(f"{quantization}: {n} adapters"):
+                if not time_left(f"{variant}: {n} adapters"):
                     continue
                 reqs = make_token_requests(vocab, names[:n], args.requests, args.max_tokens, 0)
                 t_lora, out_lora = run_engine(engine, reqs)
-                row = {"quantization": quantization, "lora_backend": backend, "adapters": n,
+                row = {"quantization": variant, "lora_backend": backend, "adapters": n,
                        "loraplex_tok_s": round(useful / t_lora, 1),
                        "base_only_tok_s": round(useful / t_base, 1),
                        "lora_overhead": round(t_lora / t_base - 1, 3)}
                 results["rows"].append(row)
                 save()
-                if not time_left(f"{quantization}: PEFT with {n} adapters"):
+                if eager:  # PEFT's side is the same as for the plain variant
                     continue
-                loaded = load_model(ModelConfig(model=str(model_dir), quantization=quantization))
+                if not time_left(f"{variant}: PEFT with {n} adapters"):
+                    continue
+                loaded = load_model(ModelConfig(model=str(model_dir),
+                                                quantization=quantization))
                 baseline = PeftBaseline(loaded.model, None,
                                         {name: str(paths[name]) for name in names[:n]})
                 sub = reqs[:args.peft_requests]
@@ -144,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                            identical_to_peft=f"{sum(a == b for a, b in zip(out_lora, out_peft))}"
                                              f"/{len(sub)}")
                 save()
-                _say(f"{quantization}, {n} adapters: {row}")
+                _say(f"{variant}, {n} adapters: {row}")
             engine.adapter_manager.shutdown()
             del engine
             if cuda:
@@ -159,7 +172,7 @@ def markdown(results: dict) -> str:
     lines = [f"Engine at scale: {results['shape']} shapes, {results.get('layers')} layers, "
              f"{results['device']}; {results['requests']} requests x {results['max_tokens']} "
              f"tokens (PEFT: the first {results['peft_requests']})", "",
-             "| quantization | LoRA backend | adapters | loraplex tok/s | base only tok/s | "
+             "| quantization | kernels | adapters | loraplex tok/s | base only tok/s | "
              "LoRA overhead | PEFT tok/s | vs PEFT | identical to PEFT |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:

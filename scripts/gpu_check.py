@@ -13,7 +13,8 @@ stage is killed and noted as timed out; a failing stage does not stop the later 
            ops (when peers/vllm_lora is present), and kernels/bench_paged_attention.py: the
            paged decode kernel vs the torch gather; both with the fraction of copy bandwidth
   engine   loadtest/engine_scale.py: a Llama-3-8B-shaped random model (8 of its 32 layers),
-           NF4 and bf16, 1 and 100 adapters vs base only vs PEFT
+           NF4 and bf16, 1 and 100 adapters vs base only vs PEFT; NF4 again without CUDA
+           graphs, paged kernel or fused groups, to weigh them
 
 --dry-run runs the same stages on the CPU at tiny sizes, Triton in its interpreter (CI runs
 it, so that the script is known to work before a GPU sees it). Results: `gpu_check.json` and
@@ -66,7 +67,8 @@ def stages(out: Path) -> list[Stage]:
               [[*bench, "--smoke", "--peers", str(out / "no-peers")], [*paged, "--smoke"]]),
         # The stage's own deadline leaves it time to write what finished before it is killed.
         Stage("engine", 0.45,
-              [[*scale, "--layers", "8", "--deadline", "{deadline}"]],
+              [[*scale, "--layers", "8", "--quantizations", "nf4,none,nf4:eager",
+                "--deadline", "{deadline}"]],
               [[*scale, "--shape", "tiny", "--layers", "1", "--adapter-counts", "1,2",
                 "--requests", "2", "--max-tokens", "2", "--peft-requests", "2", "--ranks", "4,8",
                 "--lora-backend", "triton", "--deadline", "{deadline}"]]),
