@@ -50,8 +50,10 @@ class ModelRunner:
             self.num_usable_blocks = num_blocks - 1
             max_len = min(loaded.max_model_len, self.num_usable_blocks * self.block_size)
             capture = loaded.device.type == "cuda"
+            max_seqs = config.scheduler.max_num_seqs  # no larger decode step can come
+            sizes = sorted({s for s in DEFAULT_SIZES if s < max_seqs} | {min(max_seqs, 256)})
             try:
-                self.graphs = DecodeGraphs(self, DEFAULT_SIZES, -(-max_len // self.block_size),
+                self.graphs = DecodeGraphs(self, tuple(sizes), -(-max_len // self.block_size),
                                            num_blocks - 1, capture)
             except Exception:  # noqa: BLE001 - an uncapturable model still serves, eagerly
                 if not capture or wanted:
