@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict = {"shape": args.shape, "device": torch.cuda.get_device_name() if cuda else "cpu",
                      "requests": args.requests, "max_tokens": args.max_tokens,
-                     "peft_requests": args.peft_requests, "rows": [], "skipped": []}
+                     "peft_requests": args.peft_requests, "rows": [], "skipped": [],
+                     "errors": []}
 
     def save() -> None:
         (args.out / "engine_scale.json").write_text(json.dumps(results, indent=1))
@@ -100,9 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                                       dtype=torch.bfloat16 if cuda else torch.float32)
         _say(f"{len(paths)} adapters written in {time.monotonic() - t0:.1f}s")
         names = list(paths)
-        for variant in args.quantizations.split(","):
-            if not time_left(f"{variant}: everything"):
-                continue
+
+        def run_variant(variant: str) -> None:
             quantization, _, mode = variant.partition(":")
             eager = mode == "eager"
             t0 = time.monotonic()
@@ -115,57 +115,74 @@ def main(argv: list[str] | None = None) -> int:
                 lora=LoRAConfig(max_loras=min(args.max_loras, max(counts)), max_lora_rank=64,
                                 max_cpu_loras=max(counts), backend=args.lora_backend,
                                 fuse=not eager)))
-            for name in names:
-                engine.register_adapter(name, str(paths[name]))
-            runner = engine.runner
-            backend = (f"{runner.lora.backend}{' fused' if runner.lora.groups else ''}, "
-                       f"{runner.decode_attention} decode"
-                       f"{', CUDA graphs' if runner.graphs and runner.graphs.capture else ''}")
-            _say(f"{variant}: engine ready in {time.monotonic() - t0:.1f}s "
-                 f"(LoRA backend {backend})")
-            base_reqs = make_token_requests(vocab, [None], args.requests, args.max_tokens, 0)
-            # Warm-up: Triton compiles its kernels for the shapes it meets first.
-            run_engine(engine, make_token_requests(vocab, names[:4], min(8, args.requests),
-                                                   min(4, args.max_tokens), 1))
-            t_base, _ = run_engine(engine, base_reqs, base_only=True)
+            try:
+                for name in names:
+                    engine.register_adapter(name, str(paths[name]))
+                runner = engine.runner
+                backend = (f"{runner.lora.backend}{' fused' if runner.lora.groups else ''}, "
+                           f"{runner.decode_attention} decode"
+                           f"{', CUDA graphs' if runner.graphs and runner.graphs.capture else ''}")
+                _say(f"{variant}: engine ready in {time.monotonic() - t0:.1f}s "
+                     f"(LoRA backend {backend})")
+                # Warm-up: Triton compiles its kernels for the shapes it meets first.
+                run_engine(engine, make_token_requests(vocab, names[:4], min(8, args.requests),
+                                                       min(4, args.max_tokens), 1))
+                base_reqs = make_token_requests(vocab, [None], args.requests, args.max_tokens, 0)
+                t_base, _ = run_engine(engine, base_reqs, base_only=True)
+                for n in counts:
+                    if not time_left(f"{variant}: {n} adapters"):
+                        continue
+                    row = run_count(engine, variant, backend, n, t_base)
+                    if eager:  # PEFT's side is the same as for the plain variant
+                        continue
+                    if time_left(f"{variant}: PEFT with {n} adapters"):
+                        run_peft_side(quantization, n, row)
+            finally:
+                engine.adapter_manager.shutdown()
+
+        def run_count(engine, variant: str, backend: str, n: int, t_base: float) -> dict:
+            reqs = make_token_requests(vocab, names[:n], args.requests, args.max_tokens, 0)
+            t_lora, outputs[n] = run_engine(engine, reqs)
             useful = args.requests * args.max_tokens
-            for n in counts:
-                if not time_left(f"{variant}: {n} adapters"):
-                    continue
-                reqs = make_token_requests(vocab, names[:n], args.requests, args.max_tokens, 0)
-                t_lora, out_lora = run_engine(engine, reqs)
-                row = {"quantization": variant, "lora_backend": backend, "adapters": n,
-                       "loraplex_tok_s": round(useful / t_lora, 1),
-                       "base_only_tok_s": round(useful / t_base, 1),
-                       "lora_overhead": round(t_lora / t_base - 1, 3)}
-                results["rows"].append(row)
+            row = {"quantization": variant, "lora_backend": backend, "adapters": n,
+                   "loraplex_tok_s": round(useful / t_lora, 1),
+                   "base_only_tok_s": round(useful / t_base, 1),
+                   "lora_overhead": round(t_lora / t_base - 1, 3)}
+            results["rows"].append(row)
+            save()
+            return row
+
+        def run_peft_side(quantization: str, n: int, row: dict) -> None:
+            loaded = load_model(ModelConfig(model=str(model_dir), quantization=quantization))
+            baseline = PeftBaseline(loaded.model, None,
+                                    {name: str(paths[name]) for name in names[:n]})
+            sub = make_token_requests(vocab, names[:n], args.requests, args.max_tokens,
+                                      0)[:args.peft_requests]
+            t_peft, out_peft = run_peft(baseline, sub, batch=len(sub))
+            peft_tok_s = len(sub) * args.max_tokens / t_peft
+            same = sum(a == b for a, b in zip(outputs[n], out_peft))
+            row.update(peft_tok_s=round(peft_tok_s, 1),
+                       speedup_vs_peft=round(row["loraplex_tok_s"] / peft_tok_s, 2),
+                       identical_to_peft=f"{same}/{len(sub)}")
+            save()
+            _say(f"{row['quantization']}, {n} adapters: {row}")
+
+        outputs: dict[int, list[list[int]]] = {}  # adapters -> the engine's tokens per request
+        for variant in args.quantizations.split(","):
+            if not time_left(f"{variant}: everything"):
+                continue
+            try:
+                run_variant(variant)
+            except Exception as e:  # noqa: BLE001 - one variant's failure leaves the others
+                results["errors"].append(f"{variant}: {type(e).__name__}: {e}")
+                _say(f"{variant} failed: {type(e).__name__}: {e}")
                 save()
-                if eager:  # PEFT's side is the same as for the plain variant
-                    continue
-                if not time_left(f"{variant}: PEFT with {n} adapters"):
-                    continue
-                loaded = load_model(ModelConfig(model=str(model_dir),
-                                                quantization=quantization))
-                baseline = PeftBaseline(loaded.model, None,
-                                        {name: str(paths[name]) for name in names[:n]})
-                sub = reqs[:args.peft_requests]
-                t_peft, out_peft = run_peft(baseline, sub, batch=len(sub))
-                del baseline, loaded
-                peft_tok_s = len(sub) * args.max_tokens / t_peft
-                row.update(peft_tok_s=round(peft_tok_s, 1),
-                           speedup_vs_peft=round(row["loraplex_tok_s"] / peft_tok_s, 2),
-                           identical_to_peft=f"{sum(a == b for a, b in zip(out_lora, out_peft))}"
-                                             f"/{len(sub)}")
-                save()
-                _say(f"{variant}, {n} adapters: {row}")
-            engine.adapter_manager.shutdown()
-            del engine
             if cuda:
                 torch.cuda.empty_cache()
     results["seconds"] = round(time.monotonic() - t_start, 1)
     save()
     print(markdown(results))
-    return 0
+    return 1 if results["errors"] else 0
 
 
 def markdown(results: dict) -> str:
@@ -179,9 +196,12 @@ def markdown(results: dict) -> str:
         lines.append(f"| {r['quantization']} | {r['lora_backend']} | {r['adapters']} | "
                      f"{r['loraplex_tok_s']} | {r['base_only_tok_s']} | "
                      f"{100 * r['lora_overhead']:.1f}% | {r.get('peft_tok_s', '-')} | "
-                     f"{r.get('speedup_vs_peft', '-')}x | {r.get('identical_to_peft', '-')} |")
+                     f"{str(r['speedup_vs_peft']) + 'x' if 'speedup_vs_peft' in r else '-'} | "
+                     f"{r.get('identical_to_peft', '-')} |")
     if results["skipped"]:
         lines += ["", "Skipped at the deadline: " + "; ".join(results["skipped"])]
+    if results.get("errors"):
+        lines += ["", "Failed: " + "; ".join(results["errors"])]
     return "\n".join(lines)
 
 

@@ -128,7 +128,10 @@ class DecodeGraphs:
                     self._forward(size)
             torch.cuda.current_stream(self.runner.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.inference_mode(), torch.cuda.graph(graph, pool=pool):
+            # thread_local: a CUDA call from another thread (an adapter being pinned) does not
+            # invalidate this capture.
+            with torch.inference_mode(), torch.cuda.graph(graph, pool=pool,
+                                                          capture_error_mode="thread_local"):
                 self.logits[size] = self._forward(size)
             pool = graph.pool()
             self.graphs[size] = graph

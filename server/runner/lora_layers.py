@@ -177,6 +177,10 @@ class LoRAGroup:
         self._x: torch.Tensor | None = None
         self._pending: dict[int, torch.Tensor] = {}
 
+    def reset(self) -> None:
+        """Forget pending outputs (after a forward that did not finish)."""
+        self._x, self._pending = None, {}
+
     def output(self, member: int, x: torch.Tensor) -> torch.Tensor:  # x [1, T, in]
         if self._x is x and member in self._pending:
             out = self._pending.pop(member)

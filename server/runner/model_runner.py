@@ -60,6 +60,8 @@ class ModelRunner:
                     raise
                 log.warning("CUDA graph capture failed; decoding eagerly", exc_info=True)
                 self.num_usable_blocks = num_blocks
+                for group in self.lora.groups:
+                    group.reset()
 
     def warm_up(self) -> None:
         """One throwaway forward before serving. bitsandbytes repacks 4-bit weights at a
