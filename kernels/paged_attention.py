@@ -11,7 +11,9 @@ where position p lives in slot p % block_size of block block_tables[b, p // bloc
 `paged_decode_ref` is the torch path the engine had: gather each sequence's blocks into a
 padded copy, mask, and call SDPA. `paged_decode` is one Triton program per (sequence, KV
 head) that walks the sequence's pages with an online softmax (fp32), and serves the KV
-head's whole query group at once, so each cached key and value is read once per step.
+head's whole query group at once, so each cached key and value is read once per step. At
+small batches that is too few programs for the GPU, so each sequence's pages are split over
+several programs whose partial softmaxes a second kernel merges (flash-decoding).
 Decode is memory-bound: the floor is reading the context's K and V once. Everything a launch
 reads per step is a device tensor of fixed shape, as a CUDA graph would need.
 """
@@ -64,11 +66,13 @@ def paged_decode(
     context_lens: torch.Tensor,  # [B] int
     scale: float,
     window: int | None = None,
+    splits: int | None = None,  # override of `num_splits`, for tests and tuning
 ) -> torch.Tensor:  # [B, H, D], q's dtype
-    """Launches `_decode_kernel`: one program per (sequence, KV head)."""
+    """Launches `_decode_kernel`, one program per (sequence, KV head, split), and, when
+    the pages are split, `_merge_kernel`, one program per (sequence, head)."""
     import triton
 
-    from .paged_attention_kernel import _decode_kernel
+    from .paged_attention_kernel import _decode_kernel, _merge_kernel
 
     b, h, d = q.shape
     _, block_size, kvh, _ = k_cache.shape
@@ -79,12 +83,39 @@ def paged_decode(
     if b == 0:
         return o
     group = h // kvh
-    _decode_kernel[(b, kvh)](
-        q, k_cache, v_cache, block_tables, context_lens, o,
+    # Off the GPU (the interpreter runs programs one by one) splitting buys nothing.
+    n = splits or (num_splits(b, kvh) if q.is_cuda else 1)
+    part_m = part_l = part_acc = o  # unused when n == 1
+    if n > 1:
+        part_m = torch.empty(b, h, n, dtype=torch.float32, device=q.device)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty(b, h, n, d, dtype=torch.float32, device=q.device)
+    _decode_kernel[(b, kvh, n)](
+        q, k_cache, v_cache, block_tables, context_lens, o, part_m, part_l, part_acc,
         float(scale), window or 0,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), o.stride(0), o.stride(1),
         GROUP=group, GROUP_P2=max(triton.next_power_of_2(group), 1),
-        BLOCK_SIZE=block_size, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
+        BLOCK_SIZE=block_size, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), SPLITS=n,
     )
+    if n > 1:
+        _merge_kernel[(b, h)](part_m, part_l, part_acc, o, o.stride(0), o.stride(1),
+                              SPLITS=n, SPLITS_P2=triton.next_power_of_2(n), HEAD_DIM=d,
+                              BLOCK_D=triton.next_power_of_2(d))
     return o
+
+
+# Enough programs to keep an H100/H200 (132 SMs) busy about twice over; a first guess from
+# the SM count, not a measurement: bench_paged_attention.py measures it.
+TARGET_PROGRAMS = 264
+MAX_SPLITS = 16
+
+
+def num_splits(batch: int, kv_heads: int) -> int:
+    """Splits of each sequence's pages, from the grid's fixed shape only (so a captured graph
+    stays valid whatever the lengths): more when few (sequence, KV head) pairs would leave
+    most of the GPU idle, as at batch 1 (8 programs for Llama-3-8B's 8 KV heads)."""
+    n = 1
+    while n < MAX_SPLITS and batch * kv_heads * n * 2 <= TARGET_PROGRAMS:
+        n *= 2
+    return n

@@ -20,7 +20,7 @@ TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 
 
 def case(heads: int, kv_heads: int, head_dim: int, block_size: int, lens: list[int],
-         window: int | None, dtype: torch.dtype, seed: int = 0):
+         window: int | None, dtype: torch.dtype, seed: int = 0, splits: int | None = None):
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     max_blocks = max(-(-n // block_size) for n in lens)
@@ -46,7 +46,7 @@ def case(heads: int, kv_heads: int, head_dim: int, block_size: int, lens: list[i
     scale = head_dim ** -0.5
     want = paged_decode_ref(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), bt, cl, scale, window)
     got = paged_decode(q.to(DEVICE), k_poisoned.to(DEVICE), v_poisoned.to(DEVICE), bt, cl,
-                       scale, window)
+                       scale, window, splits)
     assert got.dtype == dtype and got.shape == q.shape
     assert not got.isnan().any()
     torch.testing.assert_close(got.float(), want.float(), atol=TOLERANCE[dtype],
@@ -70,8 +70,22 @@ def test_sliding_window(window):
     case(4, 2, 16, 4, [1, 4, 7, 13, 30], window, torch.float32)
 
 
+@pytest.mark.parametrize("splits,window", [(2, None), (3, 6), (8, None), (8, 6)])
+def test_pages_split_over_programs_and_merged(splits, window):
+    """Each sequence's pages shared among `splits` programs, then merged; with 8 splits most
+    sequences have fewer pages than splits (empty shares must weigh nothing)."""
+    case(4, 2, 16, 4, [1, 3, 8, 9, 30], window, torch.float32, splits=splits)
+
+
 def test_bf16_cache():
     case(4, 2, 16, 8, [2, 11, 33], None, torch.bfloat16)
+
+
+def test_split_count_grows_as_the_grid_shrinks():
+    from loraplex.kernels.paged_attention import MAX_SPLITS, num_splits
+
+    assert num_splits(1, 8) == MAX_SPLITS and num_splits(256, 8) == 1
+    assert [num_splits(b, 8) for b in (1, 2, 4, 8, 16, 32)] == [16, 16, 8, 4, 2, 1]
 
 
 def test_empty_batch():
