@@ -165,6 +165,15 @@ def test_top_k_one_is_greedy(engine, reference):
     assert got["k"][0] == reference([7, 7, 1], 8)
 
 
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-6])
+def test_temperature_near_zero_is_greedy_not_a_failure(engine, reference, temperature):
+    """Found by the long B2 run: logits / 1e-300 overflowed, the softmax was NaN and the
+    request failed with 500. Below 1e-5 (vLLM's threshold) sampling is greedy."""
+    got = run(engine, {"t": ([7, 7, 1], SamplingParams(max_tokens=8, temperature=temperature,
+                                                       ignore_eos=True))})
+    assert got["t"][0] == reference([7, 7, 1], 8)
+
+
 def test_stop_token_ids_and_eos(engine, reference):
     expected = reference([2, 4, 6], 8)
     stop_at = expected[3]

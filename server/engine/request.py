@@ -16,12 +16,15 @@ class RequestError(ValueError):
         self.code = code
 
 
+GREEDY_BELOW = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request decoding parameters, validated on construction (vLLM's names)."""
 
     max_tokens: int = 16
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # below GREEDY_BELOW means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: no top-k cut
     seed: int | None = None
@@ -55,7 +58,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # As vLLM (_SAMPLING_EPS): dividing logits by a temperature near 0 (1e-300, a
+        # denormal) overflows to inf and the softmax to NaN, where greedy is the limit anyway.
+        return self.temperature < GREEDY_BELOW
 
 
 class RequestStatus(enum.Enum):
