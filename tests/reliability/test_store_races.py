@@ -21,7 +21,7 @@ from .conftest import scale
 # for `seconds`; prints {"ops": N, "errors": [...]} at the end.
 WORKER = """
 import json, random, sys, threading, time, traceback, pathlib
-from loraplex.adapters.store import AdapterStore
+from loraplex.adapters.store import AdapterStore, _parse_record, _record_name
 root, sources, seconds, threads, seed = sys.argv[1:6]
 sources = sorted(pathlib.Path(sources).iterdir())
 store = AdapterStore(root)
@@ -44,10 +44,15 @@ def run(k):
                     try:
                         stored.path.joinpath("adapter_model.safetensors").stat()
                     except FileNotFoundError:
-                        # Read outside the lock: only a later delete or replace may have
-                        # collected it (the server keeps what its requests use).
-                        now = store.get(name)
-                        assert now is None or now.sha256 != stored.sha256, "stranded name"
+                        # Read outside the lock: a later delete or replace may have collected
+                        # it (the server keeps what its requests use), and a put of the same
+                        # bytes may have written it again since. Stranded is a record that,
+                        # under the lock, names an object that is not there.
+                        with store._locked(exclusive=False):
+                            record = store.names / _record_name(name)
+                            if record.exists():
+                                sha = _parse_record(record)[1]
+                                assert (store.objects / sha).is_dir(), "stranded name"
             else:
                 store.list()
         except Exception:
@@ -72,6 +77,9 @@ def check_consistent(root: Path) -> AdapterStore:
     assert not list(store.quarantine_dir.iterdir()), "a record was damaged"
     assert not list(store.staging_root.iterdir())
     named = set()
+    # list() leaves out a record whose object is missing: count the records themselves.
+    records = [p for p in store.names.iterdir() if not p.name.startswith(".")]
+    assert len(records) == len(store.list()), "a record names no object"
     for stored in store.list():
         assert sha_of(stored.path) == stored.sha256, stored.name
         named.add(stored.sha256)
