@@ -125,9 +125,14 @@ class AdapterStore:
         exit unless `put_staged` moved it into place."""
         while True:
             path = Path(tempfile.mkdtemp(dir=self.staging_root))
-            fd = os.open(path, os.O_RDONLY)
+            # Another process's recovery may take the directory before it is locked: before
+            # it is even opened here (the open fails), or while this lock waits (then the
+            # directory has no link left). Either way, make another.
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
             fcntl.flock(fd, fcntl.LOCK_EX)
-            # Another process's recovery may have taken the directory before it was locked.
             if os.fstat(fd).st_nlink:
                 break
             os.close(fd)

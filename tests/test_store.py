@@ -105,6 +105,30 @@ def test_recovery_keeps_a_live_writers_staging_and_removes_a_dead_ones(tmp_path)
     assert not live.exists()
 
 
+def test_a_staging_directory_recovered_before_its_writer_opened_it_is_replaced(tmp_path,
+                                                                                monkeypatch):
+    """Found by the long F7 run (1 in about 100,000 operations): another process's recovery
+    removed a new staging directory between mkdtemp and the writer's open, and the upload
+    failed with FileNotFoundError."""
+    import shutil
+    import tempfile
+
+    store = AdapterStore(tmp_path / "store")
+    real, made = tempfile.mkdtemp, []
+
+    def taken_at_once(*args, **kwargs):
+        path = real(*args, **kwargs)
+        made.append(path)
+        if len(made) == 1:
+            shutil.rmtree(path)  # what the other process's recovery does
+        return path
+
+    monkeypatch.setattr(tempfile, "mkdtemp", taken_at_once)
+    w = tmp_path / "w"
+    w.write_bytes(b"weights")
+    assert store.put("a", b"{}", w).name == "a" and len(made) == 2
+
+
 def test_disk_full_while_naming_leaves_no_orphan_object(tmp_path, monkeypatch):
     import errno
 
