@@ -121,11 +121,42 @@ class LoRAConfig:
 
 
 @dataclass(frozen=True)
+class MergeConfig:
+    """Folding one adapter into the base weights (adapters/merge.py; when: engine/merger.py).
+
+    While an adapter is merged, only its requests run; a request for anything else makes the
+    engine unmerge first (it waits meanwhile), so nobody is ever served the wrong weights."""
+
+    # Merge this adapter whenever its requests are the only ones (--merge NAME).
+    adapter: str | None = None
+    # Merge whichever adapter computed at least `threshold` of the tokens over the last
+    # `window_s` seconds (--auto-merge). After any switch the next waits `window_s`, so the
+    # engine switches at most twice per window (hysteresis).
+    auto: bool = False
+    threshold: float = 0.95
+    window_s: float = 30.0
+    # bitsandbytes bases: keep merged layers dense (no requantization error, a dense layer's
+    # memory) instead of quantizing the sum again as PEFT does.
+    dense: bool = False
+    # Decoder layers merged or restored between two steps while requests run.
+    layers_per_step: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0.5 < self.threshold <= 1.0:
+            raise ConfigError("--merge-threshold must be in (0.5, 1]: one adapter's share")
+        if self.window_s <= 0:
+            raise ConfigError("--merge-window must be positive")
+        if self.layers_per_step < 1:
+            raise ConfigError("layers_per_step must be at least 1")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,16 @@ class Metrics:
                                   "Admissions whose adapter was already in a slot.", registry=r)
         self.cache_misses = Counter("loraplex_adapter_cache_misses",
                                     "Admissions that had to load their adapter.", registry=r)
+        self.merge_switches = Counter("loraplex_merge_switches",
+                                      "Finished merges and unmerges of an adapter into the base.",
+                                      ["direction"], registry=r)
+        for direction in ("merge", "unmerge"):
+            self.merge_switches.labels(direction)
+        self.merged_info = Gauge("loraplex_merged_adapter_info",
+                                 "1 for the adapter merged into the base weights, if any.",
+                                 ["adapter"], registry=r)
         self._lora_info_labels: tuple[str, str, str] | None = None
+        self._merged_label: str | None = None
 
     def record(self, stats: StepStats) -> None:
         """StatLogger: called by the engine thread after every step that did work."""
@@ -117,6 +126,16 @@ class Metrics:
             self.load_seconds.observe(seconds)
         self.cache_hits.inc(stats.adapter_hits)
         self.cache_misses.inc(stats.adapter_misses)
+        for direction in stats.merge_switches:
+            self.merge_switches.labels(direction).inc()
+        merged = (self.adapter_label(stats.merged_adapter)
+                  if stats.merged_adapter is not None else None)
+        if merged != self._merged_label:
+            if self._merged_label is not None:
+                self.merged_info.remove(self._merged_label)
+            if merged is not None:
+                self.merged_info.labels(merged).set(1)
+            self._merged_label = merged
         for adapter, tiers in stats.residency.items():
             for tier, present in tiers.items():
                 self.residency.labels(self.adapter_label(adapter), tier).set(present)

@@ -279,3 +279,24 @@ class TestHostCache:
         cache.drop("a")
         cache.drop("zzz")
         assert len(cache) == 1 and "c" in cache
+
+
+def test_a_gate_holds_requests_in_place_and_lets_others_pass():
+    """While an adapter is merged only its requests are admitted (Scheduler.admits); the
+    others keep their places in the queue and start once the gate opens."""
+    slots = SlotTable(4, lambda name, slot: None)
+    blocks = BlockManager(64, 4)
+    gate = {"open": False}
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64), blocks, slots,
+                      admits=lambda r: gate["open"] or r.adapter == "m")
+    reqs = [Request(f"r{i}", [1, 2, 3], SamplingParams(max_tokens=2), a)
+            for i, a in enumerate([None, "m", "x", "m"])]
+    for r in reqs:
+        sched.add(r)
+    out = sched.schedule()
+    assert [s.request.request_id for s in out.scheduled] == ["r1", "r3"]
+    assert [r.request_id for r in sched.waiting] == ["r0", "r2"]
+    assert all(r.num_overtaken == 0 for r in reqs)  # held, not passed over for a slot
+    gate["open"] = True
+    out = sched.schedule()
+    assert {s.request.request_id for s in out.scheduled} >= {"r0", "r2"}

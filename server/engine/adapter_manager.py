@@ -70,6 +70,15 @@ class AdapterManager:
     def name_of(self, key: str) -> str:
         return self._versions[key].name
 
+    def current_key(self, name: str) -> str | None:
+        """The version key serving `name` now."""
+        return self._keys.get(name)
+
+    @property
+    def versions(self) -> dict[str, AdapterSummary]:
+        """Every live version by key, replaced ones still in use included."""
+        return self._versions
+
     def slot_of(self, name: str) -> int | None:
         key = self._keys.get(name)
         return None if key is None else self.slots.slot_of(key)
@@ -141,6 +150,11 @@ class AdapterManager:
         if key is not None:
             self._requests[key] += 1
         return key
+
+    def hold(self, key: str) -> None:
+        """Keep version `key` alive as a request would (a merge holds the version it
+        merged); `unbind` lets it go."""
+        self._requests[key] += 1
 
     def unbind(self, key: str) -> None:
         self._requests[key] -= 1

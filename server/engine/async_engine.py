@@ -91,6 +91,7 @@ class AsyncEngine:
         self._wake.set()
         self._thread.join(timeout)
         self.engine.adapter_manager.shutdown()
+        self.engine.merger.shutdown()
 
     def _loop(self) -> None:
         engine = self.engine

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -18,6 +19,7 @@ from ..runner.model_runner import ModelRunner
 from .adapter_manager import AdapterManager
 from .block_manager import BlockManager
 from .detokenizer import Detokenizer
+from .merger import Merger
 from .request import Request, RequestError, RequestStatus, SamplingParams
 from .sampler import Sampler, TokenLogprobs
 from .scheduler import Scheduler
@@ -72,7 +74,11 @@ class LLMEngine:
                                               lambda: self._stats)
         self.adapters = self.adapter_manager.current  # name -> AdapterSummary being served
         self.slots = self.adapter_manager.slots
-        self.scheduler = Scheduler(config.scheduler, self.blocks, self.slots)
+        self.merger = Merger(config.merge, self.runner.lora, self.adapter_manager,
+                             self._read_fp32, self.loaded.dtype, self.runner.pause_graphs)
+        self.merger.on_switch = lambda direction, name: self._stats.merge_switches.append(
+            direction)
+        self.scheduler = Scheduler(config.scheduler, self.blocks, self.slots, self.merger.admits)
         self.sampler = Sampler()
         self.eos_token_ids = self._eos_token_ids()
         # What adapters may name as their base (hub id or path): see load_adapter.
@@ -98,6 +104,13 @@ class LLMEngine:
                                self.config.lora.max_lora_rank, self.loaded.dtype,
                                None if self.config.lora.allow_base_mismatch else self.base_names)
         return self.runner.lora.stage(adapter)
+
+    def _read_fp32(self, name: str, path: str) -> LoRAAdapter:
+        """An adapter in fp32, as PEFT holds adapter weights whatever the base dtype: the
+        weights a merge adds to the base (adapters/merge.py). Any thread."""
+        return load_adapter(path, name, self.runner.lora.module_shapes,
+                            self.config.lora.max_lora_rank, torch.float32,
+                            None if self.config.lora.allow_base_mismatch else self.base_names)
 
     def install_adapter(self, adapter: LoRAAdapter) -> None:
         """Serve `adapter` under its name. Replacing a name makes a new version: requests
@@ -167,7 +180,8 @@ class LLMEngine:
         return outputs
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Requests to serve, or a merge or unmerge to carry out."""
+        return self.scheduler.has_unfinished() or self.merger.busy
 
     # ---- the loop -------------------------------------------------------------------
 
@@ -182,10 +196,15 @@ class LLMEngine:
         waiting = self.scheduler.waiting
         self.adapter_manager.prefetch([r.adapter for r in itertools.islice(waiting, 16)
                                        if r.adapter is not None])
+        sched = self.scheduler
+        name_of = self.adapter_manager.name_of
+        self.merger.step({name_of(r.adapter) if r.adapter else None
+                          for r in itertools.chain(sched.waiting, sched.running)},
+                         idle=not sched.running)
         plan = self.scheduler.schedule()
         self.idle = plan.empty
         if plan.empty:
-            if failed:
+            if failed or self._stats.merge_switches:
                 self._publish()
             else:
                 self.adapter_manager.wait_for_fetch(0.05)
@@ -199,6 +218,11 @@ class LLMEngine:
             self._publish()
             return failed + outputs
         self.scheduler.advance(plan)
+        computed: Counter[str | None] = Counter()
+        for s in plan.scheduled:
+            computed[name_of(s.request.adapter) if s.request.adapter else None] += (
+                s.num_new_tokens)
+        self.merger.policy.record(computed)
         sampling = [s.request for s in plan.scheduled if s.samples]
         try:
             tokens, logprobs = self.sampler(logits, sampling)
@@ -282,6 +306,7 @@ class LLMEngine:
         stats.num_running, stats.num_waiting = sched.num_running, sched.num_waiting
         stats.kv_cache_usage = self.blocks.usage
         stats.max_loras = self.config.lora.max_loras
+        stats.merged_adapter = self.merger.merged_name
         name_of = self.adapter_manager.name_of
         stats.running_adapters = tuple(sorted({name_of(r.adapter) for r in sched.running
                                                if r.adapter}))

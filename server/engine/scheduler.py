@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 from ..config import SchedulerConfig
 from .block_manager import BlockManager
@@ -59,10 +59,14 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, blocks: BlockManager, slots: AdapterSlots):
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager, slots: AdapterSlots,
+                 admits: Callable[[Request], bool] | None = None):
         self.config = config
         self.blocks = blocks
         self.slots = slots
+        # Whether a waiting request may start now (False: it keeps its place, later ones
+        # may go ahead): while an adapter is merged, only its own requests may.
+        self.admits = admits
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admission order: the newest is preempted first
 
@@ -103,11 +107,15 @@ class Scheduler:
         admitted = 0
         # Requests waiting for a slot, passed over this step, with `admitted` when passed.
         passed: list[tuple[Request, int]] = []
+        held: list[Request] = []  # refused by `admits`, in queue order with `passed`
         stop_at = None  # `admitted` count at which a passed request reaches its cap
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             if stop_at is not None and admitted >= stop_at:
                 break
             request = self.waiting.popleft()
+            if self.admits is not None and not self.admits(request):
+                held.append(request)
+                continue
             num_new = min(request.num_pending_tokens, budget)
             if not self.blocks.can_allocate(request, num_new):
                 self.waiting.appendleft(request)
@@ -121,6 +129,7 @@ class Scheduler:
                         self.waiting.appendleft(request)
                         break
                     passed.append((request, admitted))
+                    held.append(request)
                     stop = admitted + cap - request.num_overtaken
                     stop_at = stop if stop_at is None else min(stop_at, stop)
                     continue
@@ -135,7 +144,7 @@ class Scheduler:
             admitted += 1
         for request, at in passed:
             request.num_overtaken += admitted - at
-        self.waiting.extendleft(request for request, _ in reversed(passed))
+        self.waiting.extendleft(reversed(held))
         return out
 
     def _reserve_blocks(self, request: Request, num_new: int, out: SchedulerOutput) -> bool:

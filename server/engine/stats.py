@@ -34,6 +34,8 @@ class StepStats:
     adapter_misses: int = 0
     # Residency changes since the last report: adapter -> {tier: 0 or 1}.
     residency: dict[str, dict[str, int]] = field(default_factory=dict)
+    merge_switches: list[str] = field(default_factory=list)  # "merge" / "unmerge", finished
+    merged_adapter: str | None = None  # fully merged into the base at the report
 
 
 class StatLogger(Protocol):

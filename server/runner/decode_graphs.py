@@ -75,7 +75,7 @@ class DecodeGraphs:
             pos.append(p)
             slots.append(req.block_ids[p // bs] * bs + p % bs)
             lens.append(p + 1)
-            token_slots.append(req.lora_slot)
+            token_slots.append(self.runner.lora.effective_slot(req.lora_slot))
             tables.append(req.block_ids)
         width = max(len(t) for t in tables)
         tables = [t + [self.scratch_block] * (width - len(t)) for t in tables]

@@ -252,7 +252,11 @@ class LoRAModel:
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._loads_pending = False
         self.modules: dict[str, ModuleSlots] = {}
+        self.wrappers: dict[str, LoRALinear | GroupedLoRALinear] = {}
         self.groups: list[LoRAGroup] = []
+        # The slot of a fully merged adapter (adapters/merge.py): its tokens run as base
+        # tokens, the adapter being in the weights already.
+        self.silent_slot: int | None = None
         targets = {name: module for name, module in model.named_modules()
                    if name.rsplit(".", 1)[-1] in TARGET_NAMES}
         # Building the C kernel (first use on a machine) happens in resolve_backend, at
@@ -279,10 +283,26 @@ class LoRAModel:
             self._wrap(model, name, LoRALinear(module, slots, self.context))
             self.modules[name] = slots
 
-    @staticmethod
-    def _wrap(model: nn.Module, name: str, wrapper: nn.Module) -> None:
+    def _wrap(self, model: nn.Module, name: str,
+              wrapper: LoRALinear | GroupedLoRALinear) -> None:
         parent_name, child = name.rsplit(".", 1)
         setattr(model.get_submodule(parent_name), child, wrapper)
+        self.wrappers[name] = wrapper
+
+    def base_of(self, name: str) -> nn.Module:
+        return self.wrappers[name].base_layer
+
+    def replace_base(self, name: str, module: nn.Module) -> None:
+        """Serve projection `name` with `module` from the next forward on (a merged layer
+        that is not the base module itself, or the base module back)."""
+        wrapper = self.wrappers[name]
+        wrapper.base_layer = module
+        if isinstance(wrapper, GroupedLoRALinear):
+            wrapper.group.bases[wrapper.member] = module
+
+    def effective_slot(self, slot: int) -> int:
+        """The slot a request's tokens use this step: none for the merged adapter's."""
+        return -1 if slot == self.silent_slot else slot
 
     def prepare(self, segments: Segments) -> None:
         """Set this step's segments, and the backend's own view of them, for every layer."""

@@ -39,6 +39,7 @@ class ModelRunner:
         self.kv = PagedKVCache(KVGeometry.of(model.config.get_text_config()), num_blocks,
                                self.block_size, loaded.dtype, loaded.device)
         self.graphs: DecodeGraphs | None = None
+        self.graphs_paused = False  # a merge swapped weights the captured graphs read
         self.num_usable_blocks = num_blocks
         static = backend == "triton" and decode == "triton"
         wanted = config.model.cuda_graphs
@@ -63,6 +64,11 @@ class ModelRunner:
                 for group in self.lora.groups:
                     group.reset()
 
+    def pause_graphs(self, paused: bool) -> None:
+        """Decode eagerly while `paused` (see Merger): captured graphs would read weights
+        that a merge has replaced. Without captured graphs there is nothing to pause."""
+        self.graphs_paused = paused and self.graphs is not None and self.graphs.capture
+
     def warm_up(self) -> None:
         """One throwaway forward before serving. bitsandbytes repacks 4-bit weights at a
         layer's first forward on the CPU and computes differently afterwards, and CUDA
@@ -81,7 +87,8 @@ class ModelRunner:
         Returns fp32 logits `[num_sampling, vocab]` for the sequences with `samples` set, in
         the order they appear in `scheduled`.
         """
-        size = self.graphs.size_for(scheduled) if self.graphs is not None else None
+        size = (self.graphs.size_for(scheduled)
+                if self.graphs is not None and not self.graphs_paused else None)
         if size is not None:
             return self.graphs.run(scheduled, size)
         # Grouping sequences by adapter slot makes each adapter's tokens one segment.
@@ -103,7 +110,7 @@ class ModelRunner:
             input_ids += req.pending_token_ids(n)
             positions += range(start, start + n)
             slot_mapping += (req.block_ids[p // bs] * bs + p % bs for p in range(start, start + n))
-            token_slots += [req.lora_slot] * n
+            token_slots += [self.lora.effective_slot(req.lora_slot)] * n
             if n == 1:
                 decode_rows.append(row)
                 decode_tables.append(req.block_ids)

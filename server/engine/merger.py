@@ -1,0 +1,211 @@
+"""Merging an adapter into the base while the engine serves: when (MergePolicy), and how,
+between steps, a few decoder layers at a time (engine thread).
+
+States: unmerged -> merging -> merged -> unmerging -> unmerged. While an adapter M is merged
+or on its way, only M's requests are admitted. M's requests keep its slot the whole time: a
+module already merged gets rank 0 in that slot, so at every step, mid-merge included, each
+projection applies M exactly once (in the weights or through the slot). Once every module is
+merged the slot is skipped altogether (`LoRAModel.silent_slot`). Unmerging walks back the same
+way; the slot's weights were never touched, only its per-module ranks.
+
+The adapter is read again, in fp32 as PEFT holds it, on a worker thread; nothing is read or
+parsed on the engine thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Collection
+from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+
+import torch
+from loraplex.adapters.merge import Merged, merge_module
+from loraplex.adapters.peft_format import LoRAAdapter
+
+from ..config import MergeConfig
+from ..runner.lora_layers import LoRAModel
+from .adapter_manager import AdapterManager
+from .merge_policy import MergePolicy
+from .request import Request, RequestError
+
+log = logging.getLogger("loraplex.merge")
+
+_LAYER = re.compile(r"^(.*\.layers\.\d+)\.")
+
+
+class Merger:
+    def __init__(self, config: MergeConfig, lora: LoRAModel, manager: AdapterManager,
+                 read_fp32: Callable[[str, str], LoRAAdapter], dtype: torch.dtype,
+                 pause_graphs: Callable[[bool], None] = lambda paused: None):
+        self.config = config
+        self.policy = MergePolicy(config)
+        self._lora = lora
+        self._manager = manager
+        self._read = read_fp32
+        self._dtype = dtype
+        # Captured CUDA graphs hold the addresses of the weights they read: a merge that
+        # swaps parameters or modules (bitsandbytes bases) decodes eagerly until undone.
+        self._pause_graphs = pause_graphs
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="loraplex-merge-read")
+        self._pending: tuple[str, Future[LoRAAdapter]] | None = None  # key being read
+        self.state = "unmerged"
+        self.key: str | None = None  # version merged, or on its way in or out
+        self.slot: int | None = None
+        self._adapter: LoRAAdapter | None = None
+        self._chunks: list[list[str]] = []  # module names by decoder layer, in merge order
+        self._done: list[tuple[str, Merged, int, float]] = []  # name, merged, rank, scale
+        self.switches = {"merge": 0, "unmerge": 0}
+        self._wanted: str | None = config.adapter  # what the policy wanted last step
+        self.on_switch: Callable[[str, str], None] = lambda direction, name: None
+
+    # ---- what the engine asks -----------------------------------------------------------
+
+    @property
+    def merged_name(self) -> str | None:
+        """The adapter fully merged now (None during a switch)."""
+        return self._manager.name_of(self.key) if self.state == "merged" else None
+
+    @property
+    def busy(self) -> bool:
+        """Work to do even with no request in the engine (a switch under way or wanted)."""
+        if self.state in ("merging", "unmerging"):
+            return True
+        merged = self._manager.name_of(self.key) if self.state == "merged" else None
+        return self._wanted != merged
+
+    def admits(self, request: Request) -> bool:
+        """Whether the scheduler may admit `request` now (scheduler gate)."""
+        return self.state == "unmerged" or request.adapter == self.key
+
+    def request(self, name: str | None) -> None:
+        """The operator's merge target (None: unmerge and stay so until asked again)."""
+        if name is not None and name not in self._manager.current:
+            raise RequestError(f"adapter {name!r} not found", param="name",
+                               code="model_not_found")
+        self.policy.pin(name)
+        self._wanted = name
+
+    def status(self) -> dict:
+        name = self._manager.name_of(self.key) if self.key is not None else None
+        total = sum(len(c) for c in self._chunks)
+        kept = sum(m.kept_bytes for _, m, _, _ in self._done)
+        extra = sum(m.extra_bytes for _, m, _, _ in self._done)
+        return {"object": "merge", "adapter": name, "state": self.state,
+                "modules_merged": len(self._done), "modules": total,
+                "requested": self.policy.pinned, "auto": self.policy.auto,
+                "dense": self.config.dense, "switches": dict(self.switches),
+                "kept_aside_bytes": kept, "extra_device_bytes": extra}
+
+    # ---- one step -----------------------------------------------------------------------
+
+    def step(self, demand: Collection[str | None], idle: bool) -> None:
+        """Advance towards what the policy wants, before the scheduler runs. `demand`: the
+        adapter names of every waiting and running request; `idle`: nothing is running, so
+        a switch may finish at once instead of a few layers per step."""
+        merging_name = (self._manager.name_of(self.key)
+                        if self.state in ("merging", "merged") else None)
+        want = self.policy.target(demand, merging_name)
+        want_key = self._manager.current_key(want) if want is not None else None
+        self._wanted = want if want_key is not None else None
+        if self.state == "unmerged" and (want_key is None or not self._begin(want_key)):
+            return
+        if self.state in ("merging", "merged") and want_key != self.key:
+            log.info("unmerging %s (%s)", self._manager.name_of(self.key),
+                     "other requests waiting" if demand else "asked")
+            self._lora.silent_slot = None
+            self.state = "unmerging"
+        layers = len(self._chunks) if idle else self.config.layers_per_step
+        if self.state == "merging":
+            self._merge_layers(layers)
+        elif self.state == "unmerging":
+            self._unmerge_layers(layers)
+
+    def _begin(self, key: str) -> bool:
+        """Start merging `key` once its fp32 weights are read and it holds a slot."""
+        if self._pending is None or self._pending[0] != key:
+            summary = self._manager.versions[key]
+            self._pending = (key, self._reader.submit(self._read, summary.name, summary.path))
+            return False
+        future = self._pending[1]
+        if not future.done():
+            return False
+        try:
+            adapter = future.result()
+        except Exception as e:  # noqa: BLE001 - the server goes on unmerged
+            log.error("cannot merge %s: %s", self._manager.name_of(key), e)
+            self._pending = None
+            self.policy.pin(None)
+            self._wanted = None
+            return False
+        slot = self._manager.slots.acquire(key)  # kept until the unmerge ends
+        if slot is None:
+            return False  # the slot's weights are still on their way from disk
+        self._manager.hold(key)  # the version outlives a replace or delete until unmerged
+        self._pending = None
+        if any(type(getattr(self._lora.base_of(n), "weight", None)).__name__
+               in ("Params4bit", "Int8Params") for n in adapter.modules):
+            self._pause_graphs(True)
+        self.state, self.key, self.slot, self._adapter = "merging", key, slot, adapter
+        by_layer: dict[str, list[str]] = {}
+        for name in self._lora.modules:
+            if name in adapter.modules:
+                match = _LAYER.match(name)
+                by_layer.setdefault(match.group(1) if match else name, []).append(name)
+        self._chunks = list(by_layer.values())
+        log.info("merging %s into the base (%d modules)", adapter.name, len(adapter.modules))
+        return True
+
+    def _merge_layers(self, layers: int) -> None:
+        assert self._adapter is not None and self.slot is not None
+        for chunk in self._chunks[len(self._layers_done()):][:layers]:
+            for name in chunk:
+                slots = self._lora.modules[name]
+                rank, scale = slots.ranks[self.slot], slots.scales[self.slot]
+                merged = merge_module(self._lora.base_of(name), self._adapter.modules[name],
+                                      self.config.dense, self._dtype)
+                self._lora.replace_base(name, merged.module)
+                slots.set(self.slot, 0, 0.0)  # the weights carry it now
+                self._done.append((name, merged, rank, scale))
+        if len(self._done) == sum(len(c) for c in self._chunks):
+            self.state = "merged"
+            self._lora.silent_slot = self.slot
+            self._switched("merge")
+
+    def _unmerge_layers(self, layers: int) -> None:
+        assert self.slot is not None
+        for chunk in reversed(self._layers_done()[-layers:]):
+            for name in reversed(chunk):
+                done_name, merged, rank, scale = self._done.pop()
+                assert done_name == name
+                self._lora.replace_base(name, merged.undo())
+                self._lora.modules[name].set(self.slot, rank, scale)
+        if not self._done:
+            key, name = self.key, self._manager.name_of(self.key)
+            self._manager.slots.release(key)
+            self.state, self.key, self.slot, self._adapter = "unmerged", None, None, None
+            self._chunks = []
+            self._pause_graphs(False)
+            self._manager.unbind(key)  # a replaced or deleted version may go now
+            self._switched("unmerge", name)
+
+    def _layers_done(self) -> list[list[str]]:
+        """The chunks merged so far (a chunk is merged whole within one step)."""
+        done, count = [], len(self._done)
+        for chunk in self._chunks:
+            if count < len(chunk):
+                break
+            done.append(chunk)
+            count -= len(chunk)
+        return done
+
+    def _switched(self, direction: str, name: str | None = None) -> None:
+        name = name or self._manager.name_of(self.key)
+        self.switches[direction] += 1
+        self.policy.switched()
+        log.info("%s %s: done (%s)", direction, name, self.status())
+        self.on_switch(direction, name)
+
+    def shutdown(self) -> None:
+        self._reader.shutdown(wait=False, cancel_futures=True)
