@@ -137,7 +137,8 @@ def bearer_key(authorization: str | None) -> str | None:
 
 OPEN_PATHS = ("/health", "/ping", "/version", "/openapi.json")
 METRICS_PATH = "/metrics"
-ADMIN_PREFIXES = ("/v1/adapters", "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
+ADMIN_PREFIXES = ("/v1/adapters", "/v1/load_lora_adapter", "/v1/unload_lora_adapter",
+                  "/v1/merge", "/v1/unmerge")
 
 
 def route_class(path: str) -> str:

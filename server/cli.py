@@ -12,6 +12,7 @@ from .config import (
     ConfigError,
     EngineConfig,
     LoRAConfig,
+    MergeConfig,
     ModelConfig,
     SchedulerConfig,
     ServerConfig,
@@ -116,6 +117,22 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--lora-fuse", action=argparse.BooleanOptionalAction, default=True,
                       help="with the triton backend, one launch pair for each layer's q/k/v "
                            "and one for gate/up (default: on)")
+    merge = serve.add_argument_group("merging an adapter into the base (single-tenant speed)")
+    merge.add_argument("--merge", default=None, metavar="NAME",
+                       help="merge this adapter into the base weights whenever its requests are "
+                            "the only ones; others make the engine unmerge first")
+    merge.add_argument("--auto-merge", action="store_true",
+                       help="merge whichever adapter computes at least --merge-threshold of the "
+                            "tokens over --merge-window seconds, while it is alone")
+    merge.add_argument("--merge-threshold", type=float, default=MergeConfig.threshold,
+                       help="share of the tokens computed (default: %(default)s)")
+    merge.add_argument("--merge-window", type=float, default=MergeConfig.window_s,
+                       metavar="SECONDS",
+                       help="observation window, and the least time between two switches "
+                            "(default: %(default)s)")
+    merge.add_argument("--merge-dense", action="store_true",
+                       help="nf4/int8 bases: keep merged layers dense instead of quantizing the "
+                            "sum again (exact sum, a dense layer's memory)")
     engine = serve.add_argument_group("engine")
     engine.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs)
     engine.add_argument("--max-num-batched-tokens", type=int,
@@ -159,6 +176,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                             max_cpu_loras=args.max_cpu_loras,
                             allow_base_mismatch=args.allow_base_mismatch,
                             backend=args.lora_backend, fuse=args.lora_fuse),
+            merge=MergeConfig(adapter=args.merge, auto=args.auto_merge,
+                              threshold=args.merge_threshold, window_s=args.merge_window,
+                              dense=args.merge_dense),
         ),
         host=args.host, port=args.port, served_model_name=args.served_model_name,
         api_key=args.api_key, admin_key=args.admin_key, tenant_keys=args.tenant_keys,
@@ -181,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         config = config_from_args(args)
-    except (argparse.ArgumentTypeError, AssertionError) as e:
+    except (argparse.ArgumentTypeError, AssertionError, ConfigError) as e:
         print(f"loraplex: error: {e}", file=sys.stderr)
         return 2
     from .serve import serve  # the model stack loads only once arguments are good

@@ -187,6 +187,16 @@ ADAPTER = _obj({
     "residency": {"enum": ["device", "host", "disk"]}, "pinned": {"type": "boolean"},
 }, ("id", "object", "rank", "residency", "pinned"))
 
+MERGE_STATUS = _obj({
+    "object": {"const": "merge"}, "adapter": STRING_OR_NULL,
+    "state": {"enum": ["unmerged", "merging", "merged", "unmerging"]},
+    "modules_merged": {"type": "integer"}, "modules": {"type": "integer"},
+    "requested": STRING_OR_NULL, "auto": {"type": "boolean"}, "dense": {"type": "boolean"},
+    "switches": _obj({"merge": {"type": "integer"}, "unmerge": {"type": "integer"}},
+                     ("merge", "unmerge")),
+    "kept_aside_bytes": {"type": "integer"}, "extra_device_bytes": {"type": "integer"},
+}, ("object", "adapter", "state", "requested", "switches"))
+
 
 def _list_of(item: Schema) -> Schema:
     return _obj({"object": {"const": "list"}, "data": {"type": "array", "items": item}},
@@ -206,6 +216,7 @@ COMPONENTS: dict[str, Schema] = {
     "AdapterDeleted": _adapter_ack("deleted"), "AdapterLoaded": _adapter_ack("loaded"),
     "AdapterUnloaded": _adapter_ack("unloaded"), "LoadRequest": LOAD_REQUEST,
     "UnloadRequest": UNLOAD_REQUEST, "UploadRequest": UPLOAD_REQUEST,
+    "MergeStatus": MERGE_STATUS,
 }
 
 # ---- operations -----------------------------------------------------------------------
@@ -268,6 +279,13 @@ def _admin(summary: str, ok: str, status: int = 200, body: tuple[str, Schema] | 
                BEARER, body, "admin", name if named else None)
 
 
+def _merge_op(summary: str, named: bool = False) -> dict:
+    name = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
+    return _op(summary, {200: _json_ok("MergeStatus", "Done."),
+                         202: _json_ok("MergeStatus", "Under way or waiting for traffic.")},
+               ADMIN_ERRORS, BEARER, None, "admin", name if named else None)
+
+
 def _generation_op(summary: str, request: str, response: str) -> dict:
     ok = {200: ("The completion; with stream: true, server-sent events ending in "
                 "`data: [DONE]`.", {**_content(_ref(response)), **_content(
@@ -304,6 +322,12 @@ def _paths() -> dict[str, dict]:
                                                    "Adapter", named=True)},
         "/v1/adapters/{name}/unpin": {"post": _admin("Let an adapter be evicted", "Adapter",
                                                      named=True)},
+        "/v1/adapters/{name}/merge": {"post": _merge_op(
+            "Merge an adapter into the base whenever its requests are the only ones "
+            "(202 until it is)", named=True)},
+        "/v1/unmerge": {"post": _merge_op("Unmerge, and merge nothing until asked again "
+                                          "(202 until done)")},
+        "/v1/merge": {"get": _admin("What is merged, and the merge's progress", "MergeStatus")},
         "/v1/load_lora_adapter": {"post": _admin("vLLM's: load an adapter from a directory",
                                                  "AdapterLoaded",
                                                  body=(json_body, _ref("LoadRequest")))},

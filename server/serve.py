@@ -16,7 +16,7 @@ from loraplex.adapters.validate import Limits
 
 from .app import build_app
 from .auth import Keyring
-from .config import ServerConfig
+from .config import ConfigError, ServerConfig
 from .engine.async_engine import AsyncEngine, EngineDeadError
 from .engine.engine import LLMEngine
 from .http_protocol import HeaderTimeoutProtocol
@@ -54,6 +54,10 @@ def build_state(config: ServerConfig) -> ServerState:
         engine.register_adapter(name, path)
         info[name] = AdapterInfo.of_dir(Path(path), "path")
         _say(f"adapter {i}/{len(config.lora_modules)}: {name} <- {path}")
+    wanted = config.engine.merge.adapter
+    if wanted is not None and wanted not in engine.adapters:
+        raise ConfigError(f"--merge {wanted}: no such adapter (name one given with "
+                          f"--lora-modules or stored in the adapter store)")
     served_name = config.served_model_name or engine.loaded.name
     metrics = Metrics(served_name)
     engine.stat_loggers.append(metrics)  # before the engine thread starts

@@ -206,3 +206,49 @@ def test_vllm_load_and_unload(setup, embedded_adapters, tmp_path):
     assert outside.status_code == 403
     r = call(url, "POST", "/v1/unload_lora_adapter", ADMIN, json={"lora_name": "acme/again"})
     assert r.status_code == 200 and completion(url, ACME, "acme/again").status_code == 404
+
+
+# ---- merge ---------------------------------------------------------------------------------
+
+def _merge_state(url, want, timeout=60.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = call(url, "GET", "/v1/merge", ADMIN).json()
+        if status["state"] == want:
+            return status
+        time.sleep(0.05)
+    raise AssertionError(f"merge state never became {want}: {status}")
+
+
+def test_merge_and_unmerge_over_http_serve_the_same_tokens(setup):
+    url, _, _ = setup
+    body = {"model": "acme/sql", "prompt": "Hello, my name is", "max_tokens": 8,
+            "temperature": 0}
+    unmerged = call(url, "POST", "/v1/completions", ACME, json=body).json()["choices"][0]
+    base = call(url, "POST", "/v1/completions", SHARED,
+                json={**body, "model": "smol"}).json()["choices"][0]
+    assert unmerged["text"] != base["text"]  # the adapter changes the answer
+    assert call(url, "POST", "/v1/adapters/nope/merge", ADMIN).status_code == 404
+    assert call(url, "POST", "/v1/adapters/acme/sql/merge", ACME).status_code == 403
+    r = call(url, "POST", "/v1/adapters/acme/sql/merge", ADMIN)
+    assert r.status_code in (200, 202) and r.json()["requested"] == "acme/sql"
+    status = _merge_state(url, "merged")
+    assert status["adapter"] == "acme/sql" and status["modules_merged"] == status["modules"]
+    assert status["kept_aside_bytes"] > 0
+    merged = call(url, "POST", "/v1/completions", ACME, json=body).json()["choices"][0]
+    assert merged["text"] == unmerged["text"]
+    metrics = call(url, "GET", "/metrics", ADMIN).text
+    assert 'loraplex_merged_adapter_info{adapter="acme/sql"} 1.0' in metrics
+    # The base model needs the base weights: the engine unmerges, serves it, merges again.
+    again = call(url, "POST", "/v1/completions", SHARED,
+                 json={**body, "model": "smol"}).json()["choices"][0]
+    assert again["text"] == base["text"]
+    r = call(url, "POST", "/v1/unmerge", ADMIN)
+    assert r.status_code in (200, 202) and r.json()["requested"] is None
+    status = _merge_state(url, "unmerged")
+    assert status["switches"]["unmerge"] >= 1
+    metrics = call(url, "GET", "/metrics", ADMIN).text
+    assert "loraplex_merged_adapter_info{" not in metrics
+    assert re.search(r'loraplex_merge_switches_total\{direction="merge"\} [1-9]', metrics)

@@ -1,4 +1,5 @@
-"""Operator routes: upload, list, inspect, delete, pin adapters; vLLM's load/unload."""
+"""Operator routes: upload, list, inspect, delete, pin adapters; vLLM's load/unload; merge
+an adapter into the base and back."""
 
 from __future__ import annotations
 
@@ -177,6 +178,26 @@ async def unpin(request: Request) -> Response:
     return JSONResponse(await _describe(state, name))
 
 
+async def merge(request: Request) -> Response:
+    """Merge `name` into the base whenever its requests are the only ones in the engine (at
+    once if it is idle); 202 until it is merged."""
+    state, name = _state(request), request.path_params["name"]
+    status = await _engine(state, lambda e: (e.merger.request(name), e.merger.status())[1])
+    done = status["state"] == "merged" and status["adapter"] == name
+    return JSONResponse(status, status_code=200 if done else 202)
+
+
+async def unmerge(request: Request) -> Response:
+    """Unmerge, and merge nothing until asked (--auto-merge may still merge by traffic)."""
+    state = _state(request)
+    status = await _engine(state, lambda e: (e.merger.request(None), e.merger.status())[1])
+    return JSONResponse(status, status_code=200 if status["state"] == "unmerged" else 202)
+
+
+async def merge_status(request: Request) -> Response:
+    return JSONResponse(await _engine(_state(request), lambda e: e.merger.status()))
+
+
 async def _json(request: Request, state: ServerState) -> dict:
     body = await state.read_json(request)
     if not isinstance(body, dict):
@@ -229,6 +250,9 @@ routes = [
     Route("/v1/adapters", list_adapters, methods=["GET"]),
     Route("/v1/adapters/{name:path}/pin", pin, methods=["POST"]),
     Route("/v1/adapters/{name:path}/unpin", unpin, methods=["POST"]),
+    Route("/v1/adapters/{name:path}/merge", merge, methods=["POST"]),
+    Route("/v1/unmerge", unmerge, methods=["POST"]),
+    Route("/v1/merge", merge_status, methods=["GET"]),
     Route("/v1/adapters/{name:path}", get_adapter, methods=["GET"]),
     Route("/v1/adapters/{name:path}", delete_adapter, methods=["DELETE"]),
     Route("/v1/load_lora_adapter", load_lora_adapter, methods=["POST"]),
