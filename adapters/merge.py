@@ -17,8 +17,8 @@ aside and gets them back. Either way every base parameter is restored bit for bi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn

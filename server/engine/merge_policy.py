@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
-from collections.abc import Collection, Mapping
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 
 from ..config import MergeConfig
 

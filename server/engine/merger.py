@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor
-from collections.abc import Callable
 
 import torch
 from loraplex.adapters.merge import Merged, merge_module
