@@ -13,12 +13,20 @@ from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from loraplex.adapters.compose import METHODS as COMPOSE_METHODS
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .protocol import (INT64, MAX_PROMPTS, MAX_STOP, MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS,
-                       MAX_TEMPERATURE, SEED_RANGE)
+from .protocol import (
+    INT64,
+    MAX_PROMPTS,
+    MAX_STOP,
+    MAX_STOP_CHARS,
+    MAX_STOP_TOKEN_IDS,
+    MAX_TEMPERATURE,
+    SEED_RANGE,
+)
 
 MAX_BODY_BYTES = 8 * 2**20  # ServerState.max_body_bytes
 MAX_N = 16
@@ -126,6 +134,19 @@ LOAD_REQUEST = _obj({"lora_name": {"type": "string"}, "lora_path": {
     "(403 otherwise) holding adapter_config.json and adapter_model.safetensors."}},
     ("lora_name", "lora_path"))
 UNLOAD_REQUEST = _obj({"lora_name": {"type": "string"}}, ("lora_name",))
+COMPOSE_REQUEST = _obj({
+    "sources": {"type": "array", "minItems": 1, "maxItems": 16, "items": _obj(
+        {"name": {"type": "string"}, "weight": {"type": "number"}}, ("name",))},
+    "method": {"enum": list(COMPOSE_METHODS), "default": "svd", "description":
+               "PEFT's add_weighted_adapter combination_type, or slerp (two sources)."},
+    "density": {"type": "number", "exclusiveMinimum": 0, "maximum": 1,
+                "description": "ties, dare and magnitude_prune methods only (required there)."},
+    "rank": {"type": "integer", "minimum": 1, "description": "svd methods and slerp."},
+    "t": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.5,
+          "description": "slerp: 0 is the first source, 1 the second."},
+    "seed": {"type": "integer", "minimum": 0, "default": 0, "description": "dare's draws."},
+    "majority_sign_method": {"enum": ["total", "frequency"], "default": "total"},
+}, ("sources",))
 UPLOAD_REQUEST = _obj({
     "name": {"type": "string", "description": "Lowercase letters, digits, '.', '_', '-', at "
              "most 64 characters, optionally under one 'tenant/' prefix."},
@@ -216,7 +237,7 @@ COMPONENTS: dict[str, Schema] = {
     "AdapterDeleted": _adapter_ack("deleted"), "AdapterLoaded": _adapter_ack("loaded"),
     "AdapterUnloaded": _adapter_ack("unloaded"), "LoadRequest": LOAD_REQUEST,
     "UnloadRequest": UNLOAD_REQUEST, "UploadRequest": UPLOAD_REQUEST,
-    "MergeStatus": MERGE_STATUS,
+    "MergeStatus": MERGE_STATUS, "ComposeRequest": COMPOSE_REQUEST,
 }
 
 # ---- operations -----------------------------------------------------------------------
@@ -325,6 +346,9 @@ def _paths() -> dict[str, dict]:
         "/v1/adapters/{name}/merge": {"post": _merge_op(
             "Merge an adapter into the base whenever its requests are the only ones "
             "(202 until it is)", named=True)},
+        "/v1/adapters/{name}/compose": {"post": _admin(
+            "Build a new adapter from served ones (PEFT's add_weighted_adapter methods, SLERP)",
+            "Adapter", 201, (json_body, _ref("ComposeRequest")), named=True, stores=True)},
         "/v1/unmerge": {"post": _merge_op("Unmerge, and merge nothing until asked again "
                                           "(202 until done)")},
         "/v1/merge": {"get": _admin("What is merged, and the merge's progress", "MergeStatus")},

@@ -252,3 +252,34 @@ def test_merge_and_unmerge_over_http_serve_the_same_tokens(setup):
     metrics = call(url, "GET", "/metrics", ADMIN).text
     assert "loraplex_merged_adapter_info{" not in metrics
     assert re.search(r'loraplex_merge_switches_total\{direction="merge"\} [1-9]', metrics)
+
+
+def test_compose_builds_stores_and_serves_a_new_adapter(setup):
+    url, _, state = setup
+    path = "/v1/adapters/acme/mix/compose"
+    body = {"sources": [{"name": "acme/sql", "weight": 0.6}, {"name": "globex/poet",
+                                                               "weight": 0.4}],
+            "method": "cat"}
+    assert call(url, "POST", path, ACME, json=body).status_code == 403
+    bad = [({**body, "method": "average"}, 400, "method"),
+           ({**body, "sources": [{"name": "nope"}]}, 404, "sources"),
+           ({**body, "method": "ties"}, 400, "density"),
+           ({**body, "method": "linear"}, 400, None),  # PEFT: ranks differ
+           ({**body, "method": "slerp", "t": 2}, 400, "t"),
+           ({**body, "sources": [{"name": "acme/sql", "weight": "x"}]}, 400, "sources")]
+    for case, status, param in bad:
+        r = call(url, "POST", path, ADMIN, json=case)
+        assert r.status_code == status, (case, r.text)
+        assert r.json()["error"]["param"] == param or param is None
+        assert state.store.get("acme/mix") is None  # nothing stored
+    r = call(url, "POST", path, ADMIN, json=body)  # cat: ranks add up past --max-adapter-mb
+    assert r.status_code == 400 and "exceed" in r.json()["error"]["message"]
+    assert state.store.get("acme/mix") is None
+    r = call(url, "POST", path, ADMIN, json={**body, "method": "svd", "rank": 2})
+    assert r.status_code == 201, r.text
+    assert r.json()["source"] == "compose" and r.json()["rank"] == 2
+    assert completion(url, ACME, "acme/mix").status_code == 200
+    r = call(url, "POST", path, ADMIN, json={**body, "method": "slerp", "t": 0.25, "rank": 3})
+    assert r.status_code == 201 and r.json()["rank"] == 3  # a replacement, as an upload
+    assert completion(url, ACME, "acme/mix").status_code == 200
+    assert call(url, "DELETE", "/v1/adapters/acme/mix", ADMIN).status_code == 200

@@ -1,5 +1,5 @@
 """Operator routes: upload, list, inspect, delete, pin adapters; vLLM's load/unload; merge
-an adapter into the base and back."""
+an adapter into the base and back; compose new adapters from served ones."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import math
 import shutil
 from pathlib import Path
 
+from loraplex.adapters.compose import METHODS, NEEDS_DENSITY, Source, compose_peft, compose_slerp
 from loraplex.adapters.peft_format import AdapterError
 from loraplex.adapters.store import CONFIG_FILE, WEIGHTS_FILE, StoreFullError
 from loraplex.adapters.validate import check_config_bytes, check_name, check_safetensors
@@ -81,25 +83,102 @@ async def upload(request: Request) -> Response:
         with state.store.staging() as staged:
             try:
                 await run_in_threadpool(_stage, weights.file, config_bytes, staged)
-                check_name(name, state.served_model_name)
-                check_config_bytes(config_bytes, limits)
-                await run_in_threadpool(check_safetensors, staged / WEIGHTS_FILE, limits)
-                adapter = await run_in_threadpool(state.engine.engine.parse_adapter, name,
-                                                  str(staged))
             except AdapterError as e:
                 raise _refuse(e) from None
-            # Store and engine change together: a concurrent upload, delete or unload of
-            # the same name cannot interleave between them.
-            async with state.admin_lock:
-                stored = await _store(state, state.store.put_staged, name, staged,
-                                      state.paths_in_use)
-                # A new version: requests running on the old one finish on its weights.
-                adapter = dataclasses.replace(adapter, path=str(stored.path))
-                await _engine(state, lambda e: e.install_adapter(adapter))
-                state.adapter_info[name] = AdapterInfo(stored.sha256, stored.size,
-                                                       stored.created, "upload")
+            await _check_store_serve(state, name, staged, "upload")
     finally:
         await form.close()
+    return JSONResponse(await _describe(state, name), status_code=201)
+
+
+async def _check_store_serve(state: ServerState, name: str, staged: Path, source: str) -> None:
+    """An adapter written into a staging directory: checked whole, then stored and served
+    under `name` (replacing a previous version), or refused with nothing changed."""
+    try:
+        check_name(name, state.served_model_name)
+        check_config_bytes((staged / CONFIG_FILE).read_bytes(), state.upload_limits)
+        await run_in_threadpool(check_safetensors, staged / WEIGHTS_FILE, state.upload_limits)
+        adapter = await run_in_threadpool(state.engine.engine.parse_adapter, name, str(staged))
+    except AdapterError as e:
+        raise _refuse(e) from None
+    # Store and engine change together: a concurrent upload, delete or unload of the same
+    # name cannot interleave between them.
+    async with state.admin_lock:
+        stored = await _store(state, state.store.put_staged, name, staged, state.paths_in_use)
+        # A new version: requests running on the old one finish on its weights.
+        adapter = dataclasses.replace(adapter, path=str(stored.path))
+        await _engine(state, lambda e: e.install_adapter(adapter))
+        state.adapter_info[name] = AdapterInfo(stored.sha256, stored.size, stored.created,
+                                               source)
+
+
+MAX_SOURCES = 16
+
+
+async def compose(request: Request) -> Response:
+    """`{"sources": [{"name", "weight"}], "method", "density", "rank", "t", "seed",
+    "majority_sign_method"}`: a new adapter `name` built from served adapters (PEFT's
+    add_weighted_adapter, or SLERP), checked, stored and served like an upload."""
+    state, name = _state(request), request.path_params["name"]
+    body = await _json(request, state)
+    method = body.get("method", "svd")
+    if method not in METHODS:
+        raise APIError(400, f"method must be one of {', '.join(METHODS)}", "method")
+    sources = body.get("sources")
+    if (not isinstance(sources, list) or not 1 <= len(sources) <= MAX_SOURCES
+            or not all(isinstance(s, dict) for s in sources)):
+        raise APIError(400, f"sources must be a list of 1 to {MAX_SOURCES} objects "
+                            f"{{name, weight}}", "sources")
+    served = state.engine.engine.adapters
+    picked = []
+    for s in sources:
+        source_name, weight = s.get("name"), s.get("weight", 1.0)
+        if not isinstance(source_name, str) or source_name not in served:
+            raise APIError(404, f"adapter {source_name!r} not found", "sources",
+                           "model_not_found")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
+                or not math.isfinite(weight):
+            raise APIError(400, "each source's weight must be a finite number", "sources")
+        picked.append(Source(source_name, Path(served[source_name].path), float(weight)))
+    density, rank = body.get("density"), body.get("rank")
+    t, seed = body.get("t", 0.5), body.get("seed", 0)
+    sign = body.get("majority_sign_method", "total")
+    if method in NEEDS_DENSITY:
+        if isinstance(density, bool) or not isinstance(density, (int, float)) \
+                or not 0 < density <= 1:
+            raise APIError(400, f"{method} needs a density in (0, 1]", "density")
+    elif density is not None:
+        raise APIError(400, f"{method} takes no density", "density")
+    max_rank = state.engine.engine.config.lora.max_lora_rank
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)
+                             or not 1 <= rank <= max_rank):
+        raise APIError(400, f"rank must be an integer in [1, {max_rank}]", "rank")
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 1:
+        raise APIError(400, "t must be a number in [0, 1]", "t")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise APIError(400, "seed must be a non-negative 64-bit integer", "seed")
+    if sign not in ("total", "frequency"):
+        raise APIError(400, "majority_sign_method must be total or frequency",
+                       "majority_sign_method")
+    engine = state.engine.engine
+
+    def build(staged: Path) -> None:
+        if method == "slerp":
+            if len(picked) != 2:
+                raise AdapterError("slerp: exactly two sources")
+            adapters = [engine.read_fp32(s.name, str(s.path)) for s in picked]
+            compose_slerp(adapters, float(t), rank, staged, engine.loaded.name)
+        else:
+            compose_peft(picked, method, staged, engine.runner.lora.module_shapes,
+                         density=density, rank=rank, seed=seed, majority_sign_method=sign)
+
+    with state.store.staging() as staged:
+        try:
+            with _store_full():
+                await run_in_threadpool(build, staged)
+        except AdapterError as e:
+            raise _refuse(e) from None
+        await _check_store_serve(state, name, staged, "compose")
     return JSONResponse(await _describe(state, name), status_code=201)
 
 
@@ -251,6 +330,7 @@ routes = [
     Route("/v1/adapters/{name:path}/pin", pin, methods=["POST"]),
     Route("/v1/adapters/{name:path}/unpin", unpin, methods=["POST"]),
     Route("/v1/adapters/{name:path}/merge", merge, methods=["POST"]),
+    Route("/v1/adapters/{name:path}/compose", compose, methods=["POST"]),
     Route("/v1/unmerge", unmerge, methods=["POST"]),
     Route("/v1/merge", merge_status, methods=["GET"]),
     Route("/v1/adapters/{name:path}", get_adapter, methods=["GET"]),
