@@ -26,13 +26,32 @@ from torch import nn
 from .peft_format import LoRAWeights
 
 
-def delta_weight(weights: LoRAWeights, device: torch.device) -> torch.Tensor:
+def delta_weight(weights: LoRAWeights, device: torch.device,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     """PEFT's `get_delta_weight` for plain LoRA: `(B @ A) * scale` `[out, in]`, in the
-    adapter's dtype. fan_in_fan_out never applies: it only transposes Conv1D bases, which
-    the parser does not accept."""
+    adapter's dtype, into `out` when given (a reused buffer: no fresh pages per module; the
+    same products, so the same bits). fan_in_fan_out never applies: it only transposes
+    Conv1D bases, which the parser does not accept."""
     a = weights.lora_a.to(device)  # [r, in]
     b = weights.lora_b.to(device)  # [out, r]
-    return (b @ a) * weights.scale
+    delta = torch.matmul(b, a, out=out)
+    return delta.mul_(weights.scale)
+
+
+class Workspace:
+    """One buffer for every module's delta, grown to the largest: merging a model then
+    touches fresh memory once, not once per projection."""
+
+    def __init__(self) -> None:
+        self._buffer: torch.Tensor | None = None
+
+    def get(self, shape: tuple[int, int], dtype: torch.dtype,
+            device: torch.device) -> torch.Tensor:
+        n = shape[0] * shape[1]
+        b = self._buffer
+        if b is None or b.numel() < n or b.dtype != dtype or b.device != device:
+            b = self._buffer = torch.empty(n, dtype=dtype, device=device)
+        return b[:n].view(shape)
 
 
 @dataclass
@@ -50,7 +69,7 @@ def _param_class(module: nn.Module) -> str:
 
 
 def merge_module(module: nn.Module, weights: LoRAWeights, dense: bool = False,
-                 dtype: torch.dtype | None = None) -> Merged:
+                 dtype: torch.dtype | None = None, workspace: Workspace | None = None) -> Merged:
     """Fold `weights` into `module` (an nn.Linear or a bitsandbytes Linear4bit/Linear8bitLt).
 
     `dense` applies to quantized modules only: the merged layer becomes an nn.Linear in
@@ -60,14 +79,15 @@ def merge_module(module: nn.Module, weights: LoRAWeights, dense: bool = False,
         return _merge_4bit(module, weights, dense, dtype)
     if kind == "Int8Params":
         return _merge_int8(module, weights, dense, dtype)
-    return _merge_dense(module, weights)
+    return _merge_dense(module, weights, workspace)
 
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _merge_dense(module: nn.Module, weights: LoRAWeights) -> Merged:
+def _merge_dense(module: nn.Module, weights: LoRAWeights,
+                 workspace: Workspace | None) -> Merged:
     w = module.weight
     # A host copy, page-locked on CUDA so that saving and restoring are DMA copies.
     pin = w.device.type == "cuda"
@@ -76,7 +96,10 @@ def _merge_dense(module: nn.Module, weights: LoRAWeights) -> Merged:
     # PEFT's in-place add (`base_layer.weight.data += delta_weight`): an fp32 delta into a
     # bf16 weight adds in fp32 and rounds once, exactly as PEFT does. In place, so captured
     # CUDA graphs, which hold the weight's address, stay valid.
-    w.data += delta_weight(weights, w.device)
+    out = None
+    if workspace is not None:
+        out = workspace.get(tuple(w.shape), weights.lora_a.dtype, w.device)
+    w.data += delta_weight(weights, w.device, out)
 
     def undo() -> nn.Module:
         w.data.copy_(kept)

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from loraplex.adapters.merge import merge_module
+from loraplex.adapters.merge import Workspace, merge_module
 from loraplex.adapters.peft_format import load_adapter
 from loraplex.server.config import ModelConfig
 from loraplex.server.engine.request import SamplingParams
@@ -81,8 +81,9 @@ def test_merge_equals_peft_and_undo_restores_every_parameter(tiny, quantization,
         adapter = load_adapter(path, name, shapes, 64, torch.float32)  # PEFT's adapter dtype
         undo = {}
         changed = 0
+        workspace = Workspace()  # as the engine merges: one reused buffer for the deltas
         for module_name, weights in adapter.modules.items():
-            merged = merge_module(modules[module_name], weights)
+            merged = merge_module(modules[module_name], weights, workspace=workspace)
             assert merged.module is modules[module_name]
             undo[module_name] = merged.undo
             got, want = effective_weight(merged.module), effective_weight(ref[module_name])

@@ -75,7 +75,7 @@ class LLMEngine:
         self.adapters = self.adapter_manager.current  # name -> AdapterSummary being served
         self.slots = self.adapter_manager.slots
         self.merger = Merger(config.merge, self.runner.lora, self.adapter_manager,
-                             self._read_fp32, self.loaded.dtype, self.runner.pause_graphs)
+                             self.read_fp32, self.loaded.dtype, self.runner.pause_graphs)
         self.merger.on_switch = lambda direction, name: self._stats.merge_switches.append(
             direction)
         self.scheduler = Scheduler(config.scheduler, self.blocks, self.slots, self.merger.admits)
@@ -105,7 +105,7 @@ class LLMEngine:
                                None if self.config.lora.allow_base_mismatch else self.base_names)
         return self.runner.lora.stage(adapter)
 
-    def _read_fp32(self, name: str, path: str) -> LoRAAdapter:
+    def read_fp32(self, name: str, path: str) -> LoRAAdapter:
         """An adapter in fp32, as PEFT holds adapter weights whatever the base dtype: the
         weights a merge adds to the base (adapters/merge.py). Any thread."""
         return load_adapter(path, name, self.runner.lora.module_shapes,
@@ -208,6 +208,7 @@ class LLMEngine:
                 self._publish()
             else:
                 self.adapter_manager.wait_for_fetch(0.05)
+                self.merger.wait(0.05)
             return failed
         try:
             logits = self.runner.execute(plan.scheduled)

@@ -17,10 +17,10 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Collection
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
-from loraplex.adapters.merge import Merged, merge_module
+from loraplex.adapters.merge import Merged, Workspace, merge_module
 from loraplex.adapters.peft_format import LoRAAdapter
 
 from ..config import MergeConfig
@@ -55,6 +55,7 @@ class Merger:
         self._adapter: LoRAAdapter | None = None
         self._chunks: list[list[str]] = []  # module names by decoder layer, in merge order
         self._done: list[tuple[str, Merged, int, float]] = []  # name, merged, rank, scale
+        self._workspace = Workspace()
         self.switches = {"merge": 0, "unmerge": 0}
         self._wanted: str | None = config.adapter  # what the policy wanted last step
         self.on_switch: Callable[[str, str], None] = lambda direction, name: None
@@ -163,11 +164,12 @@ class Merger:
                 slots = self._lora.modules[name]
                 rank, scale = slots.ranks[self.slot], slots.scales[self.slot]
                 merged = merge_module(self._lora.base_of(name), self._adapter.modules[name],
-                                      self.config.dense, self._dtype)
+                                      self.config.dense, self._dtype, self._workspace)
                 self._lora.replace_base(name, merged.module)
                 slots.set(self.slot, 0, 0.0)  # the weights carry it now
                 self._done.append((name, merged, rank, scale))
         if len(self._done) == sum(len(c) for c in self._chunks):
+            self._workspace = Workspace()  # its memory goes back
             self.state = "merged"
             self._lora.silent_slot = self.slot
             self._switched("merge")
@@ -205,6 +207,12 @@ class Merger:
         self.policy.switched()
         log.info("%s %s: done (%s)", direction, name, self.status())
         self.on_switch(direction, name)
+
+    def wait(self, timeout: float) -> None:
+        """Block until the adapter being read for a merge is read (or `timeout`): an engine
+        with nothing else to do waits here rather than spinning against the reader."""
+        if self._pending is not None:
+            wait([self._pending[1]], timeout)
 
     def shutdown(self) -> None:
         self._reader.shutdown(wait=False, cancel_futures=True)
