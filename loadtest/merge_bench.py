@@ -73,36 +73,39 @@ def _serve(engine, reqs: list[Req], label: str) -> tuple[float, list[list[int]]]
 
 
 def single_tenant(args, adapters: dict) -> dict:
+    """`--rounds` rounds of: unmerged, merge (idle: every layer at once), merged, unmerge,
+    base only; the same requests each time. Interleaved, so a drift of the machine's speed
+    shows as a spread between rounds rather than as a difference between the modes."""
     engine = _engine(args.model, "none", adapters)
     reqs = make_requests(engine.tokenizer, [HOT], args.requests, args.seed)
+    base = [Req(r.prompt, None, r.max_tokens) for r in reqs]
     tokens = sum(r.max_tokens for r in reqs)
     _serve(engine, reqs[:2], "warm-up")
-    t_unmerged, out_unmerged = _serve(engine, reqs, "unmerged")
-    t0 = time.perf_counter()
-    engine.merger.request(HOT)
-    _drain(engine)  # idle: every layer at once
-    merge_s = time.perf_counter() - t0
-    status = engine.merger.status()
-    t_merged, out_merged = _serve(engine, reqs, "merged")
-    assert engine.merger.state == "merged"
-    t0 = time.perf_counter()
-    engine.merger.request(None)
-    _drain(engine)
-    unmerge_s = time.perf_counter() - t0
-    base = [Req(r.prompt, None, r.max_tokens) for r in reqs]
-    t_base, _ = _serve(engine, base, "base")
-    same = sum(a == b for a, b in zip(out_unmerged, out_merged))
-    return {
-        "requests": len(reqs), "output_tokens": tokens, "adapter": HOT, "rank": 16,
-        "unmerged_tok_s": round(tokens / t_unmerged, 1),
-        "merged_tok_s": round(tokens / t_merged, 1),
-        "base_only_tok_s": round(tokens / t_base, 1),
-        "merged_vs_unmerged": round(t_unmerged / t_merged, 3),
-        "merged_vs_base": round(t_base / t_merged, 3),
-        "merge_s": round(merge_s, 3), "unmerge_s": round(unmerge_s, 3),
-        "kept_aside_mb": round(status["kept_aside_bytes"] / 2**20, 1),
-        "identical_outputs_merged_vs_unmerged": f"{same}/{len(reqs)}",
-    }
+    rounds, same = [], 0
+    for k in range(args.rounds):
+        t_unmerged, out_unmerged = _serve(engine, reqs, f"{k}-unmerged")
+        t0 = time.perf_counter()
+        engine.merger.request(HOT)
+        _drain(engine)
+        merge_s = time.perf_counter() - t0
+        kept = engine.merger.status()["kept_aside_bytes"]
+        t_merged, out_merged = _serve(engine, reqs, f"{k}-merged")
+        assert engine.merger.state == "merged"
+        t0 = time.perf_counter()
+        engine.merger.request(None)
+        _drain(engine)
+        unmerge_s = time.perf_counter() - t0
+        t_base, _ = _serve(engine, base, f"{k}-base")
+        same += sum(a == b for a, b in zip(out_unmerged, out_merged))
+        rounds.append({"unmerged_tok_s": round(tokens / t_unmerged, 1),
+                       "merged_tok_s": round(tokens / t_merged, 1),
+                       "base_only_tok_s": round(tokens / t_base, 1),
+                       "merged_vs_unmerged": round(t_unmerged / t_merged, 3),
+                       "merged_vs_base": round(t_base / t_merged, 3),
+                       "merge_s": round(merge_s, 3), "unmerge_s": round(unmerge_s, 3)})
+    return {"requests": len(reqs), "output_tokens": tokens, "adapter": HOT, "rank": 16,
+            "rounds": rounds, "kept_aside_mb": round(kept / 2**20, 1),
+            "identical_outputs_merged_vs_unmerged": f"{same}/{len(reqs) * args.rounds}"}
 
 
 def trace(args, adapters: dict, auto: bool) -> dict:
@@ -268,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2)")
     ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=2, help="single-tenant rounds")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--output-tokens", type=int, default=32)
     ap.add_argument("--phase", type=float, default=20.0, help="seconds of each mixed phase "
@@ -282,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.requests, args.phase, args.window = 2, 1.0, 0.3
+        args.requests, args.phase, args.window, args.rounds = 2, 1.0, 0.3, 1
         args.drift_prompts, args.drift_tokens, args.output_tokens = 2, 2, 4
     parts = set(args.parts.split(","))
     results: dict = {"model": args.model or "embedded SmolLM2-135M-Instruct", "dtype": "float32",
