@@ -73,39 +73,51 @@ def _serve(engine, reqs: list[Req], label: str) -> tuple[float, list[list[int]]]
 
 
 def single_tenant(args, adapters: dict) -> dict:
-    """`--rounds` rounds of: unmerged, merge (idle: every layer at once), merged, unmerge,
-    base only; the same requests each time. Interleaved, so a drift of the machine's speed
-    shows as a spread between rounds rather than as a difference between the modes."""
+    """`--rounds` rounds of the three modes (unmerged, merged, base only) on the same
+    requests, the order rotated each round so that every mode runs first, second and last
+    once in three rounds: this VM speeds up and slows down over minutes, and a fixed order
+    would credit that to whichever mode runs last. Merges happen on an idle engine (every
+    layer at once) and are timed, as are unmerges."""
     engine = _engine(args.model, "none", adapters)
     reqs = make_requests(engine.tokenizer, [HOT], args.requests, args.seed)
     base = [Req(r.prompt, None, r.max_tokens) for r in reqs]
     tokens = sum(r.max_tokens for r in reqs)
     _serve(engine, reqs[:2], "warm-up")
-    rounds, same = [], 0
+    modes = ["unmerged", "merged", "base"]
+    seconds: dict[str, list[float]] = {m: [] for m in modes}
+    switch_s: dict[str, list[float]] = {"merge": [], "unmerge": []}
+    outputs: dict[str, list[list[int]]] = {}
+    kept = 0
+
+    def switch(target: str | None, direction: str) -> None:
+        t0 = time.perf_counter()
+        engine.merger.request(target)
+        _drain(engine)
+        switch_s[direction].append(round(time.perf_counter() - t0, 3))
+
     for k in range(args.rounds):
-        t_unmerged, out_unmerged = _serve(engine, reqs, f"{k}-unmerged")
-        t0 = time.perf_counter()
-        engine.merger.request(HOT)
-        _drain(engine)
-        merge_s = time.perf_counter() - t0
-        kept = engine.merger.status()["kept_aside_bytes"]
-        t_merged, out_merged = _serve(engine, reqs, f"{k}-merged")
-        assert engine.merger.state == "merged"
-        t0 = time.perf_counter()
-        engine.merger.request(None)
-        _drain(engine)
-        unmerge_s = time.perf_counter() - t0
-        t_base, _ = _serve(engine, base, f"{k}-base")
-        same += sum(a == b for a, b in zip(out_unmerged, out_merged))
-        rounds.append({"unmerged_tok_s": round(tokens / t_unmerged, 1),
-                       "merged_tok_s": round(tokens / t_merged, 1),
-                       "base_only_tok_s": round(tokens / t_base, 1),
-                       "merged_vs_unmerged": round(t_unmerged / t_merged, 3),
-                       "merged_vs_base": round(t_base / t_merged, 3),
-                       "merge_s": round(merge_s, 3), "unmerge_s": round(unmerge_s, 3)})
+        order = modes[k % 3:] + modes[:k % 3]
+        for mode in order:
+            if mode == "merged":
+                switch(HOT, "merge")
+                kept = engine.merger.status()["kept_aside_bytes"]
+            elapsed, outputs[mode] = _serve(engine, base if mode == "base" else reqs,
+                                            f"{k}-{mode}")
+            if mode == "merged":
+                assert engine.merger.state == "merged"
+                switch(None, "unmerge")
+            seconds[mode].append(elapsed)
+    rate = {m: [round(tokens / t, 1) for t in ts] for m, ts in seconds.items()}
+    total = {m: sum(ts) for m, ts in seconds.items()}
+    same = sum(a == b for a, b in zip(outputs["unmerged"], outputs["merged"]))
     return {"requests": len(reqs), "output_tokens": tokens, "adapter": HOT, "rank": 16,
-            "rounds": rounds, "kept_aside_mb": round(kept / 2**20, 1),
-            "identical_outputs_merged_vs_unmerged": f"{same}/{len(reqs) * args.rounds}"}
+            "rounds": args.rounds, "tok_s_by_round": rate,
+            "tok_s": {m: round(tokens * args.rounds / t, 1) for m, t in total.items()},
+            "merged_vs_unmerged": round(total["unmerged"] / total["merged"], 3),
+            "merged_vs_base": round(total["base"] / total["merged"], 3),
+            "merge_s": switch_s["merge"], "unmerge_s": switch_s["unmerge"],
+            "kept_aside_mb": round(kept / 2**20, 1),
+            "identical_outputs_merged_vs_unmerged": f"{same}/{len(reqs)}"}
 
 
 def trace(args, adapters: dict, auto: bool) -> dict:
@@ -271,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2)")
     ap.add_argument("--requests", type=int, default=16)
-    ap.add_argument("--rounds", type=int, default=2, help="single-tenant rounds")
+    ap.add_argument("--rounds", type=int, default=3, help="single-tenant rounds")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--output-tokens", type=int, default=32)
     ap.add_argument("--phase", type=float, default=20.0, help="seconds of each mixed phase "
