@@ -255,3 +255,40 @@ def test_mixed_traffic_and_switches_while_requests_run_stay_exact(tiny, referenc
     assert merger.state == "unmerged" and engine.runner.lora.silent_slot is None
     assert fingerprint(engine.runner.model) == before
     assert not engine.slots.refs(engine.adapter_manager.current_key("r16_all"))
+
+
+def test_nf4_merged_engine_serves_like_peft_s_nf4_merge(tiny):
+    """NF4: the engine merged (dequantize, add, quantize again) against PEFT's
+    merge_and_unload() on the same NF4 base, one sequence per step, as bitsandbytes' CPU
+    kernel makes a row's result depend on its batch-mates' shapes."""
+    from loraplex.server.config import (CacheConfig, EngineConfig, LoRAConfig, MergeConfig,
+                                        SchedulerConfig)
+    from loraplex.server.engine.engine import LLMEngine
+    from transformers import GenerationConfig
+
+    model_dir, adapters = tiny
+    cfg = ModelConfig(model=str(model_dir), quantization="nf4")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = PeftModel.from_pretrained(load_model(cfg).model,
+                                        str(adapters["r16_all"])).merge_and_unload()
+    ref.generation_config = GenerationConfig()
+    base = load_model(cfg).model
+    base.generation_config = GenerationConfig()
+    engine = LLMEngine(EngineConfig(
+        model=cfg, cache=CacheConfig(num_blocks=64, block_size=8),
+        scheduler=SchedulerConfig(max_num_seqs=1), lora=LoRAConfig(max_loras=2),
+        merge=MergeConfig(adapter="r16_all")))
+    for name, path in adapters.items():
+        engine.register_adapter(name, str(path))
+    drain(engine, {})
+    assert engine.merger.state == "merged"
+    got, changed = {}, 0
+    for i, p in enumerate(PROMPTS):
+        submit(engine, got, f"m{i}", p, "r16_all", n=8)
+    drain(engine, got)
+    for i, p in enumerate(PROMPTS):
+        want = peft_greedy(ref, p, 8)
+        changed += want != peft_greedy(base, p, 8)
+        assert got[f"m{i}"] == want, i
+    assert changed  # the merged adapter changes the output

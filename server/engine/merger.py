@@ -100,10 +100,12 @@ class Merger:
 
     # ---- one step -----------------------------------------------------------------------
 
-    def step(self, demand: Collection[str | None], idle: bool) -> None:
+    def step(self, demand: Collection[str | None], running: bool,
+             waiting_keys: Collection[str | None]) -> None:
         """Advance towards what the policy wants, before the scheduler runs. `demand`: the
-        adapter names of every waiting and running request; `idle`: nothing is running, so
-        a switch may finish at once instead of a few layers per step."""
+        adapter names of every waiting and running request; `running`: whether any request
+        is running; `waiting_keys`: the adapter versions of the waiting ones. With nobody
+        to serve meanwhile, a switch finishes at once instead of a few layers per step."""
         merging_name = (self._manager.name_of(self.key)
                         if self.state in ("merging", "merged") else None)
         want = self.policy.target(demand, merging_name)
@@ -116,6 +118,9 @@ class Merger:
                      "other requests waiting" if demand else "asked")
             self._lora.silent_slot = None
             self.state = "unmerging"
+        # Merging: the merged adapter's waiting requests can run meanwhile. Unmerging: only
+        # running requests can; the waiting ones wait for the unmerge itself.
+        idle = not running and (self.state == "unmerging" or self.key not in waiting_keys)
         layers = len(self._chunks) if idle else self.config.layers_per_step
         if self.state == "merging":
             self._merge_layers(layers)
