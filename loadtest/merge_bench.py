@@ -5,7 +5,7 @@
 1. Single tenant: the same requests, all for one adapter, served unmerged (SGMV), merged,
    and by the base model alone; output tok/s and their ratios. Also the seconds a whole
    merge and unmerge take on an idle engine, and the memory kept aside while merged.
-2. A traffic trace that shifts from mixed (8 adapters) to one hot adapter and back, with a
+2. A traffic trace that shifts from mixed (`--adapters`, 8) to one hot adapter and back, with a
    fixed number of requests in flight (closed loop), run with --auto-merge off and on:
    throughput over time with the switch points (throughput.png), and the totals.
 3. Drift of an NF4 base merged and quantized again (PEFT's merge, which ours equals bit for
@@ -122,7 +122,7 @@ def single_tenant(args, adapters: dict) -> dict:
 
 def trace(args, adapters: dict, auto: bool) -> dict:
     """Closed loop: `--concurrency` requests in flight; each finished one is replaced by a
-    new one whose adapter the current phase draws (mixed: any of the 8; hot: HOT only)."""
+    new one whose adapter the current phase draws (mixed: any adapter; hot: HOT only)."""
     from loraplex.server.engine.request import SamplingParams
 
     engine = _engine(args.model, "none", adapters, auto=auto, threshold=args.threshold,
@@ -283,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2)")
     ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--adapters", type=int, default=8, help="adapters of the mixed phases")
     ap.add_argument("--rounds", type=int, default=3, help="single-tenant rounds")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--output-tokens", type=int, default=32)
@@ -299,15 +300,17 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.smoke:
         args.requests, args.phase, args.window, args.rounds = 2, 1.0, 0.3, 1
+        args.adapters = 2
         args.drift_prompts, args.drift_tokens, args.output_tokens = 2, 2, 4
     parts = set(args.parts.split(","))
     results: dict = {"model": args.model or "embedded SmolLM2-135M-Instruct", "dtype": "float32",
                      "threads": torch.get_num_threads(), "argv": argv or sys.argv[1:]}
     with tempfile.TemporaryDirectory() as tmp:
-        _say("making 8 adapters (ranks 8-64, all linear layers)")
+        _say(f"making {args.adapters} adapters (ranks 8-64, all linear layers)")
         adapters = make_benchmark_adapters(
             lambda: load_model(ModelConfig(model=args.model, quantization="none")).model, tmp,
-            8, seed=args.seed, progress=lambda i, n: _say(f"  adapter {i}/{n}"))
+            max(args.adapters, 2), seed=args.seed,
+            progress=lambda i, n: _say(f"  adapter {i}/{n}"))
         if "single" in parts:
             _say("1. single tenant: unmerged, merged, base only")
             results["single_tenant"] = single_tenant(args, adapters)

@@ -340,3 +340,20 @@ def test_adapters_written_from_a_config_are_valid_peft_and_change_the_output(tmp
         got = peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                             max_new_tokens=6, min_new_tokens=6)[0, len(prompt):].tolist()
         assert got == outs[name], name
+
+
+def test_merge_bench_smoke_runs_every_part(tmp_path, capsys):
+    """loadtest/merge_bench.py at tiny sizes: the three parts run and report their figures
+    (the figures themselves come from full runs, in docs/benchmarks.md)."""
+    from loraplex.loadtest import merge_bench
+
+    assert merge_bench.main(["--smoke", "--parts", "single,trace", "--out",
+                             str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    single = results["single_tenant"]
+    assert set(single["tok_s"]) == {"unmerged", "merged", "base"}
+    assert single["identical_outputs_merged_vs_unmerged"] == "2/2"
+    assert len(single["merge_s"]) == len(single["unmerge_s"]) == 1
+    assert [t["auto_merge"] for t in results["trace"]] == [False, True]
+    assert all(t["total_tokens"] > 0 for t in results["trace"])
+    assert (tmp_path / "throughput.png").stat().st_size > 0
