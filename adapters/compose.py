@@ -84,7 +84,8 @@ def compose_peft(sources: Sequence[Source], method: str, out_dir: Path,
                                            combination_type=method, svd_rank=rank,
                                            density=density,
                                            majority_sign_method=majority_sign_method)
-        except (ValueError, TypeError) as e:  # PEFT's own refusals: incompatible sources
+        except (ValueError, TypeError, RuntimeError) as e:
+            # PEFT's own refusals (incompatible sources), and an SVD that does not converge.
             raise AdapterError(f"{method}: {e}") from None
         config = model.peft_config["composed"]
         state = get_peft_model_state_dict(model, adapter_name="composed")
@@ -134,7 +135,10 @@ def compose_slerp(sources: Sequence[LoRAAdapter], t: float, rank: int | None,
         shape = next(d.shape for d in deltas if d is not None)
         d0, d1 = (d if d is not None else torch.zeros(shape) for d in deltas)
         delta = slerp(t, d0, d1)  # [out, in]
-        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        try:
+            u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        except RuntimeError as e:  # e.g. no convergence
+            raise AdapterError(f"slerp: {name}: {e}") from None
         r = min(rank, s.numel())  # a projection narrower than `rank` keeps zero rows
         b = torch.zeros(delta.shape[0], rank)  # [out, rank]
         a = torch.zeros(rank, delta.shape[1])  # [rank, in]

@@ -136,10 +136,14 @@ def _merge_4bit(module: nn.Module, weights: LoRAWeights, dense: bool,
         kwargs["bnb_quantized"] = False
     kwargs["requires_grad"] = False
     kwargs.pop("data", None)
+    # Quantizing points the layer's own `quant_state` at the new state: put it back too.
+    layer_state = getattr(module, "quant_state", None)
     module.weight = bnb.nn.Params4bit(w_data.to("cpu"), **kwargs).to(weight.device)
 
     def undo() -> nn.Module:
         module.weight = weight
+        if hasattr(module, "quant_state"):
+            module.quant_state = layer_state
         return module
 
     return Merged(module, undo, _param_bytes(weight), 0)

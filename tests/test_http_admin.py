@@ -266,7 +266,9 @@ def test_compose_builds_stores_and_serves_a_new_adapter(setup):
            ({**body, "method": "ties"}, 400, "density"),
            ({**body, "method": "linear"}, 400, None),  # PEFT: ranks differ
            ({**body, "method": "slerp", "t": 2}, 400, "t"),
-           ({**body, "sources": [{"name": "acme/sql", "weight": "x"}]}, 400, "sources")]
+           ({**body, "sources": [{"name": "acme/sql", "weight": "x"}]}, 400, "sources"),
+           ({**body, "sources": [{"name": "acme/sql", "weight": 10**400}]}, 400, "sources"),
+           ({**body, "sources": [{"name": "acme/sql", "weight": 1e39}]}, 400, "sources")]
     for case, status, param in bad:
         r = call(url, "POST", path, ADMIN, json=case)
         assert r.status_code == status, (case, r.text)

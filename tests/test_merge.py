@@ -292,3 +292,68 @@ def test_nf4_merged_engine_serves_like_peft_s_nf4_merge(tiny):
         changed += want != peft_greedy(base, p, 8)
         assert got[f"m{i}"] == want, i
     assert changed  # the merged adapter changes the output
+
+
+def test_a_replaced_version_still_running_keeps_the_base_unmerged(tiny, references):
+    """An adapter replaced under its name while requests of the old version run: the new
+    version is not merged under them (names alike, versions not), old requests finish on
+    the old weights, new ones get the new weights, merged once the old ones are gone."""
+    unmerged, _ = references
+    model_dir, adapters = tiny
+    engine = engine_for(model_dir, adapters)
+    merger, sched = engine.merger, engine.scheduler
+    got = {}
+    for i, p in enumerate(PROMPTS):
+        submit(engine, got, f"old{i}", p, "r16_all")
+    engine.step()
+    merger.request("r16_all")
+    while merger.state != "merged":
+        engine.step()
+    old_key = merger.key
+    # Same name, another adapter's files: a new version.
+    engine.register_adapter("r16_all", str(adapters["rslora_patterns"]))
+    for i, p in enumerate(PROMPTS):
+        submit(engine, got, f"new{i}", p, "r16_all")
+    merged_keys = set()
+    while engine.has_unfinished():
+        if merger.state != "unmerged":
+            merged_keys.add(merger.key)
+            assert all(r.adapter == merger.key for r in sched.running)
+        engine.step()
+    assert merged_keys == {old_key, engine.adapter_manager.current_key("r16_all")}
+    for i in range(len(PROMPTS)):
+        assert got[f"old{i}"] == unmerged[("r16_all", i)]
+        assert got[f"new{i}"] == unmerged[("rslora_patterns", i)]
+
+
+def test_a_merge_that_fails_midway_restores_the_base_and_the_engine_goes_on(
+        tiny, references, monkeypatch):
+    from loraplex.server.engine import merger as merger_module
+
+    unmerged, _ = references
+    model_dir, adapters = tiny
+    engine = engine_for(model_dir, adapters)
+    before = fingerprint(engine.runner.model)
+    calls = {"n": 0}
+    real = merger_module.merge_module
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 10:  # mid-way through the second layer
+            raise torch.OutOfMemoryError("no room for the delta")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(merger_module, "merge_module", failing)
+    got = {}
+    for i, p in enumerate(PROMPTS):
+        submit(engine, got, f"a{i}", p, "r16_all")
+    engine.step()
+    engine.merger.request("r16_all")
+    drain(engine, got)
+    status = engine.merger.status()
+    assert status["state"] == "unmerged" and status["requested"] is None
+    assert status["switches"] == {"merge": 0, "unmerge": 1}
+    assert fingerprint(engine.runner.model) == before
+    assert got == {f"a{i}": unmerged[("r16_all", i)] for i in range(len(PROMPTS))}
+    key = engine.adapter_manager.current_key("r16_all")
+    assert not engine.slots.refs(key)

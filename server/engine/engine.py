@@ -198,10 +198,7 @@ class LLMEngine:
                                        if r.adapter is not None])
         sched = self.scheduler
         name_of = self.adapter_manager.name_of
-        waiting_keys = {r.adapter for r in sched.waiting}
-        self.merger.step({name_of(r.adapter) if r.adapter else None
-                          for r in itertools.chain(sched.waiting, sched.running)},
-                         bool(sched.running), waiting_keys)
+        self.merger.step({r.adapter for r in sched.running}, {r.adapter for r in sched.waiting})
         plan = self.scheduler.schedule()
         self.idle = plan.empty
         if plan.empty:

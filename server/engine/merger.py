@@ -77,7 +77,8 @@ class Merger:
 
     def admits(self, request: Request) -> bool:
         """Whether the scheduler may admit `request` now (scheduler gate)."""
-        return self.state == "unmerged" or request.adapter == self.key
+        return self.state == "unmerged" or (self.state in ("merging", "merged")
+                                            and request.adapter == self.key)
 
     def request(self, name: str | None) -> None:
         """The operator's merge target (None: unmerge and stay so until asked again)."""
@@ -100,30 +101,44 @@ class Merger:
 
     # ---- one step -----------------------------------------------------------------------
 
-    def step(self, demand: Collection[str | None], running: bool,
+    def step(self, running_keys: Collection[str | None],
              waiting_keys: Collection[str | None]) -> None:
-        """Advance towards what the policy wants, before the scheduler runs. `demand`: the
-        adapter names of every waiting and running request; `running`: whether any request
-        is running; `waiting_keys`: the adapter versions of the waiting ones. With nobody
-        to serve meanwhile, a switch finishes at once instead of a few layers per step."""
-        merging_name = (self._manager.name_of(self.key)
-                        if self.state in ("merging", "merged") else None)
-        want = self.policy.target(demand, merging_name)
+        """Advance towards what the policy wants, before the scheduler runs, given the
+        adapter versions (None: the base model) of the running and the waiting requests.
+        With nobody to serve meanwhile, a switch finishes at once instead of a few layers
+        per step."""
+        keys = {*running_keys, *waiting_keys}
+        name_of = self._manager.name_of
+        merging_name = name_of(self.key) if self.state in ("merging", "merged") else None
+        want = self.policy.target({name_of(k) if k else None for k in keys}, merging_name)
         want_key = self._manager.current_key(want) if want is not None else None
+        if any(k != want_key for k in keys):
+            # Names alike, versions not: a request still bound to a replaced version of
+            # the adapter needs the base weights as much as any other request does.
+            want_key = None
         self._wanted = want if want_key is not None else None
+        if self._pending is not None and self._pending[0] != want_key:
+            self._pending = None  # the target changed: forget that read
         if self.state == "unmerged" and (want_key is None or not self._begin(want_key)):
             return
         if self.state in ("merging", "merged") and want_key != self.key:
-            log.info("unmerging %s (%s)", self._manager.name_of(self.key),
-                     "other requests waiting" if demand else "asked")
+            log.info("unmerging %s (%s)", name_of(self.key),
+                     "other requests waiting" if keys else "asked")
             self._lora.silent_slot = None
             self.state = "unmerging"
         # Merging: the merged adapter's waiting requests can run meanwhile. Unmerging: only
         # running requests can; the waiting ones wait for the unmerge itself.
-        idle = not running and (self.state == "unmerging" or self.key not in waiting_keys)
+        idle = not running_keys and (self.state == "unmerging" or self.key not in waiting_keys)
         layers = len(self._chunks) if idle else self.config.layers_per_step
         if self.state == "merging":
-            self._merge_layers(layers)
+            try:
+                self._merge_layers(layers)
+            except Exception:  # noqa: BLE001 - e.g. out of memory: the base comes back whole
+                log.exception("merging %s failed; restoring the base", name_of(self.key))
+                self.policy.pin(None)
+                self._wanted = None
+                self.state = "unmerging"
+                self._unmerge_layers(len(self._chunks))
         elif self.state == "unmerging":
             self._unmerge_layers(layers)
 
@@ -148,6 +163,9 @@ class Merger:
         if slot is None:
             return False  # the slot's weights are still on their way from disk
         self._manager.hold(key)  # the version outlives a replace or delete until unmerged
+        # A slot just loaded is written on the copy stream: the rank changes below must
+        # come after it.
+        self._lora.await_loads()
         self._pending = None
         if any(type(getattr(self._lora.base_of(n), "weight", None)).__name__
                in ("Params4bit", "Int8Params") for n in adapter.modules):
@@ -164,7 +182,7 @@ class Merger:
 
     def _merge_layers(self, layers: int) -> None:
         assert self._adapter is not None and self.slot is not None
-        for chunk in self._chunks[len(self._layers_done()):][:layers]:
+        for chunk in self._chunks[len(self._chunk_sizes_done()):][:layers]:
             for name in chunk:
                 slots = self._lora.modules[name]
                 rank, scale = slots.ranks[self.slot], slots.scales[self.slot]
@@ -180,13 +198,14 @@ class Merger:
             self._switched("merge")
 
     def _unmerge_layers(self, layers: int) -> None:
+        """Restore the last `layers` chunks merged (the last one possibly in part, after a
+        merge that failed midway)."""
         assert self.slot is not None
-        for chunk in reversed(self._layers_done()[-layers:]):
-            for name in reversed(chunk):
-                done_name, merged, rank, scale = self._done.pop()
-                assert done_name == name
-                self._lora.replace_base(name, merged.undo())
-                self._lora.modules[name].set(self.slot, rank, scale)
+        sizes = self._chunk_sizes_done()
+        for _ in range(sum(sizes[-layers:])):
+            name, merged, rank, scale = self._done.pop()
+            self._lora.replace_base(name, merged.undo())
+            self._lora.modules[name].set(self.slot, rank, scale)
         if not self._done:
             key, name = self.key, self._manager.name_of(self.key)
             self._manager.slots.release(key)
@@ -196,15 +215,15 @@ class Merger:
             self._manager.unbind(key)  # a replaced or deleted version may go now
             self._switched("unmerge", name)
 
-    def _layers_done(self) -> list[list[str]]:
-        """The chunks merged so far (a chunk is merged whole within one step)."""
-        done, count = [], len(self._done)
+    def _chunk_sizes_done(self) -> list[int]:
+        """How many modules of each chunk are merged, chunk by chunk, in merge order."""
+        sizes, count = [], len(self._done)
         for chunk in self._chunks:
-            if count < len(chunk):
+            if count <= 0:
                 break
-            done.append(chunk)
+            sizes.append(min(count, len(chunk)))
             count -= len(chunk)
-        return done
+        return sizes
 
     def _switched(self, direction: str, name: str | None = None) -> None:
         name = name or self._manager.name_of(self.key)

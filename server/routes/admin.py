@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
-import math
 import shutil
 from pathlib import Path
 
@@ -113,6 +112,7 @@ async def _check_store_serve(state: ServerState, name: str, staged: Path, source
 
 
 MAX_SOURCES = 16
+MAX_WEIGHT = 1000  # fp32 deltas stay finite: an overflow to inf would break the SVD
 
 
 async def compose(request: Request) -> Response:
@@ -121,6 +121,10 @@ async def compose(request: Request) -> Response:
     add_weighted_adapter, or SLERP), checked, stored and served like an upload."""
     state, name = _state(request), request.path_params["name"]
     body = await _json(request, state)
+    try:
+        check_name(name, state.served_model_name)  # before any work
+    except AdapterError as e:
+        raise _refuse(e) from None
     method = body.get("method", "svd")
     if method not in METHODS:
         raise APIError(400, f"method must be one of {', '.join(METHODS)}", "method")
@@ -136,9 +140,11 @@ async def compose(request: Request) -> Response:
         if not isinstance(source_name, str) or source_name not in served:
             raise APIError(404, f"adapter {source_name!r} not found", "sources",
                            "model_not_found")
+        # Compared, not converted first: a 400-digit integer is no float.
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
-                or not math.isfinite(weight):
-            raise APIError(400, "each source's weight must be a finite number", "sources")
+                or not -MAX_WEIGHT <= weight <= MAX_WEIGHT:
+            raise APIError(400, f"each source's weight must be a number in [-{MAX_WEIGHT}, "
+                                f"{MAX_WEIGHT}]", "sources")
         picked.append(Source(source_name, Path(served[source_name].path), float(weight)))
     density, rank = body.get("density"), body.get("rank")
     t, seed = body.get("t", 0.5), body.get("seed", 0)
@@ -178,6 +184,9 @@ async def compose(request: Request) -> Response:
                 await run_in_threadpool(build, staged)
         except AdapterError as e:
             raise _refuse(e) from None
+        except FileNotFoundError:  # a source deleted or replaced while it was read
+            raise APIError(409, "a source adapter changed while the new one was built; "
+                                "try again", "sources", "adapter_busy") from None
         await _check_store_serve(state, name, staged, "compose")
     return JSONResponse(await _describe(state, name), status_code=201)
 
