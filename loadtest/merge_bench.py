@@ -36,8 +36,13 @@ def _say(message: str) -> None:
 
 
 def _engine(model: str | None, quantization: str, adapters: dict, **merge):
-    from loraplex.server.config import (CacheConfig, EngineConfig, LoRAConfig, MergeConfig,
-                                        ModelConfig)
+    from loraplex.server.config import (
+        CacheConfig,
+        EngineConfig,
+        LoRAConfig,
+        MergeConfig,
+        ModelConfig,
+    )
     from loraplex.server.engine.engine import LLMEngine
 
     engine = LLMEngine(EngineConfig(

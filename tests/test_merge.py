@@ -261,8 +261,13 @@ def test_nf4_merged_engine_serves_like_peft_s_nf4_merge(tiny):
     """NF4: the engine merged (dequantize, add, quantize again) against PEFT's
     merge_and_unload() on the same NF4 base, one sequence per step, as bitsandbytes' CPU
     kernel makes a row's result depend on its batch-mates' shapes."""
-    from loraplex.server.config import (CacheConfig, EngineConfig, LoRAConfig, MergeConfig,
-                                        SchedulerConfig)
+    from loraplex.server.config import (
+        CacheConfig,
+        EngineConfig,
+        LoRAConfig,
+        MergeConfig,
+        SchedulerConfig,
+    )
     from loraplex.server.engine.engine import LLMEngine
     from transformers import GenerationConfig
 
