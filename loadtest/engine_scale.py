@@ -11,7 +11,7 @@ are random token ids; every request decodes exactly `--max-tokens` tokens, greed
 
 For each quantization: one engine with every adapter registered runs the same requests with
 their adapters spread over the first n adapters (for each n of --adapter-counts), then on the
-base model alone; PEFT (one PeftModel holding the first n adapters, static batches) runs the
+base model alone, then (--merged) all on the first adapter with it merged into the base; PEFT (one PeftModel holding the first n adapters, static batches) runs the
 first --peft-requests of them, and its tokens are compared with the engine's. Output tok/s
 counts requested tokens only. `scripts/gpu_check.sh` runs this on a GPU with a deadline: what
 does not fit is listed as skipped, and `DIR/engine_scale.json` holds whatever finished.
@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--shape", default="llama3-8b", choices=["llama3-8b", "tiny"])
     ap.add_argument("--layers", type=int, default=None, help="default: the shape's own")
+    ap.add_argument("--merged", action=argparse.BooleanOptionalAction, default=True,
+                    help="also one adapter merged into the base, and merge/unmerge times")
     ap.add_argument("--quantizations", default="nf4,none",
                     help="comma-separated; none is the dense dtype (bf16 on CUDA, fp32 on CPU); "
                          "a name ending in :eager runs without CUDA graphs, with the torch "
@@ -137,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     if time_left(f"{variant}: PEFT with {n} adapters"):
                         run_peft_side(quantization, n, row)
+                if args.merged and not eager and time_left(f"{variant}: merged"):
+                    run_merged(engine, variant, backend, t_base)
             finally:
                 engine.adapter_manager.shutdown()
 
@@ -151,6 +155,33 @@ def main(argv: list[str] | None = None) -> int:
             results["rows"].append(row)
             save()
             return row
+
+        def run_merged(engine, variant: str, backend: str, t_base: float) -> None:
+            """One adapter's requests with it merged into the base (loraplex serve --merge),
+            and the seconds a merge and an unmerge take on the idle engine."""
+            def switch(target: str | None) -> float:
+                t0 = time.perf_counter()
+                engine.merger.request(target)
+                while engine.has_unfinished():
+                    engine.step()
+                if cuda:
+                    torch.cuda.synchronize()
+                return time.perf_counter() - t0
+
+            merge_s = switch(names[0])
+            status = engine.merger.status()
+            reqs = make_token_requests(vocab, names[:1], args.requests, args.max_tokens, 0)
+            t_merged, _ = run_engine(engine, reqs)
+            unmerge_s = switch(None)
+            useful = args.requests * args.max_tokens
+            results["rows"].append({
+                "quantization": variant, "lora_backend": f"{backend}, merged", "adapters": 1,
+                "loraplex_tok_s": round(useful / t_merged, 1),
+                "base_only_tok_s": round(useful / t_base, 1),
+                "lora_overhead": round(t_merged / t_base - 1, 3),
+                "merge_s": round(merge_s, 4), "unmerge_s": round(unmerge_s, 4),
+                "kept_aside_bytes": status["kept_aside_bytes"]})
+            save()
 
         def run_peft_side(quantization: str, n: int, row: dict) -> None:
             loaded = load_model(ModelConfig(model=str(model_dir), quantization=quantization))
@@ -198,6 +229,11 @@ def markdown(results: dict) -> str:
                      f"{100 * r['lora_overhead']:.1f}% | {r.get('peft_tok_s', '-')} | "
                      f"{str(r['speedup_vs_peft']) + 'x' if 'speedup_vs_peft' in r else '-'} | "
                      f"{r.get('identical_to_peft', '-')} |")
+    merges = [r for r in results["rows"] if "merge_s" in r]
+    if merges:
+        lines += ["", "Merged rows: " + "; ".join(
+            f"{r['quantization']}: merge {r['merge_s']} s, unmerge {r['unmerge_s']} s, "
+            f"{r['kept_aside_bytes'] / 2**20:.1f} MiB kept aside" for r in merges)]
     if results["skipped"]:
         lines += ["", "Skipped at the deadline: " + "; ".join(results["skipped"])]
     if results.get("errors"):

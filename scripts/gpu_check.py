@@ -13,8 +13,9 @@ stage is killed and noted as timed out; a failing stage does not stop the later 
            ops (when peers/vllm_lora is present), and kernels/bench_paged_attention.py: the
            paged decode kernel vs the torch gather; both with the fraction of copy bandwidth
   engine   loadtest/engine_scale.py: a Llama-3-8B-shaped random model (8 of its 32 layers),
-           NF4 and bf16, 1 and 100 adapters vs base only vs PEFT; NF4 again without CUDA
-           graphs, paged kernel or fused groups, to weigh them
+           NF4 and bf16, 1 and 100 adapters vs base only vs PEFT, and one adapter merged
+           into the base (tok/s, merge and unmerge seconds); NF4 again without CUDA graphs,
+           paged kernel or fused groups, to weigh them
 
 --dry-run runs the same stages on the CPU at tiny sizes, Triton in its interpreter (CI runs
 it, so that the script is known to work before a GPU sees it). Results: `gpu_check.json` and

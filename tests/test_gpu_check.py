@@ -46,12 +46,17 @@ def test_gpu_check_dry_run_writes_every_stage_result(tmp_path):
     # engine: both quantizations, both adapter counts, PEFT beside each, on the Triton backend
     scale = json.loads((tmp_path / "engine_scale.json").read_text())
     assert not scale["skipped"]
-    assert [(r["quantization"], r["adapters"]) for r in scale["rows"]] == [
-        ("nf4", 1), ("nf4", 2), ("none", 1), ("none", 2)]
+    assert [(r["quantization"], r["adapters"], "merge_s" in r) for r in scale["rows"]] == [
+        ("nf4", 1, False), ("nf4", 2, False), ("nf4", 1, True),
+        ("none", 1, False), ("none", 2, False), ("none", 1, True)]
     for row in scale["rows"]:
         assert row["lora_backend"].startswith("triton fused")
-        assert row["loraplex_tok_s"] > 0 and row["peft_tok_s"] > 0
-        assert row["identical_to_peft"] == "2/2"
+        assert row["loraplex_tok_s"] > 0
+        if "merge_s" in row:  # one adapter merged into the base, on the fused Triton path
+            assert row["lora_backend"].endswith("merged") and row["merge_s"] > 0
+            assert row["unmerge_s"] >= 0 and row["kept_aside_bytes"] > 0
+        else:
+            assert row["peft_tok_s"] > 0 and row["identical_to_peft"] == "2/2"
 
     md = (tmp_path / "gpu_check.md").read_text()
     assert "| tests | ok |" in md and "## SGMV kernels" in md and "## Engine" in md
