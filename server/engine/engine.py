@@ -100,16 +100,16 @@ class LLMEngine:
     def parse_adapter(self, name: str, path: str) -> LoRAAdapter:
         """Read and check a PEFT adapter against this model. Touches no engine state, so it
         may run on any thread (disk reads stay off the engine loop)."""
-        adapter = load_adapter(path, name, self.runner.lora.module_shapes,
-                               self.config.lora.max_lora_rank, self.loaded.dtype,
-                               None if self.config.lora.allow_base_mismatch else self.base_names)
-        return self.runner.lora.stage(adapter)
+        return self.runner.lora.stage(self._load(name, path, self.loaded.dtype))
 
     def read_fp32(self, name: str, path: str) -> LoRAAdapter:
         """An adapter in fp32, as PEFT holds adapter weights whatever the base dtype: the
         weights a merge adds to the base (adapters/merge.py). Any thread."""
+        return self._load(name, path, torch.float32)
+
+    def _load(self, name: str, path: str, dtype: torch.dtype) -> LoRAAdapter:
         return load_adapter(path, name, self.runner.lora.module_shapes,
-                            self.config.lora.max_lora_rank, torch.float32,
+                            self.config.lora.max_lora_rank, dtype,
                             None if self.config.lora.allow_base_mismatch else self.base_names)
 
     def install_adapter(self, adapter: LoRAAdapter) -> None:
@@ -197,8 +197,9 @@ class LLMEngine:
         self.adapter_manager.prefetch([r.adapter for r in itertools.islice(waiting, 16)
                                        if r.adapter is not None])
         sched = self.scheduler
-        name_of = self.adapter_manager.name_of
-        self.merger.step({r.adapter for r in sched.running}, {r.adapter for r in sched.waiting})
+        merger = self.merger
+        if merger.engaged:
+            merger.step({r.adapter for r in sched.running}, {r.adapter for r in sched.waiting})
         plan = self.scheduler.schedule()
         self.idle = plan.empty
         if plan.empty:
@@ -206,7 +207,7 @@ class LLMEngine:
                 self._publish()
             else:
                 self.adapter_manager.wait_for_fetch(0.05)
-                self.merger.wait(0.05)
+                merger.wait(0.05)
             return failed
         try:
             logits = self.runner.execute(plan.scheduled)
@@ -217,11 +218,13 @@ class LLMEngine:
             self._publish()
             return failed + outputs
         self.scheduler.advance(plan)
-        computed: Counter[str | None] = Counter()
-        for s in plan.scheduled:
-            computed[name_of(s.request.adapter) if s.request.adapter else None] += (
-                s.num_new_tokens)
-        self.merger.policy.record(computed)
+        if merger.policy.auto:  # only auto-merge reads the token shares
+            name_of = self.adapter_manager.name_of
+            computed: Counter[str | None] = Counter()
+            for s in plan.scheduled:
+                computed[name_of(s.request.adapter) if s.request.adapter else None] += (
+                    s.num_new_tokens)
+            merger.policy.record(computed)
         sampling = [s.request for s in plan.scheduled if s.samples]
         try:
             tokens, logprobs = self.sampler(logits, sampling)

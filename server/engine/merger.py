@@ -68,6 +68,13 @@ class Merger:
         return self._manager.name_of(self.key) if self.state == "merged" else None
 
     @property
+    def engaged(self) -> bool:
+        """Whether `step` has anything to decide: merging is asked for (by the operator or
+        auto-merge), or a switch or a read is under way. Off, it costs the engine nothing."""
+        return (self.policy.pinned is not None or self.policy.auto
+                or self.state != "unmerged" or self._pending is not None)
+
+    @property
     def busy(self) -> bool:
         """Work to do even with no request in the engine (a switch under way or wanted)."""
         if self.state in ("merging", "unmerging"):
