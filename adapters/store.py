@@ -253,7 +253,12 @@ class AdapterStore:
         if not path.is_dir():
             path.unlink(missing_ok=True)
             return
-        fd = os.open(path, os.O_RDONLY)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            # Gone since it was listed: its writer finished (staging ends outside the
+            # store lock) or another process's recovery removed it.
+            return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
