@@ -10,7 +10,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
 from .auth import Keyring, authorize
 from .engine.async_engine import EngineDeadError
@@ -95,6 +95,38 @@ class AuthMiddleware:
         return await self.app(scope, receive, send)
 
 
+class HTTPMetricsMiddleware:
+    """Counts every response by route template, method and status (`http_requests_total`),
+    refusals by the auth layer and 404s included: the error-rate alerts read it."""
+
+    def __init__(self, app, routes, counter):
+        self.app = app
+        self.routes = routes
+        self.counter = counter
+
+    def _handler(self, scope) -> str:
+        for route in self.routes:
+            if route.matches(scope)[0] is not Match.NONE:
+                return route.path
+        return "none"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500  # what the client sees if the app fails before it answers
+
+        async def send_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.counter.labels(self._handler(scope), scope["method"], str(status)).inc()
+
+
 def build_app(state: ServerState) -> Starlette:
     app = Starlette(
         routes=[Route("/health", health), Route("/ping", health, methods=["GET", "POST"]),
@@ -106,4 +138,7 @@ def build_app(state: ServerState) -> Starlette:
     )
     app.state.loraplex = state
     app.add_middleware(AuthMiddleware, keyring=state.keyring)
+    # Added last, so it is outermost and counts the auth layer's refusals too.
+    app.add_middleware(HTTPMetricsMiddleware, routes=app.routes,
+                       counter=state.metrics.http_requests)
     return app

@@ -7,7 +7,14 @@ from __future__ import annotations
 import threading
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 
 from .engine.stats import StepStats
 
@@ -82,6 +89,12 @@ class Metrics:
         self.load_seconds = Histogram("loraplex_adapter_load_seconds",
                                       "Time to copy an adapter into a device slot.",
                                       buckets=LOAD_BUCKETS, registry=r)
+        self.read_seconds = Histogram("loraplex_adapter_read_seconds",
+                                      "Time to read and check an adapter from disk into host "
+                                      "memory.", buckets=LOAD_BUCKETS, registry=r)
+        self.load_failures = Counter("loraplex_adapter_load_failures",
+                                     "Adapter reads that failed; their requests got an error.",
+                                     registry=r)
         self.cache_hits = Counter("loraplex_adapter_cache_hits",
                                   "Admissions whose adapter was already in a slot.", registry=r)
         self.cache_misses = Counter("loraplex_adapter_cache_misses",
@@ -94,6 +107,12 @@ class Metrics:
         self.merged_info = Gauge("loraplex_merged_adapter_info",
                                  "1 for the adapter merged into the base weights, if any.",
                                  ["adapter"], registry=r)
+        # As vLLM's HTTP instrumentation names it; `handler` is the route template, never
+        # the raw path, so unknown paths cannot grow the label set.
+        self.http_requests = Counter("http_requests", "HTTP responses by route and status.",
+                                     ["handler", "method", "status"], registry=r)
+        # process_resident_memory_bytes and friends, for the memory-growth alert.
+        ProcessCollector(registry=r)
         self._lora_info_labels: tuple[str, str, str] | None = None
         self._merged_label: str | None = None
 
@@ -124,6 +143,9 @@ class Metrics:
                 self.queue.labels(name).observe(f.queue_seconds)
         for seconds in stats.adapter_load_seconds:
             self.load_seconds.observe(seconds)
+        for seconds in stats.adapter_read_seconds:
+            self.read_seconds.observe(seconds)
+        self.load_failures.inc(stats.adapter_load_failures)
         self.cache_hits.inc(stats.adapter_hits)
         self.cache_misses.inc(stats.adapter_misses)
         for direction in stats.merge_switches:

@@ -131,6 +131,9 @@ def test_metrics_after_traffic_have_vllm_names_and_types(server, client):
 
     client.completions.create(model="sql", prompt="Hello there", max_tokens=4)
     client.completions.create(model="smol", prompt="Hello there", max_tokens=4)
+    assert httpx.get(f"{server}/v1/models").status_code == 401  # no key
+    assert httpx.get(f"{server}/no/such/route/{'x' * 40}",
+                     headers={"Authorization": f"Bearer {KEY}"}).status_code == 404
     text = httpx.get(f"{server}/metrics").text
     families = {f.name: f for f in text_string_to_metric_families(text)}
     expected = {
@@ -145,6 +148,9 @@ def test_metrics_after_traffic_have_vllm_names_and_types(server, client):
         "loraplex_adapter_requests": "counter", "loraplex_adapter_tokens": "counter",
         "loraplex_adapter_residency": "gauge", "loraplex_adapter_load_seconds": "histogram",
         "loraplex_adapter_cache_hits": "counter", "loraplex_adapter_cache_misses": "counter",
+        "loraplex_adapter_read_seconds": "histogram",
+        "loraplex_adapter_load_failures": "counter", "http_requests": "counter",
+        "process_resident_memory_bytes": "gauge",
     }
     assert {name: families[name].type for name in expected if name in families} == expected
 
@@ -158,6 +164,13 @@ def test_metrics_after_traffic_have_vllm_names_and_types(server, client):
     assert value("loraplex_adapter_requests", "_total", adapter="sql") >= 1
     assert value("loraplex_adapter_residency", adapter="sql", tier="device") == 1
     assert value("loraplex_adapter_cache_misses", "_total") >= 1
+    assert value("loraplex_adapter_load_failures", "_total") == 0
+    assert value("http_requests", "_total", handler="/v1/completions", method="POST",
+                 status="200") >= 2
+    # Route templates and a fixed "none", never raw paths, so probes cannot grow the labels.
+    assert value("http_requests", "_total", handler="/v1/models", status="401") >= 1
+    assert value("http_requests", "_total", handler="none", status="404") >= 1
+    assert not [s for s in families["http_requests"].samples if "x" * 40 in s.labels["handler"]]
     info = [s for s in families["vllm:lora_requests_info"].samples]
     assert len(info) == 1 and info[0].labels["max_lora"] == "8"
     assert value("vllm:num_requests_running", model_name="smol") == 0

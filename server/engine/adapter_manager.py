@@ -58,7 +58,8 @@ class AdapterManager:
                                self._ready)
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="loraplex-adapter-load")
         self._fetching: set[str] = set()
-        self._fetched: queue.SimpleQueue[tuple[str, LoRAAdapter | Exception]] = (
+        # key, what the read gave, its seconds
+        self._fetched: queue.SimpleQueue[tuple[str, LoRAAdapter | Exception, float]] = (
             queue.SimpleQueue())
         self.on_fetched: Callable[[], None] = lambda: None  # wakes an idle engine loop
         # A replaced or removed version ended: its files may now be collected (engine thread).
@@ -174,10 +175,12 @@ class AdapterManager:
                 self._loader.submit(self._fetch, key, summary.name, summary.path)
 
     def _fetch(self, key: str, name: str, path: str) -> None:  # on the loader thread
+        t0 = time.perf_counter()
         try:
-            self._fetched.put((key, self._parse(name, path)))
+            result: LoRAAdapter | Exception = self._parse(name, path)
         except Exception as e:  # noqa: BLE001 - handed to the engine thread
-            self._fetched.put((key, AdapterLoadError(key, name, e)))
+            result = AdapterLoadError(key, name, e)
+        self._fetched.put((key, result, time.perf_counter() - t0))
         self._fetch_done.set()
         self.on_fetched()
 
@@ -194,11 +197,14 @@ class AdapterManager:
         failures = []
         while True:
             try:
-                key, result = self._fetched.get_nowait()
+                key, result, seconds = self._fetched.get_nowait()
             except queue.Empty:
                 return failures
             self._fetching.discard(key)
+            stats = self._stats()
+            stats.adapter_read_seconds.append(seconds)
             if isinstance(result, Exception):
+                stats.adapter_load_failures += 1
                 failures.append(result)
             elif key in self._versions:  # not dropped meanwhile
                 self._keep_in_host(key, result)

@@ -29,7 +29,9 @@ class StepStats:
     ttft_seconds: list[float] = field(default_factory=list)
     inter_token_seconds: list[float] = field(default_factory=list)
     finished: list[FinishedStats] = field(default_factory=list)
-    adapter_load_seconds: list[float] = field(default_factory=list)
+    adapter_load_seconds: list[float] = field(default_factory=list)  # host -> device slot
+    adapter_read_seconds: list[float] = field(default_factory=list)  # disk -> host, parsed
+    adapter_load_failures: int = 0  # reads that failed (their requests ended with an error)
     adapter_hits: int = 0  # admissions whose adapter was already in a slot
     adapter_misses: int = 0
     # Residency changes since the last report: adapter -> {tier: 0 or 1}.
