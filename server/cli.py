@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from .config import (
@@ -38,6 +39,22 @@ def _lora_modules(values: list[str]) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
+def _key_from_env(flag: str) -> str | None:
+    """A key flag's default: `LORAPLEX_<FLAG>`, or the first line of the file named by
+    `LORAPLEX_<FLAG>_FILE` (containers' secrets), so keys stay out of the command line."""
+    var = "LORAPLEX_" + flag.upper().replace("-", "_")
+    if os.environ.get(var):
+        return os.environ[var]
+    path = os.environ.get(var + "_FILE")
+    if path:
+        try:
+            with open(path) as f:
+                return f.readline().strip() or None
+        except OSError as e:
+            raise SystemExit(f"loraplex: error: {var}_FILE: {e}") from None
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loraplex", description="Multi-LoRA inference server with an OpenAI-compatible API.")
@@ -55,15 +72,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--served-model-name", default=None,
                        help="the name clients use for the base model")
-    serve.add_argument("--api-key", default=None, help="require this bearer key on /v1 routes")
-    serve.add_argument("--admin-key", default=None,
-                       help="bearer key for the adapter admin API (off without it)")
-    serve.add_argument("--metrics-key", default=None,
+    serve.add_argument("--api-key", default=_key_from_env("api-key"),
+                       help="require this bearer key on /v1 routes (or LORAPLEX_API_KEY, "
+                            "or a file named by LORAPLEX_API_KEY_FILE)")
+    serve.add_argument("--admin-key", default=_key_from_env("admin-key"),
+                       help="bearer key for the adapter admin API, off without it (or "
+                            "LORAPLEX_ADMIN_KEY / LORAPLEX_ADMIN_KEY_FILE)")
+    serve.add_argument("--metrics-key", default=_key_from_env("metrics-key"),
                        help="bearer key /metrics requires (the admin key works too); without "
                             "it /metrics is open, and with --tenant-keys its open view names "
-                            "no adapter or tenant")
-    serve.add_argument("--tenant-keys", default=None, metavar="FILE",
-                       help="JSON file mapping tenant keys to adapter patterns and rates")
+                            "no adapter or tenant (or LORAPLEX_METRICS_KEY / "
+                            "LORAPLEX_METRICS_KEY_FILE)")
+    serve.add_argument("--tenant-keys", default=os.environ.get("LORAPLEX_TENANT_KEYS_FILE"),
+                       metavar="FILE",
+                       help="JSON file mapping tenant keys to adapter patterns and rates (or "
+                            "LORAPLEX_TENANT_KEYS_FILE)")
     serve.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
                        help="adapters to load at start-up: name=path or JSON {name, path}")
     serve.add_argument("--adapter-store", default=None, metavar="DIR",
