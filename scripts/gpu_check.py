@@ -58,7 +58,9 @@ def stages(out: Path) -> list[Stage]:
         Stage("tests", 0.33,
               [[*pytest, "tests/test_sgmv.py", "tests/test_paged_attention.py"],
                [*pytest, "-m", "cuda", "tests/test_peft_equivalence.py", "tests/test_engine.py"],
-               [*pytest, "tests/test_peft_equivalence.py", "-k", "triton_backend"]],
+               # Both Triton cases, the long form's unfused Qwen2 one included: fast on a GPU.
+               [*pytest, "-m", "long or not long", "tests/test_peft_equivalence.py", "-k",
+                "triton_backend"]],
               [[*pytest, "tests/test_sgmv.py", "tests/test_paged_attention.py", "-k",
                 "one_launch or meta_rows or gqa_groups"],
                [*pytest, "tests/test_peft_equivalence.py", "-k", "lora_backend_is"]]),

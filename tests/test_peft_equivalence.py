@@ -240,8 +240,11 @@ def test_tiny_mixed_batches_match_peft_on_cuda(tmp_path, monkeypatch):
 TRITON_SPECS = ("r1_qv", "patterns", "rslora_patterns", "regex_mlp01")
 
 
-@pytest.mark.parametrize("arch,fuse,decode", [("llama", True, "triton"), ("qwen2", False, "torch")],
-                         ids=["llama-fused-paged-static", "qwen2-unfused"])
+# The unfused Qwen2 case is the long form (scripts/long_tests.sh): CI runs the fused Llama one,
+# the path CUDA takes by default, and the unfused path in test_tiny_mixed_batches_match_peft.
+@pytest.mark.parametrize("arch,fuse,decode", [
+    pytest.param("llama", True, "triton", id="llama-fused-paged-static"),
+    pytest.param("qwen2", False, "torch", id="qwen2-unfused", marks=pytest.mark.long)])
 def test_tiny_mixed_batches_match_peft_triton_backend(tmp_path, monkeypatch, arch, fuse, decode):
     """The engine's CUDA path, run on the CPU: LoRA through the Triton SGMV kernels in the
     interpreter, fused (one launch pair per q/k/v and per gate/up) or one pair per projection;
@@ -380,8 +383,10 @@ SENTENCES = [
 ]
 
 
+# NF4 on the embedded model is the long form (three minutes here): CI runs NF4 on the tiny
+# models (test_tiny_mixed_batches_match_peft) and the embedded model dense.
 @pytest.mark.slow
-@pytest.mark.parametrize("quantization", ["none", "nf4"])
+@pytest.mark.parametrize("quantization", ["none", pytest.param("nf4", marks=pytest.mark.long)])
 def test_embedded_mixed_batches_match_peft(tmp_path, embedded_dir, quantization):
     tokenizer = AutoTokenizer.from_pretrained(embedded_dir)
     prompts = [tokenizer.encode(s) for s in SENTENCES]
