@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Parsed by the load-test tool itself: `loraplex bench --help` lists its commands.
     sub.add_parser("bench", add_help=False,
                    help="load tests and the side-by-side comparison with transformers + PEFT")
+    _plan_parser(sub)
     serve = sub.add_parser(
         "serve", help="serve a base model and its LoRA adapters over HTTP",
         description="Serve a base model and LoRA adapters with an OpenAI-compatible API. "
@@ -181,6 +182,77 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _plan_parser(sub) -> None:
+    from .plan import KNOWN_SHAPES, PROJECTIONS
+
+    plan = sub.add_parser(
+        "plan", help="what fits in memory: weights, KV blocks, sequences, adapter slots",
+        description="Print the memory arithmetic of one replica: weights, adapter slots, KV "
+                    "blocks and concurrent sequences at a context length, host cache. The "
+                    "server sizes its KV cache with the same functions at start-up.")
+    plan.add_argument("model", nargs="?", default="smollm2-135m",
+                      help="a model directory (its config.json) or one of: "
+                           + ", ".join(KNOWN_SHAPES) + " (default: the embedded model)")
+    plan.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    plan.add_argument("--quantization", choices=["nf4", "int8", "none"], default=None,
+                      help="default: nf4 on CUDA, none on the CPU (as serve)")
+    plan.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                      help="default: bfloat16 on CUDA, float32 on the CPU (as serve)")
+    plan.add_argument("--gpu-memory-gb", type=float, default=80.0, help="the GPU's memory")
+    plan.add_argument("--gpu-memory-utilization", type=float,
+                      default=CacheConfig.gpu_memory_utilization)
+    plan.add_argument("--kv-cache-memory-gb", type=float, default=CacheConfig.kv_cache_memory_gb,
+                      help="the KV budget on the CPU")
+    plan.add_argument("--max-loras", type=int, default=LoRAConfig.max_loras)
+    plan.add_argument("--max-lora-rank", type=int, default=LoRAConfig.max_lora_rank)
+    plan.add_argument("--max-cpu-loras", type=int, default=None)
+    plan.add_argument("--lora-backend", choices=["auto", "triton", "cpu-kernel", "torch"],
+                      default="auto")
+    plan.add_argument("--adapter-rank", type=int, default=16,
+                      help="a typical adapter's rank, for the host cache")
+    plan.add_argument("--adapter-targets", default=",".join(PROJECTIONS),
+                      help="a typical adapter's target modules, comma-separated")
+    plan.add_argument("--block-size", type=int, default=CacheConfig.block_size)
+    plan.add_argument("--max-model-len", type=int, default=None,
+                      help="the context length sequences are counted at (default: the model's)")
+    plan.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs)
+    plan.add_argument("--json", action="store_true", help="the figures as JSON")
+
+
+def plan_main(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from .plan import KNOWN_SHAPES, PROJECTIONS, ModelShape, PlanInputs, plan
+
+    if args.model in KNOWN_SHAPES:
+        shape = KNOWN_SHAPES[args.model]
+    else:
+        try:
+            shape = ModelShape.from_directory(args.model)
+        except (OSError, KeyError, ValueError) as e:
+            print(f"loraplex: error: {args.model}: not a known shape or a model directory "
+                  f"with a config.json ({e})", file=sys.stderr)
+            return 2
+    targets = tuple(t.strip() for t in args.adapter_targets.split(",") if t.strip())
+    if not targets or set(targets) - set(PROJECTIONS):
+        print(f"loraplex: error: --adapter-targets: choose among {', '.join(PROJECTIONS)}",
+              file=sys.stderr)
+        return 2
+    cuda = args.device == "cuda"
+    result = plan(PlanInputs(
+        shape, args.quantization or ("nf4" if cuda else "none"),
+        args.dtype or ("bfloat16" if cuda else "float32"), args.device, args.gpu_memory_gb,
+        args.gpu_memory_utilization, args.kv_cache_memory_gb, args.max_loras,
+        args.max_lora_rank, args.max_cpu_loras, args.adapter_rank, targets, args.block_size,
+        args.max_model_len, args.max_num_seqs, args.lora_backend))
+    if args.json:
+        figures = {k: v for k, v in asdict(result).items() if k not in ("inputs", "lines")}
+        print(json.dumps({"model": shape.name, **figures}, indent=2))
+    else:
+        print("\n".join(result.lines))
+    return 0 if result.kv_budget > 0 else 1
+
+
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         engine=EngineConfig(
@@ -221,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench(argv[1:])
     args = build_parser().parse_args(argv)
+    if args.command == "plan":
+        return plan_main(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         config = config_from_args(args)

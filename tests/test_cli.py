@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from loraplex.server.cli import build_parser, config_from_args
 
 

@@ -21,7 +21,6 @@ import time
 import httpx
 import pytest
 import yaml
-
 from conftest import free_port
 from deploy_queries import (
     DEPLOY,
@@ -83,10 +82,12 @@ def stack(tmp_path_factory, embedded_dir, embedded_adapters):
     (tmp / "secrets" / "metrics_key").write_text(METRICS)
     (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
     prom_port = free_port()
-    prometheus = subprocess.Popen(
-        [PROMETHEUS, f"--config.file={tmp / 'prometheus.yml'}",
-         f"--storage.tsdb.path={tmp / 'tsdb'}", f"--web.listen-address=127.0.0.1:{prom_port}"],
-        stdout=open(tmp / "prometheus.log", "w"), stderr=subprocess.STDOUT)
+    with open(tmp / "prometheus.log", "w") as prom_log:  # the child keeps its own handle
+        prometheus = subprocess.Popen(
+            [PROMETHEUS, f"--config.file={tmp / 'prometheus.yml'}",
+             f"--storage.tsdb.path={tmp / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{prom_port}"],
+            stdout=prom_log, stderr=subprocess.STDOUT)
     url, prom = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{prom_port}"
     try:
         def healthy():
@@ -122,7 +123,7 @@ def scraped(stack):
     import openai
 
     url, prom = stack
-    for tenant, (key, adapter) in TENANTS.items():
+    for key, adapter in TENANTS.values():
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
         for model in (adapter, adapter, "smol"):
             client.completions.create(model=model, prompt="Hello there", max_tokens=4)

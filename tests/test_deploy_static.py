@@ -17,7 +17,6 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-
 from deploy_queries import DASHBOARD, DEPLOY, dashboard_panels
 
 SCHEMAS = Path(__file__).parent / "fixtures" / "schemas"
@@ -218,7 +217,7 @@ def test_every_manifest_is_listed_and_validates():
     on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml",
                                                       "prometheus-adapter-values.yaml"}
     assert set(listed) == on_disk
-    for name, resource in listed.items():
+    for resource in listed.values():
         key = (resource["apiVersion"], resource["kind"])
         if key in CRDS:
             jsonschema.Draft7Validator(_crd_schema(*CRDS[key])).validate(resource)

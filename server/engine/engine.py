@@ -13,8 +13,10 @@ import torch
 from loraplex.adapters.peft_format import LoRAAdapter, load_adapter
 
 from ..config import EngineConfig
-from ..runner.attention import ATTN_IMPLEMENTATION, KVGeometry
+from ..plan import ModelShape, kv_block_bytes, kv_blocks, lora_slot_bytes
+from ..runner.attention import ATTN_IMPLEMENTATION
 from ..runner.loader import LoadedModel, load_model
+from ..runner.lora_layers import resolve_backend
 from ..runner.model_runner import ModelRunner
 from .adapter_manager import AdapterManager
 from .block_manager import BlockManager
@@ -361,13 +363,18 @@ class LLMEngine:
         return ids
 
     def _num_kv_blocks(self, model_config) -> int:
-        cache = self.config.cache
-        per_block = KVGeometry.of(model_config).bytes_per_block(cache.block_size,
-                                                               self.loaded.dtype)
+        """What is left for the KV cache, by plan.py's arithmetic (`loraplex plan`)."""
+        cache, lora = self.config.cache, self.config.lora
+        dtype = str(self.loaded.dtype).removeprefix("torch.")
+        shape = ModelShape.from_config(model_config.to_dict(), self.loaded.name)
         device = self.loaded.device
         if device.type == "cuda":
             free, total = torch.cuda.mem_get_info(device)
-            budget = free - total * (1.0 - cache.gpu_memory_utilization)
+            # The adapter slots are allocated after this: their bytes come off the budget.
+            backend = resolve_backend(lora.backend, device, self.loaded.dtype,
+                                      quantized=self.loaded.quantization != "none")
+            slots = lora_slot_bytes(shape, lora.max_loras, lora.max_lora_rank, dtype, backend)
+            budget = free - total * (1.0 - cache.gpu_memory_utilization) - slots
         else:
             budget = cache.kv_cache_memory_gb * 2**30
-        return max(1, int(budget // per_block))
+        return kv_blocks(budget, kv_block_bytes(shape, cache.block_size, dtype))

@@ -34,9 +34,6 @@ class KVGeometry:
             config.hidden_size // config.num_attention_heads)
         return cls(config.num_hidden_layers, config.num_key_value_heads, head_dim)
 
-    def bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
-        return 2 * self.num_layers * block_size * self.num_kv_heads * self.head_dim * dtype.itemsize
-
 
 class PagedKVCache:
     def __init__(self, geometry: KVGeometry, num_blocks: int, block_size: int,
