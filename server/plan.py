@@ -53,7 +53,7 @@ class ModelShape:
         config = config.get("text_config", config)
         heads = config["num_attention_heads"]
         return cls(name, config["num_hidden_layers"], config["hidden_size"],
-                   config["intermediate_size"], heads,
+                   config.get("intermediate_size", 0), heads,
                    config.get("num_key_value_heads") or heads,
                    config.get("head_dim") or config["hidden_size"] // heads,
                    config["vocab_size"], bool(config.get("tie_word_embeddings", False)),
