@@ -82,6 +82,38 @@ class ServerState:
         except Exception:  # noqa: BLE001 - retried at the next change or start
             log.exception("collecting unused adapter files failed")
 
+    async def sync_from_store(self, name: str) -> None:
+        """Make this server agree with the store about `name`, for servers sharing one store
+        (Ray replicas): another server's upload, replacement or delete takes effect here at
+        the adapter's next request. Adapters loaded here from a directory are left alone."""
+        stored = await asyncio.to_thread(self.store.get, name)
+        info = self.adapter_info.get(name)
+        if (info is not None and info.source == "path") or \
+                (stored.sha256 if stored else None) == (info.sha256 if info else None):
+            return
+        async with self.admin_lock:
+            info = self.adapter_info.get(name)
+            try:
+                if stored is None:
+                    await asyncio.wrap_future(self.engine.call(
+                        lambda e: e.unregister_adapter(name)))
+                    self.adapter_info.pop(name, None)
+                elif info is None or info.sha256 != stored.sha256:
+                    adapter = await asyncio.to_thread(self.engine.engine.parse_adapter, name,
+                                                      str(stored.path))
+                    await asyncio.wrap_future(self.engine.call(
+                        lambda e: e.install_adapter(adapter)))
+                    self.adapter_info[name] = AdapterInfo(stored.sha256, stored.size,
+                                                          stored.created, "upload")
+            except Exception:  # noqa: BLE001 - removed meanwhile, or damaged: retried next time
+                log.exception("adapter %r: could not follow the shared store", name)
+
+    async def sync_all_from_store(self) -> None:
+        """`sync_from_store` for every name the store or this server knows (listings)."""
+        stored = {s.name for s in await asyncio.to_thread(self.store.list)}
+        for name in sorted(stored | self.adapter_info.keys()):
+            await self.sync_from_store(name)
+
     @property
     def tokenizer(self):
         return self.engine.engine.tokenizer

@@ -193,6 +193,11 @@ def _quantization_config(quantization: str, dtype: torch.dtype):
     return None
 
 
+def served_name(cfg: ModelConfig) -> str:
+    """The base model's name in the API (before --served-model-name): known without loading."""
+    return EMBEDDED_NAME if cfg.model is None else cfg.model
+
+
 def load_model(cfg: ModelConfig, attn_implementation: str = "sdpa") -> LoadedModel:
     """Load the configured base model, quantized as configured, in eval mode on its device.
 
@@ -207,12 +212,13 @@ def load_model(cfg: ModelConfig, attn_implementation: str = "sdpa") -> LoadedMod
     dtype = resolve_dtype(cfg, device)
     quantization = resolve_quantization(cfg, device)
 
+    name = served_name(cfg)
     if cfg.model is None:
-        src, name = convert_gguf(embedded_gguf_path(), cfg.cache_dir), EMBEDDED_NAME
+        src = convert_gguf(embedded_gguf_path(), cfg.cache_dir)
     elif cfg.model.lower().endswith(".gguf"):
-        src, name = convert_gguf(cfg.model, cfg.cache_dir), cfg.model
+        src = convert_gguf(cfg.model, cfg.cache_dir)
     else:
-        src, name = pathlib.Path(cfg.model).expanduser(), cfg.model
+        src = pathlib.Path(cfg.model).expanduser()
         _check_model_dir(src, cfg.model)
 
     # Check the length before the (slow) weight load so a bad flag fails fast.
