@@ -15,6 +15,7 @@ from .config import (
     LoRAConfig,
     MergeConfig,
     ModelConfig,
+    RayOptions,
     SchedulerConfig,
     ServerConfig,
 )
@@ -63,10 +64,34 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench", add_help=False,
                    help="load tests and the side-by-side comparison with transformers + PEFT")
     _plan_parser(sub)
-    serve = sub.add_parser(
+    _serve_args(sub.add_parser(
         "serve", help="serve a base model and its LoRA adapters over HTTP",
         description="Serve a base model and LoRA adapters with an OpenAI-compatible API. "
-                    "Without MODEL, the embedded SmolLM2-135M-Instruct is served.")
+                    "Without MODEL, the embedded SmolLM2-135M-Instruct is served."))
+    ray = sub.add_parser(
+        "serve-ray", help="the same server as N Ray Serve replicas behind one endpoint",
+        description="Serve as `loraplex serve` does, from N replicas on a Ray cluster (a local "
+                    "one unless --ray-address), each adapter routed to the replicas holding "
+                    "it. The replicas share --adapter-store, which must be a path they all see.")
+    _serve_args(ray)
+    group = ray.add_argument_group("ray")
+    group.add_argument("--num-replicas", type=int, default=RayOptions.num_replicas)
+    group.add_argument("--cpus-per-replica", type=float,
+                       default=RayOptions.cpus_per_replica,
+                       help="Ray CPUs each replica reserves (its torch threads on the CPU)")
+    group.add_argument("--gpus-per-replica", type=float,
+                       default=RayOptions.gpus_per_replica)
+    group.add_argument("--ray-address", default=None,
+                       help="an existing cluster (auto, or ray://HOST:10001); default: start "
+                            "a local one")
+    group.add_argument("--affinity", action=argparse.BooleanOptionalAction,
+                       default=RayOptions.affinity,
+                       help="route each adapter's requests to the replicas holding it "
+                            "(default: on; off only to measure what it saves)")
+    return parser
+
+
+def _serve_args(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("model", nargs="?", default=None,
                        help="a transformers directory (safetensors) or a .gguf file")
     serve.add_argument("--host", default="0.0.0.0")
@@ -179,7 +204,6 @@ def build_parser() -> argparse.ArgumentParser:
                              "triton on CUDA, torch elsewhere)")
     serve.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"])
-    return parser
 
 
 def _plan_parser(sub) -> None:
@@ -253,6 +277,12 @@ def plan_main(args: argparse.Namespace) -> int:
     return 0 if result.kv_budget > 0 else 1
 
 
+def ray_options(args: argparse.Namespace) -> RayOptions:
+    return RayOptions(num_replicas=args.num_replicas, cpus_per_replica=args.cpus_per_replica,
+                      gpus_per_replica=args.gpus_per_replica, affinity=args.affinity,
+                      address=args.ray_address)
+
+
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         engine=EngineConfig(
@@ -298,12 +328,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         config = config_from_args(args)
+        ray = ray_options(args) if args.command == "serve-ray" else None
     except (argparse.ArgumentTypeError, AssertionError, ConfigError) as e:
         print(f"loraplex: error: {e}", file=sys.stderr)
         return 2
-    from .serve import serve  # the model stack loads only once arguments are good
-
     try:
+        if ray is not None:
+            from .ray_serve import serve_ray
+
+            return serve_ray(config, ray)
+        from .serve import serve  # the model stack loads only once arguments are good
+
         return serve(config)
     except ConfigError as e:
         print(f"loraplex: error: {e}", file=sys.stderr)

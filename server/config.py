@@ -191,3 +191,20 @@ class ServerConfig:
         assert 0 <= self.port < 65536
         assert self.max_body_mb > 0 and self.max_in_flight > 0
         assert self.header_timeout > 0 and self.max_connections > 0
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """`loraplex serve-ray`: how the replicas are laid out on the Ray cluster."""
+
+    num_replicas: int = 2
+    cpus_per_replica: float = 1.0  # Ray CPUs reserved, hence the replica's torch threads
+    gpus_per_replica: float = 0.0
+    # Route each adapter to the replicas holding it (off: Ray's plain balancing, only to
+    # measure what affinity saves).
+    affinity: bool = True
+    address: str | None = None  # an existing cluster ("auto", "ray://..."); None: a local one
+
+    def __post_init__(self):
+        assert self.num_replicas >= 1, "--num-replicas must be at least 1"
+        assert self.cpus_per_replica >= 0 and self.gpus_per_replica >= 0
