@@ -5,6 +5,7 @@
     loraplex bench peft --adapters-dir adapters/ --rate 4
     loraplex bench compare --adapters 8 --popularity zipf:1.0 --rate 4
     loraplex bench random-model --out llama3-8b-random   # then --model llama3-8b-random
+    loraplex bench ray --adapters 8 --num-replicas 2    # one server vs Ray Serve replicas
 
 Every command takes the same workload flags, so `run`, `peft` and `compare` with the same
 flags and seed send exactly the same requests.
@@ -122,6 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--skip-base", action="store_true")
     cmp.add_argument("--server-args", default="",
                      help="extra `loraplex serve` flags, e.g. \"--max-loras 16\"")
+
+    ray = sub.add_parser("ray", help="one `loraplex serve` vs `loraplex serve-ray`, adapter "
+                         "affinity on and off, one report")
+    _model_args(ray)
+    _adapter_args(ray, make=True)
+    _workload_args(ray)
+    ray.add_argument("--num-replicas", type=int, default=2)
+    ray.add_argument("--port", type=int, default=0, help="default: a free loopback port")
+    ray.add_argument("--server-args", default="",
+                     help="extra flags for both servers, e.g. \"--max-loras 4\"")
     return parser
 
 
@@ -239,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
                 run = run_peft(spec, opts)
                 return _finish(write_report(args.out, [run], "transformers + PEFT", desc, slo,
                                             plots=not args.no_plots), [])
+            if args.command == "ray":
+                from .ray_bench import ray_bench
+
+                return _finish(*ray_bench(spec, opts, args.num_replicas, args.out, desc))
             from .compare import compare
 
             path, runs = compare(spec, opts, args.out, desc)

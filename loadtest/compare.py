@@ -76,9 +76,10 @@ def wait_ready(url: str, process: subprocess.Popen | None, timeout_s: float) -> 
 
 @contextmanager
 def loraplex_server(port: int, adapters: dict[str, str], model: str | None, extra: list[str],
-                    timeout_s: float = 600):
-    """`loraplex serve` in a child process on 127.0.0.1:`port`; stopped on exit."""
-    cmd = [sys.executable, "-m", "loraplex.server.cli", "serve", *([model] if model else []),
+                    timeout_s: float = 600, command: str = "serve"):
+    """`loraplex serve` (or `command`, e.g. serve-ray) in a child process on
+    127.0.0.1:`port`; stopped on exit."""
+    cmd = [sys.executable, "-m", "loraplex.server.cli", command, *([model] if model else []),
            "--host", "127.0.0.1", "--port", str(port), "--served-model-name", BASE_NAME,
            "--log-level", "warning", *extra]
     if adapters:
