@@ -94,8 +94,12 @@ def _parse_record(file: Path) -> tuple[str, str, float]:
 
 
 class AdapterStore:
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, shared: bool = False):
         self.root = Path(root)
+        # Shared by several servers (Ray replicas): none can tell which objects the others
+        # still read, so unreferenced objects stay (a server run alone on the store collects
+        # them).
+        self.shared = shared
         self.objects = self.root / "objects"
         self.names = self.root / "names"
         self.staging_root = self.root / "staging"
@@ -214,6 +218,8 @@ class AdapterStore:
             return self._collect(keep)
 
     def _collect(self, keep: Keep) -> int:
+        if self.shared:
+            return 0
         try:
             kept = {Path(p).name for p in (keep() if callable(keep) else keep)}
         except Exception:  # noqa: BLE001 - not knowing what is in use, remove nothing

@@ -72,7 +72,8 @@ def ray_bench(spec: WorkloadSpec, opts: CompareOptions, num_replicas: int, out_d
         layouts.append((f"Ray Serve, {num_replicas} replicas, affinity "
                         f"{'on' if affinity else 'off'}",
                         ["--num-replicas", str(num_replicas),
-                         "--cpus-per-replica", f"{cores / num_replicas:g}",
+                         # rounded down: N of them must fit the cluster's CPUs
+                         "--cpus-per-replica", f"{int(cores / num_replicas * 1e4) / 1e4:g}",
                          "--affinity" if affinity else "--no-affinity"]))
     for name, extra in layouts:
         run, loads[name] = _measure(spec, opts, name, "serve-ray", extra)

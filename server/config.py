@@ -171,6 +171,7 @@ class ServerConfig:
     tenant_keys: str | None = None  # JSON file: tenants, their keys, adapters and rates
     lora_modules: tuple[tuple[str, str], ...] = ()  # (name, path) loaded at start-up
     adapter_store: str | None = None  # uploaded adapters; None: <model cache>/adapters
+    shared_store: bool = False  # other servers use the store too (Ray replicas)
     allowed_lora_dirs: tuple[str, ...] = ()  # where /v1/load_lora_adapter may read
     max_adapter_mb: float = 1024.0
     drain_timeout: float = 30.0  # seconds requests in flight get to finish after SIGTERM

@@ -21,6 +21,8 @@ ingress's /metrics serves them all with a `replica` label, behind the same metri
 from __future__ import annotations
 
 import asyncio
+import collections
+import dataclasses
 import json
 import logging
 import signal
@@ -34,6 +36,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError, RayError
+from ray.serve.exceptions import BackPressureError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -81,7 +84,7 @@ class MetricsDirectory:
 
 def _directory():
     return MetricsDirectory.options(name=DIRECTORY, namespace=NAMESPACE, get_if_exists=True,
-                                    lifetime="detached").remote()
+                                    lifetime="detached", max_restarts=-1).remote()
 
 
 def merge_expositions(texts: dict[str, bytes]) -> bytes:
@@ -140,12 +143,13 @@ class LoraplexReplica:
         if not self.state.engine.alive:
             raise RuntimeError("the engine is not running")
 
-    async def forward(self, scope: dict, body: bytes, adapter: str):
+    async def forward(self, scope: dict, body: bytes, adapter: str, hold: bool):
         """Run one HTTP request through the app; yields its ASGI messages as they are sent.
-        `adapter`: the adapter the request names, if any."""
+        `adapter`: the adapter the request names, if any; `hold`: report it to Ray's router
+        as held here (affinity on)."""
         if adapter:
             await self.state.sync_from_store(adapter)
-            if serve.get_multiplexed_model_id() and adapter in self.state.engine.engine.adapters:
+            if hold and adapter in self.state.engine.engine.adapters:
                 await self.hold(adapter)  # unknown names never enter Ray's routing table
         elif scope["method"] == "GET" and scope["path"] in ("/v1/models", "/v1/adapters"):
             await self.state.sync_all_from_store()
@@ -181,7 +185,8 @@ class LoraplexReplica:
                 yield message
         finally:
             gone.set()  # the ingress stopped reading (its client left): the app aborts
-            await task
+            # The app answers its own errors; what is left is the OSError of a client gone.
+            await asyncio.gather(task, return_exceptions=True)
 
     def __del__(self):
         state = getattr(self, "state", None)
@@ -190,23 +195,22 @@ class LoraplexReplica:
 
 
 class _Forwarded(Response):
-    """A replica's ASGI messages, sent on as they come."""
+    """A replica's ASGI messages, sent on as they come; `done` runs when the response ends."""
 
-    def __init__(self, start: dict, stream, replica_hint: str):
-        self.start, self.stream = start, stream
+    def __init__(self, start: dict, stream, done):
+        self.start, self.stream, self.done = start, stream, done
         self.status_code = start["status"]
         self.background = None
-        self.replica_hint = replica_hint
 
     async def __call__(self, scope, receive, send) -> None:
-        await send(self.start)
         more = True
         try:
+            await send(self.start)
             async for message in self.stream:
                 await send(message)
                 more = message.get("more_body", False)
         except RayError as e:
-            log.warning("replica lost mid-response (%s): %r", self.replica_hint, e)
+            log.warning("replica lost mid-response: %r", e)
             if more and _is_event_stream(self.start):
                 # The OpenAI SDKs raise an APIError on an `error` event.
                 error = APIError(503, "the replica serving this request stopped; retry",
@@ -215,6 +219,10 @@ class _Forwarded(Response):
                             "body": f"data: {json.dumps(error)}\n\n".encode(),
                             "more_body": False})
                 return
+        finally:
+            if more:  # the client left, or the replica did: stop the replica's work
+                self.stream.cancel()
+            self.done()
         if more:  # a truncated body; the client sees the connection end early
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
@@ -224,17 +232,32 @@ def _is_event_stream(start: dict) -> bool:
                for k, v in start.get("headers", ()))
 
 
+def affine(in_flight: collections.Counter, adapter: str, num_replicas: int) -> bool:
+    """Whether to send a request for `adapter` to the replicas holding it, given the requests
+    in flight by adapter. A hot adapter spills: once it alone has a replica's share of the
+    requests in flight, its next one goes to the least loaded replica, which then holds it
+    too (Ray routes among all the replicas holding an adapter), so one popular adapter
+    cannot leave the other replicas idle."""
+    if not adapter:
+        return False
+    share = sum(in_flight.values()) / num_replicas
+    return in_flight[adapter] < max(1.0, share)
+
+
 class LoraplexIngress:
     """The one HTTP endpoint: forwards every request to a replica, picked by adapter."""
 
-    def __init__(self, replicas, config: ServerConfig, affinity: bool):
+    def __init__(self, replicas, config: ServerConfig, opts: RayOptions):
         self.replicas = replicas
         self.base = config.served_model_name or served_name(config.engine.model)
         self.keyring = Keyring.load(config.admin_key, config.api_key, config.tenant_keys,
                                     config.metrics_key)
-        self.affinity = affinity
-        # The replica refuses oversized bodies itself; this only bounds what is buffered here.
-        self.max_body = int(max(config.max_body_mb, config.max_adapter_mb + 2) * 2**20)
+        self.affinity = opts.affinity
+        self.num_replicas = opts.num_replicas
+        # The replica refuses oversized bodies itself; these bound what is buffered here.
+        self.max_body = int(config.max_body_mb * 2**20)
+        self.max_upload = int((config.max_adapter_mb + 2) * 2**20)
+        self.in_flight: collections.Counter[str] = collections.Counter()  # by adapter ("": base)
         self._directory = _directory()
 
     def _adapter(self, request: Request, body: bytes) -> str:
@@ -244,7 +267,7 @@ class LoraplexIngress:
         if path in _INFERENCE and request.method == "POST":
             try:
                 model = json.loads(body).get("model")
-            except (ValueError, AttributeError, UnicodeDecodeError):
+            except (ValueError, AttributeError, RecursionError):
                 return ""  # the replica answers 400
             return model if isinstance(model, str) and model != self.base else ""
         if path.startswith(_ADAPTER_ROUTE) and not path.endswith("/compose"):
@@ -253,53 +276,82 @@ class LoraplexIngress:
                 else name
         return ""
 
+
     async def __call__(self, request: Request) -> Response:
         try:
+            # Keys are checked here as well as by the replica, so that nobody without one
+            # has a body buffered or names an adapter to the router.
+            principal = authorize(self.keyring, request.url.path,
+                                  request.headers.get("authorization"))
             if request.url.path == "/metrics":
-                return await self._metrics(request)
+                texts = await self._directory.get.remote(principal.patterns != ())
+                return Response(merge_expositions(texts), media_type=CONTENT_TYPE_LATEST)
             body = await self._body(request)
         except APIError as e:
-            return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+            return _error(e)
         adapter = self._adapter(request, body)
+        hold = self.affinity and affine(self.in_flight, adapter, self.num_replicas)
         scope = {k: request.scope[k] for k in _SCOPE_KEYS if k in request.scope}
-        handle = self.replicas.options(
-            stream=True, multiplexed_model_id=adapter if self.affinity else "")
-        for attempt in range(RETRIES + 1):
-            stream = handle.forward.remote(scope, body, adapter)
-            try:
-                start = await stream.__anext__()
-            except (RayActorError, ActorUnavailableError) as e:
-                log.warning("replica lost before answering (try %d of %d): %r",
-                            attempt + 1, RETRIES + 1, e)
-                continue
-            except RayError as e:
-                log.error("replica failed: %r", e)
-                error = APIError(500, f"internal error: {type(e).__name__}")
-                return JSONResponse(error.body(), status_code=500)
-            return _Forwarded(start, stream, adapter or "base")
-        error = APIError(503, "no replica could take the request; retry shortly", None,
-                         "replica_unavailable", headers={"Retry-After": "5"})
-        return JSONResponse(error.body(), status_code=503, headers=error.headers)
+        handle = self.replicas.options(stream=True, multiplexed_model_id=adapter if hold else "")
+        # Retried on another replica only where running twice is harmless.
+        tries = 1 + RETRIES * (request.method in ("GET", "HEAD") or
+                               request.url.path in _INFERENCE)
+        self.in_flight[adapter] += 1
+        handed = False  # to a response, which ends the count itself
+        try:
+            for attempt in range(tries):
+                stream = handle.forward.remote(scope, body, adapter, hold)
+                try:
+                    start = await stream.__anext__()
+                except (RayActorError, ActorUnavailableError) as e:
+                    log.warning("replica lost before answering (try %d of %d): %r",
+                                attempt + 1, tries, e)
+                    stream.cancel()  # unavailable may still be running it
+                    continue
+                except BackPressureError:
+                    return _error(APIError(503, "the server is at capacity; retry shortly",
+                                           None, "queue_full", headers={"Retry-After": "1"}))
+                except RayError as e:
+                    log.error("replica failed: %r", e)
+                    return _error(APIError(500, f"internal error: {type(e).__name__}"))
+                handed = True
+                return _Forwarded(start, stream, self._done(adapter))
+            return _error(APIError(503, "no replica could take the request; retry shortly",
+                                   None, "replica_unavailable", headers={"Retry-After": "5"}))
+        finally:
+            if not handed:
+                self._done(adapter)()
+
+    def _done(self, adapter: str):
+        def done():
+            self.in_flight[adapter] -= 1
+            if not self.in_flight[adapter]:
+                del self.in_flight[adapter]
+        return done
 
     async def _body(self, request: Request) -> bytes:
+        upload = request.method == "POST" and request.url.path == "/v1/adapters"
+        limit = self.max_upload if upload else self.max_body
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise APIError(413, f"the request body exceeds {limit} bytes")
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
-            if size > self.max_body:
-                raise APIError(413, f"the request body exceeds {self.max_body} bytes")
+            if size > limit:
+                raise APIError(413, f"the request body exceeds {limit} bytes")
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _metrics(self, request: Request) -> Response:
-        header = request.headers.get("authorization")
-        principal = authorize(self.keyring, "/metrics", header)
-        texts = await self._directory.get.remote(principal.patterns != ())
-        return Response(merge_expositions(texts), media_type=CONTENT_TYPE_LATEST)
+
+def _error(e: APIError) -> Response:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
 def build_application(config: ServerConfig, opts: RayOptions):
     """The Ray Serve application: the ingress bound to N replicas."""
     lora = config.engine.lora
+    config = dataclasses.replace(config, shared_store=True)
     replica = serve.deployment(
         LoraplexReplica, name="LoraplexReplica", num_replicas=opts.num_replicas,
         ray_actor_options={"num_cpus": opts.cpus_per_replica,
@@ -307,13 +359,15 @@ def build_application(config: ServerConfig, opts: RayOptions):
         # The server sheds load itself (503 past --max-in-flight); Ray's default of 5 would
         # cap each engine's batch.
         max_ongoing_requests=config.max_in_flight,
+        # Past this many waiting in Ray's router the ingress answers 503 queue_full.
+        max_queued_requests=config.max_in_flight,
         graceful_shutdown_timeout_s=config.drain_timeout,
         health_check_period_s=5, logging_config=QUIET)
     ingress = serve.deployment(
         LoraplexIngress, name="LoraplexIngress", ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=config.max_in_flight * opts.num_replicas, logging_config=QUIET)
     return ingress.bind(replica.bind(config, lora.max_cpu_loras or lora.max_loras),
-                        config, opts.affinity)
+                        config, opts)
 
 
 def app_builder(args: dict):

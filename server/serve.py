@@ -38,7 +38,7 @@ def build_state(config: ServerConfig) -> ServerState:
     _say(f"model ready in {time.monotonic() - t0:.1f}s: {engine.loaded.quantization} on "
          f"{engine.loaded.device}, {engine.blocks.num_blocks} KV blocks, "
          f"max_model_len {engine.max_model_len}")
-    store = AdapterStore(config.adapter_store or _default_store(config))
+    store = AdapterStore(config.adapter_store or _default_store(config), config.shared_store)
     info = {}
     stored = store.list()
     for i, s in enumerate(stored, 1):  # uploads survive restarts

@@ -64,6 +64,8 @@ class ServerState:
     _collector: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="loraplex-collect"))
     draining: bool = False  # SIGTERM received: finish what runs, accept nothing new
+    # Store versions that failed to parse (sync_from_store): not tried again per request.
+    _unservable: set[str] = field(default_factory=set)
 
     # ---- the store ------------------------------------------------------------------
 
@@ -87,26 +89,41 @@ class ServerState:
         (Ray replicas): another server's upload, replacement or delete takes effect here at
         the adapter's next request. Adapters loaded here from a directory are left alone."""
         stored = await asyncio.to_thread(self.store.get, name)
-        info = self.adapter_info.get(name)
-        if (info is not None and info.source == "path") or \
-                (stored.sha256 if stored else None) == (info.sha256 if info else None):
+        if self._in_step(name, stored) or (stored and stored.sha256 in self._unservable):
             return
-        async with self.admin_lock:
-            info = self.adapter_info.get(name)
+        adapter = None
+        if stored is not None:  # parsed outside the lock: it reads the whole file
             try:
-                if stored is None:
+                adapter = await asyncio.to_thread(self.engine.engine.parse_adapter, name,
+                                                  str(stored.path))
+            except Exception as e:  # noqa: BLE001 - damaged, or replaced and collected meanwhile
+                log.warning("adapter %r: stored version %s not served: %s", name,
+                            stored.sha256[:12], e)
+                self._unservable.add(stored.sha256)
+                return
+        async with self.admin_lock:
+            # Read again: an upload or delete through this server may have run meanwhile.
+            if await asyncio.to_thread(self.store.get, name) != stored or \
+                    self._in_step(name, stored):
+                return
+            try:
+                if adapter is None:
                     await asyncio.wrap_future(self.engine.call(
                         lambda e: e.unregister_adapter(name)))
                     self.adapter_info.pop(name, None)
-                elif info is None or info.sha256 != stored.sha256:
-                    adapter = await asyncio.to_thread(self.engine.engine.parse_adapter, name,
-                                                      str(stored.path))
+                else:
                     await asyncio.wrap_future(self.engine.call(
                         lambda e: e.install_adapter(adapter)))
                     self.adapter_info[name] = AdapterInfo(stored.sha256, stored.size,
                                                           stored.created, "upload")
-            except Exception:  # noqa: BLE001 - removed meanwhile, or damaged: retried next time
-                log.exception("adapter %r: could not follow the shared store", name)
+            except RequestError as e:  # refused by the engine: tried again next request
+                log.warning("adapter %r: could not follow the shared store: %s", name, e)
+
+    def _in_step(self, name: str, stored) -> bool:
+        info = self.adapter_info.get(name)
+        if info is not None and info.source == "path":
+            return True
+        return (stored.sha256 if stored else None) == (info.sha256 if info else None)
 
     async def sync_all_from_store(self) -> None:
         """`sync_from_store` for every name the store or this server knows (listings)."""

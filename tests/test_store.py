@@ -171,3 +171,17 @@ def test_recovery_skips_a_staging_directory_gone_since_it_was_listed(tmp_path, m
     monkeypatch.setattr(Path, "is_dir", lambda self: self == gone or Path.exists(self))
     AdapterStore._remove_if_abandoned(gone)  # no FileNotFoundError
     assert not gone.exists()
+
+
+def test_a_shared_store_never_removes_objects_another_server_may_read(tmp_path):
+    store = AdapterStore(tmp_path / "store", shared=True)
+    w = tmp_path / "w"
+    w.write_bytes(b"weights" * 100)
+    old = store.put("x", b"{}", w)
+    w.write_bytes(b"other weights" * 100)
+    assert store.put("x", b"{}", w).sha256 != old.sha256 and old.path.is_dir()
+    assert store.delete("x") and store.collect() == 0 and old.path.is_dir()
+    AdapterStore(tmp_path / "store", shared=True)  # a replica's start-up recovery
+    assert old.path.is_dir()
+    AdapterStore(tmp_path / "store")  # a server alone on the store collects it
+    assert not old.path.exists()
