@@ -12,15 +12,14 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
+import ray  # in the test extras: these tests run in CI, never skipped
 from conftest import free_port, running_server
+from ray import serve
 
-ray = pytest.importorskip("ray")
-serve = pytest.importorskip("ray.serve")
-openai = pytest.importorskip("openai")
-
-from loraplex.server.app import build_app  # noqa: E402
-from loraplex.server.config import (  # noqa: E402
+from loraplex.server.app import build_app
+from loraplex.server.config import (
     CacheConfig,
     EngineConfig,
     LoRAConfig,
@@ -28,7 +27,7 @@ from loraplex.server.config import (  # noqa: E402
     RayOptions,
     ServerConfig,
 )
-from loraplex.server.ray_serve import APP_NAME, NAMESPACE, build_application  # noqa: E402
+from loraplex.server.ray_serve import APP_NAME, NAMESPACE, build_application
 
 pytestmark = pytest.mark.slow
 
