@@ -133,6 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
     ray.add_argument("--port", type=int, default=0, help="default: a free loopback port")
     ray.add_argument("--server-args", default="",
                      help="extra flags for both servers, e.g. \"--max-loras 4\"")
+
+    var = sub.add_parser("cpu-variants", help="the server under allocators and thread "
+                         "settings, 8 adapters mixed and base only each, one report")
+    _model_args(var)
+    _adapter_args(var, make=True)
+    _workload_args(var)
+    var.add_argument("--variants", default="glibc,tcmalloc,jemalloc,threads1",
+                     help="comma list of: glibc, tcmalloc, jemalloc, threads1")
+    var.add_argument("--port", type=int, default=0, help="default: a free loopback port")
+    var.add_argument("--server-args", default="", help="extra `loraplex serve` flags")
     return parser
 
 
@@ -250,6 +260,13 @@ def main(argv: list[str] | None = None) -> int:
                 run = run_peft(spec, opts)
                 return _finish(write_report(args.out, [run], "transformers + PEFT", desc, slo,
                                             plots=not args.no_plots), [])
+            if args.command == "cpu-variants":
+                from .cpu_variants import VARIANTS, cpu_variants
+
+                names = [v.strip() for v in args.variants.split(",") if v.strip()]
+                if not names or set(names) - set(VARIANTS):
+                    raise ValueError(f"--variants: choose among {', '.join(VARIANTS)}")
+                return _finish(*cpu_variants(spec, opts, names, args.out, desc))
             if args.command == "ray":
                 from .ray_bench import ray_bench
 

@@ -76,16 +76,16 @@ def wait_ready(url: str, process: subprocess.Popen | None, timeout_s: float) -> 
 
 @contextmanager
 def loraplex_server(port: int, adapters: dict[str, str], model: str | None, extra: list[str],
-                    timeout_s: float = 600, command: str = "serve"):
+                    timeout_s: float = 600, command: str = "serve", env: dict | None = None):
     """`loraplex serve` (or `command`, e.g. serve-ray) in a child process on
-    127.0.0.1:`port`; stopped on exit."""
+    127.0.0.1:`port`, with `env` added to its environment; stopped on exit."""
     cmd = [sys.executable, "-m", "loraplex.server.cli", command, *([model] if model else []),
            "--host", "127.0.0.1", "--port", str(port), "--served-model-name", BASE_NAME,
            "--log-level", "warning", *extra]
     if adapters:
         cmd += ["--lora-modules", *(f"{n}={p}" for n, p in adapters.items())]
     say("starting: " + " ".join(cmd[:8]) + " ...")
-    process = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    process = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, process, timeout_s)

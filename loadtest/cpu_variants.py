@@ -1,0 +1,67 @@
+"""`loraplex bench cpu-variants`: the same server under process-level variants (allocator,
+torch threads), one after another in one run on the same workload: 8 adapters mixed, then the
+base model only, per variant; ratios against the first variant."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+from .client import Target
+from .compare import BASE_NAME, CompareOptions, loraplex_server, run_http, say
+from .report import Run, summarize, write_report
+from .workload import Distinct, Fixed, WorkloadSpec
+
+_LIB = "/usr/lib/x86_64-linux-gnu"
+# name -> environment added to the server's
+VARIANTS = {
+    "glibc": {},
+    "tcmalloc": {"LD_PRELOAD": f"{_LIB}/libtcmalloc_minimal.so.4"},
+    "jemalloc": {"LD_PRELOAD": f"{_LIB}/libjemalloc.so.2"},
+    "threads1": {"OMP_NUM_THREADS": "1"},
+}
+
+
+def available(name: str) -> bool:
+    lib = VARIANTS[name].get("LD_PRELOAD")
+    return lib is None or os.path.exists(lib)
+
+
+def cpu_variants(spec: WorkloadSpec, opts: CompareOptions, names: list[str],
+                 out_dir: str | Path, workload_desc: dict) -> tuple[Path, list[str]]:
+    runs: list[Run] = []
+    for name in names:
+        if not available(name):
+            say(f"{name}: {VARIANTS[name]['LD_PRELOAD']} is not installed: skipped")
+            continue
+        args = ["--quantization", opts.quantization, *opts.server_args]
+        with loraplex_server(opts.port, opts.adapters, opts.model, args,
+                             env=VARIANTS[name]) as url:
+            target = Target(url, BASE_NAME)
+            warm = replace(spec, num_requests=max(1, len(spec.adapters)), duration_s=None,
+                           output_len=Fixed(1), popularity=Distinct())
+            run_http(warm, target, "warm-up", concurrency=4)
+            runs.append(run_http(spec, target, f"{name}, 8 adapters mixed", opts.concurrency))
+            runs.append(run_http(replace(spec, adapters=()), target, f"{name}, base only",
+                                 opts.concurrency))
+    path = write_report(out_dir, runs, "loraplex under CPU variants", workload_desc, opts.slo,
+                        baseline=runs[0].name)
+    lines = ratio_lines(runs)
+    with path.open("a") as f:
+        f.write("\n## Variants\n\n" + "\n".join(f"- {line}" for line in lines) + "\n")
+    return path, lines
+
+
+def ratio_lines(runs: list[Run]) -> list[str]:
+    tok = {run.name: summarize(run)["output_tok_per_s"] for run in runs}
+    names = list(dict.fromkeys(n.split(",")[0] for n in tok))
+    first = names[0]
+    lines = []
+    for name in names:
+        mixed, base = tok[f"{name}, 8 adapters mixed"], tok[f"{name}, base only"]
+        lines.append(
+            f"{name}: mixed {mixed:.1f} tok/s ({mixed / tok[f'{first}, 8 adapters mixed']:.2f}x "
+            f"{first}), base only {base:.1f} tok/s ({base / tok[f'{first}, base only']:.2f}x), "
+            f"LoRA overhead {100 * (base / mixed - 1):.1f}%")
+    return lines
