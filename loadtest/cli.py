@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     _adapter_args(var, make=True)
     _workload_args(var)
     var.add_argument("--variants", default="glibc,tcmalloc,jemalloc,threads1",
-                     help="comma list of: glibc, tcmalloc, jemalloc, threads1")
+                     help="comma list of: glibc, tcmalloc, jemalloc, threads1, bf16")
     var.add_argument("--port", type=int, default=0, help="default: a free loopback port")
     var.add_argument("--server-args", default="", help="extra `loraplex serve` flags")
     return parser

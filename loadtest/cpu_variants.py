@@ -1,5 +1,5 @@
-"""`loraplex bench cpu-variants`: the same server under process-level variants (allocator,
-torch threads), one after another in one run on the same workload: 8 adapters mixed, then the
+"""`loraplex bench cpu-variants`: the same server under variants (allocator, torch threads,
+bf16), one after another in one run on the same workload: 8 adapters mixed, then the
 base model only, per variant; ratios against the first variant."""
 
 from __future__ import annotations
@@ -14,17 +14,19 @@ from .report import Run, summarize, write_report
 from .workload import Distinct, Fixed, WorkloadSpec
 
 _LIB = "/usr/lib/x86_64-linux-gnu"
-# name -> environment added to the server's
+# name -> (environment added to the server's, extra server flags)
 VARIANTS = {
-    "glibc": {},
-    "tcmalloc": {"LD_PRELOAD": f"{_LIB}/libtcmalloc_minimal.so.4"},
-    "jemalloc": {"LD_PRELOAD": f"{_LIB}/libjemalloc.so.2"},
-    "threads1": {"OMP_NUM_THREADS": "1"},
+    "glibc": ({}, []),
+    "tcmalloc": ({"LD_PRELOAD": f"{_LIB}/libtcmalloc_minimal.so.4"}, []),
+    "jemalloc": ({"LD_PRELOAD": f"{_LIB}/libjemalloc.so.2"}, []),
+    "threads1": ({"OMP_NUM_THREADS": "1"}, []),
+    # bf16 weights and activations: oneDNN's AVX512-BF16 / AMX paths where the CPU has them.
+    "bf16": ({}, ["--dtype", "bfloat16"]),
 }
 
 
 def available(name: str) -> bool:
-    lib = VARIANTS[name].get("LD_PRELOAD")
+    lib = VARIANTS[name][0].get("LD_PRELOAD")
     return lib is None or os.path.exists(lib)
 
 
@@ -33,11 +35,11 @@ def cpu_variants(spec: WorkloadSpec, opts: CompareOptions, names: list[str],
     runs: list[Run] = []
     for name in names:
         if not available(name):
-            say(f"{name}: {VARIANTS[name]['LD_PRELOAD']} is not installed: skipped")
+            say(f"{name}: {VARIANTS[name][0]['LD_PRELOAD']} is not installed: skipped")
             continue
-        args = ["--quantization", opts.quantization, *opts.server_args]
-        with loraplex_server(opts.port, opts.adapters, opts.model, args,
-                             env=VARIANTS[name]) as url:
+        env, flags = VARIANTS[name]
+        args = ["--quantization", opts.quantization, *opts.server_args, *flags]
+        with loraplex_server(opts.port, opts.adapters, opts.model, args, env=env) as url:
             target = Target(url, BASE_NAME)
             warm = replace(spec, num_requests=max(1, len(spec.adapters)), duration_s=None,
                            output_len=Fixed(1), popularity=Distinct())

@@ -102,7 +102,8 @@ class LLMEngine:
     def parse_adapter(self, name: str, path: str) -> LoRAAdapter:
         """Read and check a PEFT adapter against this model. Touches no engine state, so it
         may run on any thread (disk reads stay off the engine loop)."""
-        return self.runner.lora.stage(self._load(name, path, self.loaded.dtype))
+        return self.runner.lora.stage(
+            self._load(name, path, self.runner.lora.adapter_dtype or self.loaded.dtype))
 
     def read_fp32(self, name: str, path: str) -> LoRAAdapter:
         """An adapter in fp32, as PEFT holds adapter weights whatever the base dtype: the

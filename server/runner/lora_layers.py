@@ -58,15 +58,15 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype,
         # bitsandbytes' CPU kernels round activations to bf16, which turns any difference in
         # the LoRA delta's last bit into logit differences of tenths; on such bases the CPU
         # keeps PEFT's own calls, so that outputs stay comparable with PEFT's token for token.
-        if (device.type == "cpu" and dtype == torch.float32 and not quantized
-                and sgmv_cpu.load() is not None):
+        # Dense bf16/fp16 bases use the kernel in fp32, as PEFT computes adapters in fp32.
+        if device.type == "cpu" and not quantized and sgmv_cpu.load() is not None:
             return "cpu-kernel"
         return "torch"
     if requested == "triton":
         check_triton("--lora-backend triton", device)
     elif requested == "cpu-kernel":
-        if device.type != "cpu" or dtype != torch.float32:
-            raise ConfigError("--lora-backend cpu-kernel runs fp32 models on the CPU only")
+        if device.type != "cpu":
+            raise ConfigError("--lora-backend cpu-kernel runs models on the CPU only")
         if sgmv_cpu.load() is None:
             raise ConfigError("--lora-backend cpu-kernel needs a C compiler (cc or gcc) to "
                              "build kernels/sgmv_cpu.c; see the log")
@@ -282,6 +282,12 @@ class LoRAModel:
                                        module.out_features, dtype, device, lib)
             self._wrap(model, name, LoRALinear(module, slots, self.context))
             self.modules[name] = slots
+
+    @property
+    def adapter_dtype(self) -> torch.dtype | None:
+        """The dtype adapters are read in: fp32 for the C kernel, which computes in fp32
+        whatever the model's dtype (as PEFT does by default); None: the model's."""
+        return torch.float32 if self.backend == "cpu-kernel" else None
 
     def _wrap(self, model: nn.Module, name: str,
               wrapper: LoRALinear | GroupedLoRALinear) -> None:
