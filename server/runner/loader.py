@@ -244,6 +244,14 @@ def load_model(cfg: ModelConfig, attn_implementation: str = "sdpa") -> LoadedMod
         use_safetensors=True,
     )
     model.eval()
+    if quantization == "nf4" and device.type == "cpu":
+        # On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight at its first forward
+        # (absmax rounded to bf16, a layout its dequantize cannot read): merges would then
+        # dequantize garbage and the weights would no longer be as loaded. The plain path
+        # is the one every machine runs.
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
     has_tokenizer = any((src / f).is_file() for f in _TOKENIZER_FILES)
     tokenizer = AutoTokenizer.from_pretrained(src) if has_tokenizer else None
     return LoadedModel(
