@@ -188,7 +188,7 @@ def resolve_backend(backend: str, device: str, dtype: str, quantization: str) ->
         return backend
     if device == "cuda":
         return "triton"
-    return "cpu-kernel" if dtype == "float32" and quantization == "none" else "torch"
+    return "cpu-kernel" if quantization == "none" else "torch"
 
 
 def plan(p: PlanInputs) -> Plan:
@@ -205,7 +205,9 @@ def plan(p: PlanInputs) -> Plan:
     context = min(x for x in (p.max_model_len, s.max_position_embeddings,
                               blocks * p.block_size) if x)
     seqs = min(p.max_num_seqs, blocks // _cdiv(context, p.block_size))
-    one = adapter_bytes(s, p.adapter_rank, p.adapter_targets, p.dtype)
+    # The C kernel reads adapters in fp32 whatever the model's dtype (engine.parse_adapter).
+    one = adapter_bytes(s, p.adapter_rank, p.adapter_targets,
+                        "float32" if backend == "cpu-kernel" else p.dtype)
     host = (p.max_cpu_loras or p.max_loras) * one
     out = Plan(p, weights, backend, slots, block, budget, blocks, context, seqs, one, host)
     out.lines = _explain(out)
