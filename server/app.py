@@ -105,6 +105,11 @@ class HTTPMetricsMiddleware:
         self.counter = counter
 
     def _handler(self, scope) -> str:
+        # The router records the route it matched (starlette >= 0.41); requests it never saw
+        # (refused by the auth layer) are matched here.
+        route = scope.get("route")
+        if route is not None:
+            return route.path
         for route in self.routes:
             if route.matches(scope)[0] is not Match.NONE:
                 return route.path
