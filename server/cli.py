@@ -160,9 +160,9 @@ def _serve_args(serve: argparse.ArgumentParser) -> None:
     lora.add_argument("--lora-backend", choices=["auto", "triton", "cpu-kernel", "torch"],
                       default="auto",
                       help="how a mixed batch's LoRA runs: the Triton SGMV kernels (CUDA, or "
-                           "the CPU with TRITON_INTERPRET=1), the C kernel (fp32 on the CPU), "
-                           "or PEFT's own torch calls; auto: triton on CUDA, else the C kernel "
-                           "for a dense fp32 model, else torch")
+                           "the CPU with TRITON_INTERPRET=1), the C kernel (the CPU; in fp32 "
+                           "whatever the model's dtype), or PEFT's own torch calls; auto: "
+                           "triton on CUDA, else the C kernel for a dense model, else torch")
     lora.add_argument("--lora-fuse", action=argparse.BooleanOptionalAction, default=True,
                       help="with the triton backend, one launch pair for each layer's q/k/v "
                            "and one for gate/up (default: on)")

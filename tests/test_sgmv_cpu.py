@@ -297,3 +297,20 @@ def test_lora_model_runs_the_kernel_for_its_backend_and_peft_calls_for_torch(mon
                 want[1:] += w.scale * (x[0, 1:] @ w.lora_a.T) @ w.lora_b.T
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
             assert len(calls) == (backend == "cpu-kernel")
+
+
+def test_a_bf16_step_computes_the_delta_in_fp32_and_rounds_once_as_peft_does():
+    """bf16 x and y with packed (fp32) weights: y = bf16(fp32(y) + fp32 delta), PEFT's
+    arithmetic with its adapters in fp32; not the result of bf16-rounded adapter weights."""
+    case = Case(token_slots("zipf", 24, random.Random(5)), [8, 16, 32, 64, 4, 16], 96, 160)
+    table = sgmv_cpu.SegmentTable(case.segments)
+    x, y = case.x.bfloat16(), case.y.bfloat16()  # [T, in], [T, out]
+    got = sgmv(y.clone(), x, Weights(case, packed=True), case.segments, None, table)
+    assert got.dtype == torch.bfloat16
+    fp32 = sgmv_ref(y.float(), x.float(), case.lora_a, case.lora_b, case.segments, case.ranks,
+                    case.scales)
+    one_step = 2.0 ** (torch.floor(torch.log2(fp32.abs().clamp_min(1e-30))) - 7)
+    assert ((got.float() - fp32).abs() <= one_step).all()  # one rounding of the fp32 sum
+    bf16_weights = sgmv_ref(y.clone(), x, case.lora_a.bfloat16(), case.lora_b.bfloat16(),
+                            case.segments, case.ranks, case.scales)
+    assert not torch.equal(got, bf16_weights)

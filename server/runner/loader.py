@@ -203,7 +203,7 @@ def load_model(cfg: ModelConfig, attn_implementation: str = "sdpa") -> LoadedMod
 
     `attn_implementation` is passed to from_pretrained as is: the engine registers its own
     (paged) implementation with transformers' AttentionInterface and names it here.
-    Nothing is run through the model: bitsandbytes on the CPU repacks 4-bit weights in
+    Nothing is run through the model: bitsandbytes on the CPU may repack 4-bit weights in
     place at the first forward, so the loader leaves weights exactly as loaded.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
