@@ -20,6 +20,7 @@
  *
  * Vectors are GCC/Clang vector extensions: 16 floats, one AVX-512 register or two AVX2
  * registers, whichever the flags the loader picks allow. */
+#include <omp.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -91,15 +92,12 @@ static void expand(float *const yr[MB], int mb, const float *h, int64_t ldh,
   }
 }
 
-/* The step's tiles of up to MB tokens of one segment run in parallel on torch's OpenMP
- * threads (torch ships libgomp.so.1, which this library then shares: one thread pool). */
-void lp_sgmv_f32(float *y, int64_t ldy, const float *x, int64_t ldx,
-                 const float *w, int64_t slot_stride, int64_t b_offset, int64_t rank_cap,
-                 int64_t in, int64_t out, const int32_t *ranks, const float *scales,
-                 const int64_t *starts, const int64_t *slots, int64_t num_segments,
-                 int64_t *tiles /* [2 * (T / MB + num_segments)] scratch */) {
-  /* Tiles in order of falling rank (a tile's cost grows with it), so that the threads
-   * taking them in turn end close together. One pass per distinct rank: few of either. */
+/* The step's tiles of up to MB tokens of one segment, in order of falling rank (a tile's cost
+ * grows with it), so that the threads taking them in turn end close together. One pass per
+ * distinct rank: few of either. Returns how many; tiles[2t] is the segment, tiles[2t+1] the
+ * first row. */
+static int64_t order_tiles(const int32_t *ranks, const int64_t *starts, const int64_t *slots,
+                           int64_t num_segments, int64_t *tiles) {
   int64_t num_tiles = 0;
   for (int64_t bound = INT64_MAX;;) {
     int64_t r = 0;
@@ -118,29 +116,91 @@ void lp_sgmv_f32(float *y, int64_t ldy, const float *x, int64_t ldx,
     }
     bound = r;
   }
+  return num_tiles;
+}
+
+/* One tile: yr[i] += scale * (xr[i] @ A^T) @ B^T for its mb rows, in fp32. */
+static void tile(float *const yr[MB], int mb, const float *const xr[MB], const float *w,
+                 int64_t slot_stride, int64_t b_offset, int64_t rank_cap, int64_t in,
+                 int64_t out, const int32_t *ranks, const float *scales, int64_t s) {
+  const int64_t r = ranks[s] < rank_cap ? ranks[s] : rank_cap;
+  const int64_t lda = (r + 15) / 16 * 16;
+  const float *a = w + s * slot_stride;
+  float h[MB * lda];
+  for (int64_t c0 = 0; c0 < r; c0 += 64) {
+    switch ((r - c0 + 15) / 16) {
+      case 1: shrink1(h + c0, lda, xr, a + c0, in, lda); break;
+      case 2: shrink2(h + c0, lda, xr, a + c0, in, lda); break;
+      case 3: shrink3(h + c0, lda, xr, a + c0, in, lda); break;
+      default: shrink4(h + c0, lda, xr, a + c0, in, lda); break;
+    }
+  }
+  expand(yr, mb, h, lda, a + b_offset, r, out, scales[s]);
+}
+
+/* The tiles run in parallel on torch's OpenMP threads (torch ships libgomp.so.1, which this
+ * library then shares: one thread pool). */
+void lp_sgmv_f32(float *y, int64_t ldy, const float *x, int64_t ldx,
+                 const float *w, int64_t slot_stride, int64_t b_offset, int64_t rank_cap,
+                 int64_t in, int64_t out, const int32_t *ranks, const float *scales,
+                 const int64_t *starts, const int64_t *slots, int64_t num_segments,
+                 int64_t *tiles /* [2 * (T / MB + num_segments)] scratch */) {
+  const int64_t num_tiles = order_tiles(ranks, starts, slots, num_segments, tiles);
 #pragma omp parallel for schedule(dynamic, 1) if (num_tiles > 1)
   for (int64_t t = 0; t < num_tiles; t++) {
-    const int64_t g = tiles[2 * t], m0 = tiles[2 * t + 1], s = slots[g];
-    const int64_t r = ranks[s] < rank_cap ? ranks[s] : rank_cap;
-    const int64_t lda = (r + 15) / 16 * 16;
-    const float *a = w + s * slot_stride;
-    const float *panels = a + b_offset;
+    const int64_t g = tiles[2 * t], m0 = tiles[2 * t + 1];
     const int mb = starts[g + 1] - m0 < MB ? (int)(starts[g + 1] - m0) : MB;
     const float *xr[MB];
     float *yr[MB];
-    float h[MB * lda];
     for (int i = 0; i < MB; i++) {  /* a short tile repeats its first row; unused */
       xr[i] = x + (m0 + (i < mb ? i : 0)) * ldx;
       yr[i] = y + (m0 + (i < mb ? i : 0)) * ldy;
     }
-    for (int64_t c0 = 0; c0 < r; c0 += 64) {
-      switch ((r - c0 + 15) / 16) {
-        case 1: shrink1(h + c0, lda, xr, a + c0, in, lda); break;
-        case 2: shrink2(h + c0, lda, xr, a + c0, in, lda); break;
-        case 3: shrink3(h + c0, lda, xr, a + c0, in, lda); break;
-        default: shrink4(h + c0, lda, xr, a + c0, in, lda); break;
-      }
+    tile(yr, mb, xr, w, slot_stride, b_offset, rank_cap, in, out, ranks, scales, slots[g]);
+  }
+}
+
+static inline float bf2f(uint16_t h) {
+  const uint32_t u = (uint32_t)h << 16;
+  float f;
+  memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+/* Round to nearest, ties to even, as torch's float -> bfloat16 conversion. */
+static inline uint16_t f2bf(float f) {
+  uint32_t u;
+  memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  /* NaN */
+  return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+
+/* bf16 x and y (a bf16 model), fp32 weights: each tile's rows are widened to fp32, the delta
+ * added in fp32 and each sum rounded once, as PEFT computes with its adapters in fp32. Rows
+ * of tokens without an adapter are never touched. */
+void lp_sgmv_bf16(uint16_t *y, int64_t ldy, const uint16_t *x, int64_t ldx,
+                  const float *w, int64_t slot_stride, int64_t b_offset, int64_t rank_cap,
+                  int64_t in, int64_t out, const int32_t *ranks, const float *scales,
+                  const int64_t *starts, const int64_t *slots, int64_t num_segments,
+                  int64_t *tiles, float *scratch /* [threads, MB * (in + out)] */,
+                  int64_t num_threads) {
+  const int64_t num_tiles = order_tiles(ranks, starts, slots, num_segments, tiles);
+#pragma omp parallel for schedule(dynamic, 1) if (num_tiles > 1) num_threads(num_threads)
+  for (int64_t t = 0; t < num_tiles; t++) {
+    const int64_t g = tiles[2 * t], m0 = tiles[2 * t + 1];
+    const int mb = starts[g + 1] - m0 < MB ? (int)(starts[g + 1] - m0) : MB;
+    float *xs = scratch + (int64_t)omp_get_thread_num() * MB * (in + out), *ys = xs + MB * in;
+    const float *xr[MB];
+    float *yr[MB];
+    for (int i = 0; i < MB; i++) {
+      const int64_t row = m0 + (i < mb ? i : 0);
+      xr[i] = xs + i * in;
+      yr[i] = ys + i * out;
+      for (int64_t k = 0; k < in; k++) xs[i * in + k] = bf2f(x[row * ldx + k]);
+      for (int64_t o = 0; o < out; o++) ys[i * out + o] = bf2f(y[row * ldy + o]);
     }
-    expand(yr, mb, h, lda, panels, r, out, scales[s]);
+    tile(yr, mb, xr, w, slot_stride, b_offset, rank_cap, in, out, ranks, scales, slots[g]);
+    for (int i = 0; i < mb; i++)
+      for (int64_t o = 0; o < out; o++) y[(m0 + i) * ldy + o] = f2bf(ys[i * out + o]);
   }
 }

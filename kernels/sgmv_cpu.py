@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = pathlib.Path(__file__).with_name("sgmv_cpu.c")
 LANES = 16  # floats per vector in the kernel; A^T's rows are padded to a multiple of it
+TILE_ROWS = 4  # token rows per tile (MB in the C file)
 PANEL = 64  # output columns per panel of B^T
 
 
@@ -92,6 +93,8 @@ def load() -> ctypes.CDLL | None:
     p, i = ctypes.c_void_p, ctypes.c_int64
     lib.lp_sgmv_f32.argtypes = [p, i, p, i, p, i, i, i, i, i, p, p, p, p, i, p]
     lib.lp_sgmv_f32.restype = None
+    lib.lp_sgmv_bf16.argtypes = [p, i, p, i, p, i, i, i, i, i, p, p, p, p, i, p, p, i]
+    lib.lp_sgmv_bf16.restype = None
     return lib
 
 
@@ -120,6 +123,11 @@ class PackedSlots:
         # caller's torch defaults
         self.data = torch.zeros(num_slots, slot_stride, dtype=torch.float32, device="cpu")
         self._ranks, self._scales = ranks, scales  # kept alive: C holds their addresses
+        # bf16 steps widen each tile's rows into fp32 here, one region per thread:
+        # [threads, TILE_ROWS * (in + out)]
+        self.threads = torch.get_num_threads()
+        self.scratch = torch.empty(self.threads, TILE_ROWS * (in_features + out_features),
+                                   dtype=torch.float32, device="cpu")
         # Everything the kernel needs from this projection, fixed for its lifetime.
         self.args = (self.data.data_ptr(), slot_stride, self.b_offset, rank_cap, in_features,
                      out_features, ranks.data_ptr(), scales.data_ptr())
@@ -173,8 +181,8 @@ class SegmentTable:
 
 
 def sgmv_cpu(
-    y: torch.Tensor,  # [T, out] fp32, rows contiguous, updated in place
-    x: torch.Tensor,  # [T, in] fp32, rows contiguous
+    y: torch.Tensor,  # [T, out] fp32 or bf16, rows contiguous, updated in place
+    x: torch.Tensor,  # [T, in] y's dtype, rows contiguous
     weights: PackedSlots,
     table: SegmentTable,
 ) -> torch.Tensor:
@@ -182,11 +190,12 @@ def sgmv_cpu(
     # errors that survive `python -O`. This runs once per projection per step, so it is
     # kept to what changes between calls.
     if not (x.device.type == y.device.type == "cpu"
-            and y.dtype == x.dtype == torch.float32 and y.stride(1) == x.stride(1) == 1
+            and y.dtype == x.dtype and x.dtype in (torch.float32, torch.bfloat16)
+            and y.stride(1) == x.stride(1) == 1
             # threads update y's rows at once: they must not overlap
             and (y.stride(0) >= y.shape[1] or y.shape[0] <= 1)):
-        raise ValueError("sgmv_cpu needs fp32 rows, contiguous within each row and apart from "
-                         "each other, on the CPU")
+        raise ValueError("sgmv_cpu needs fp32 or bf16 rows (both alike), contiguous within each "
+                         "row and apart from each other, on the CPU")
     if not (x.shape == (table.num_tokens, weights.in_features)
             and y.shape == (table.num_tokens, weights.out_features)
             and table.max_slot < weights.num_slots):
@@ -194,6 +203,11 @@ def sgmv_cpu(
                          f"weights {weights.in_features} -> {weights.out_features} in "
                          f"{weights.num_slots} slots, {table.num_tokens} tokens up to slot "
                          f"{table.max_slot}")
+    if y.dtype == torch.bfloat16:
+        weights.lib.lp_sgmv_bf16(y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0),
+                                 *weights.args, *table.args, weights.scratch.data_ptr(),
+                                 weights.threads)
+        return y
     weights.lib.lp_sgmv_f32(y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0),
                             *weights.args, *table.args)
     return y

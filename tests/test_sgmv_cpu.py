@@ -140,7 +140,8 @@ def test_shapes_that_disagree_raise_instead_of_reaching_c():
         (case.x, case.y[:, :50], case.packed),  # y narrower than B
         (case.x[:5], case.y[:5], case.packed),  # fewer rows than the table
         (case.x, case.y, three),  # slots beyond the storage
-        (case.x.bfloat16(), case.y.bfloat16(), case.packed),  # not fp32
+        (case.x.bfloat16(), case.y, case.packed),  # dtypes that differ
+        (case.x.half(), case.y.half(), case.packed),  # neither fp32 nor bf16
         (case.x.T.contiguous().T, case.y, case.packed),  # columns apart
         (case.x, case.y[:1].expand_as(case.y), case.packed),  # rows of y overlapping
     ]:
@@ -307,6 +308,9 @@ def test_a_bf16_step_computes_the_delta_in_fp32_and_rounds_once_as_peft_does():
     x, y = case.x.bfloat16(), case.y.bfloat16()  # [T, in], [T, out]
     got = sgmv(y.clone(), x, Weights(case, packed=True), case.segments, None, table)
     assert got.dtype == torch.bfloat16
+    # In C, rows widened tile by tile: bit for bit what widening the whole step gives.
+    widened = sgmv_cpu.sgmv_cpu(y.float(), x.float(), case.packed, table)
+    assert torch.equal(got, widened.bfloat16())
     fp32 = sgmv_ref(y.float(), x.float(), case.lora_a, case.lora_b, case.segments, case.ranks,
                     case.scales)
     one_step = 2.0 ** (torch.floor(torch.log2(fp32.abs().clamp_min(1e-30))) - 7)
