@@ -20,7 +20,6 @@
  *
  * Vectors are GCC/Clang vector extensions: 16 floats, one AVX-512 register or two AVX2
  * registers, whichever the flags the loader picks allow. */
-#include <omp.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -160,6 +159,12 @@ void lp_sgmv_f32(float *y, int64_t ldy, const float *x, int64_t ldx,
   }
 }
 
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static inline int omp_get_thread_num(void) { return 0; }
+#endif
+
 static inline float bf2f(uint16_t h) {
   const uint32_t u = (uint32_t)h << 16;
   float f;
@@ -192,12 +197,13 @@ void lp_sgmv_bf16(uint16_t *y, int64_t ldy, const uint16_t *x, int64_t ldx,
     float *xs = scratch + (int64_t)omp_get_thread_num() * MB * (in + out), *ys = xs + MB * in;
     const float *xr[MB];
     float *yr[MB];
-    for (int i = 0; i < MB; i++) {
-      const int64_t row = m0 + (i < mb ? i : 0);
-      xr[i] = xs + i * in;
-      yr[i] = ys + i * out;
-      for (int64_t k = 0; k < in; k++) xs[i * in + k] = bf2f(x[row * ldx + k]);
-      for (int64_t o = 0; o < out; o++) ys[i * out + o] = bf2f(y[row * ldy + o]);
+    for (int i = 0; i < MB; i++) {  /* a short tile repeats its first row; unused */
+      xr[i] = xs + (i < mb ? i : 0) * in;
+      yr[i] = ys + (i < mb ? i : 0) * out;
+    }
+    for (int i = 0; i < mb; i++) {
+      for (int64_t k = 0; k < in; k++) xs[i * in + k] = bf2f(x[(m0 + i) * ldx + k]);
+      for (int64_t o = 0; o < out; o++) ys[i * out + o] = bf2f(y[(m0 + i) * ldy + o]);
     }
     tile(yr, mb, xr, w, slot_stride, b_offset, rank_cap, in, out, ranks, scales, slots[g]);
     for (int i = 0; i < mb; i++)

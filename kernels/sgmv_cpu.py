@@ -23,6 +23,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 
 import torch
 
@@ -123,11 +124,6 @@ class PackedSlots:
         # caller's torch defaults
         self.data = torch.zeros(num_slots, slot_stride, dtype=torch.float32, device="cpu")
         self._ranks, self._scales = ranks, scales  # kept alive: C holds their addresses
-        # bf16 steps widen each tile's rows into fp32 here, one region per thread:
-        # [threads, TILE_ROWS * (in + out)]
-        self.threads = torch.get_num_threads()
-        self.scratch = torch.empty(self.threads, TILE_ROWS * (in_features + out_features),
-                                   dtype=torch.float32, device="cpu")
         # Everything the kernel needs from this projection, fixed for its lifetime.
         self.args = (self.data.data_ptr(), slot_stride, self.b_offset, rank_cap, in_features,
                      out_features, ranks.data_ptr(), scales.data_ptr())
@@ -157,6 +153,19 @@ class PackedSlots:
         if full < self.num_panels:
             panels[full, :, : self.out_features - full * PANEL].copy_(lora_b[full * PANEL:].T)
         self._ranks[slot] = r
+
+
+_scratch_lock = threading.Lock()
+_scratch = torch.empty(0, dtype=torch.float32)
+
+
+def _bf16_scratch(numel: int) -> torch.Tensor:
+    """Where a bf16 call widens its tiles' rows: [threads, TILE_ROWS * (in + out)] fp32,
+    grown to the largest projection seen (projections run one after another)."""
+    global _scratch
+    if _scratch.numel() < numel:
+        _scratch = torch.empty(numel, dtype=torch.float32, device="cpu")
+    return _scratch
 
 
 class SegmentTable:
@@ -204,9 +213,12 @@ def sgmv_cpu(
                          f"{weights.num_slots} slots, {table.num_tokens} tokens up to slot "
                          f"{table.max_slot}")
     if y.dtype == torch.bfloat16:
-        weights.lib.lp_sgmv_bf16(y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0),
-                                 *weights.args, *table.args, weights.scratch.data_ptr(),
-                                 weights.threads)
+        threads = torch.get_num_threads()
+        with _scratch_lock:  # one step's regions per thread, shared by every projection
+            scratch = _bf16_scratch(threads * TILE_ROWS * (weights.in_features
+                                                           + weights.out_features))
+            weights.lib.lp_sgmv_bf16(y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0),
+                                     *weights.args, *table.args, scratch.data_ptr(), threads)
         return y
     weights.lib.lp_sgmv_f32(y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0),
                             *weights.args, *table.args)
