@@ -134,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     ray.add_argument("--server-args", default="",
                      help="extra flags for both servers, e.g. \"--max-loras 4\"")
 
+    peer = sub.add_parser("peers", help="loraplex fp32 and bf16, and the CPU peers present "
+                          "(vLLM's CPU build in peers/vllm-venv), 8 adapters mixed and base only")
+    _model_args(peer)
+    _adapter_args(peer, make=True)
+    _workload_args(peer)
+    peer.add_argument("--port", type=int, default=0, help="default: a free loopback port")
+    peer.add_argument("--server-args", default="", help="extra `loraplex serve` flags")
+
     var = sub.add_parser("cpu-variants", help="the server under allocators and thread "
                          "settings, 8 adapters mixed and base only each, one report")
     _model_args(var)
@@ -260,6 +268,14 @@ def main(argv: list[str] | None = None) -> int:
                 run = run_peft(spec, opts)
                 return _finish(write_report(args.out, [run], "transformers + PEFT", desc, slo,
                                             plots=not args.no_plots), [])
+            if args.command == "peers":
+                from loraplex.server.runner.loader import convert_gguf, embedded_gguf_path
+
+                from .peers import peers
+
+                model_dir = args.model or str(convert_gguf(embedded_gguf_path()))
+                max_rank = max(int(r) for r in args.ranks.split(","))
+                return _finish(*peers(spec, opts, model_dir, max_rank, args.out, desc))
             if args.command == "cpu-variants":
                 from .cpu_variants import VARIANTS, cpu_variants
 
