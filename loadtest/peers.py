@@ -42,12 +42,13 @@ def vllm_server(python: Path, port: int, model_dir: str, adapters: dict[str, str
         wait_ready(url, process, timeout_s)
         yield url
     finally:
-        os.killpg(process.pid, signal.SIGINT)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGINT)
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
 
 
 def _measure(spec: WorkloadSpec, url: str, name: str, opts: CompareOptions) -> list[Run]:
@@ -69,8 +70,11 @@ def peers(spec: WorkloadSpec, opts: CompareOptions, model_dir: str, max_rank: in
         with loraplex_server(opts.port, opts.adapters, opts.model, args) as url:
             runs += _measure(spec, url, name, opts)
     if VLLM_PYTHON.exists():
-        with vllm_server(VLLM_PYTHON, opts.port, model_dir, opts.adapters, max_rank) as url:
-            runs += _measure(spec, url, "vLLM CPU fp32", opts)
+        try:
+            with vllm_server(VLLM_PYTHON, opts.port, model_dir, opts.adapters, max_rank) as url:
+                runs += _measure(spec, url, "vLLM CPU fp32", opts)
+        except (RuntimeError, TimeoutError) as e:  # its log is above
+            missing.append(f"vLLM: did not start ({e})")
     else:
         missing.append(f"vLLM: no {VLLM_PYTHON}")
     missing.append("llama.cpp: not run by this tool yet")
