@@ -234,6 +234,11 @@ def test_mixed_traffic_and_switches_while_requests_run_stay_exact(tiny, referenc
         check()
         engine.step()
     merger.request("r16_all")  # the operator merges it while its requests run
+    check()
+    engine.step()  # the merger starts reading the adapter in fp32 on its worker thread
+    # Waited for here, so that the merge starts at the next step whatever the machine's
+    # load: its requests are then still running when the mixed traffic arrives.
+    merger._pending[1].result()
     while merger.state != "merged":
         check()
         engine.step()
