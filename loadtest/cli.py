@@ -124,34 +124,28 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--server-args", default="",
                      help="extra `loraplex serve` flags, e.g. \"--max-loras 16\"")
 
-    ray = sub.add_parser("ray", help="one `loraplex serve` vs `loraplex serve-ray`, adapter "
-                         "affinity on and off, one report")
-    _model_args(ray)
-    _adapter_args(ray, make=True)
-    _workload_args(ray)
+    ray = _server_bench(sub, "ray", "one `loraplex serve` vs `loraplex serve-ray`, adapter "
+                        "affinity on and off, one report")
     ray.add_argument("--num-replicas", type=int, default=2)
-    ray.add_argument("--port", type=int, default=0, help="default: a free loopback port")
-    ray.add_argument("--server-args", default="",
-                     help="extra flags for both servers, e.g. \"--max-loras 4\"")
-
-    peer = sub.add_parser("peers", help="loraplex fp32 and bf16, and the CPU peers present "
-                          "(vLLM's CPU build in peers/vllm-venv), 8 adapters mixed and base only")
-    _model_args(peer)
-    _adapter_args(peer, make=True)
-    _workload_args(peer)
-    peer.add_argument("--port", type=int, default=0, help="default: a free loopback port")
-    peer.add_argument("--server-args", default="", help="extra `loraplex serve` flags")
-
-    var = sub.add_parser("cpu-variants", help="the server under allocators and thread "
-                         "settings, 8 adapters mixed and base only each, one report")
-    _model_args(var)
-    _adapter_args(var, make=True)
-    _workload_args(var)
+    _server_bench(sub, "peers", "loraplex fp32 and bf16, and the CPU peers present (vLLM's "
+                  "CPU build in peers/vllm-venv), 8 adapters mixed and base only")
+    var = _server_bench(sub, "cpu-variants", "the server under allocators and thread "
+                        "settings, 8 adapters mixed and base only each, one report")
     var.add_argument("--variants", default="glibc,tcmalloc,jemalloc,threads1",
                      help="comma list of: glibc, tcmalloc, jemalloc, threads1, bf16")
-    var.add_argument("--port", type=int, default=0, help="default: a free loopback port")
-    var.add_argument("--server-args", default="", help="extra `loraplex serve` flags")
     return parser
+
+
+def _server_bench(sub, name: str, help: str) -> argparse.ArgumentParser:
+    """A command that starts servers itself on the same workload."""
+    p = sub.add_parser(name, help=help)
+    _model_args(p)
+    _adapter_args(p, make=True)
+    _workload_args(p)
+    p.add_argument("--port", type=int, default=0, help="default: a free loopback port")
+    p.add_argument("--server-args", default="",
+                   help="extra `loraplex serve` flags, e.g. \"--max-loras 4\"")
+    return p
 
 
 def _spec(args, adapters: list[str]) -> tuple[WorkloadSpec, dict]:

@@ -74,6 +74,23 @@ def wait_ready(url: str, process: subprocess.Popen | None, timeout_s: float) -> 
     raise TimeoutError(f"{url} was not healthy after {timeout_s:.0f}s")
 
 
+def warm_up(spec: WorkloadSpec, target: Target) -> None:
+    """One short request per adapter, so that no measured run pays for first-use costs (lazy
+    initialisation, the first read of each adapter) the others do not."""
+    warm = replace(spec, num_requests=max(1, len(spec.adapters)), duration_s=None,
+                   output_len=Fixed(1), popularity=Distinct())
+    run_http(warm, target, "warm-up", concurrency=4)
+
+
+def mixed_and_base(spec: WorkloadSpec, url: str, name: str,
+                   concurrency: int | None) -> list[Run]:
+    """A warmed-up server's runs: the workload over its adapters, then on the base model."""
+    target = Target(url, BASE_NAME)
+    warm_up(spec, target)
+    return [run_http(spec, target, f"{name}, 8 adapters mixed", concurrency),
+            run_http(replace(spec, adapters=()), target, f"{name}, base only", concurrency)]
+
+
 @contextmanager
 def loraplex_server(port: int, adapters: dict[str, str], model: str | None, extra: list[str],
                     timeout_s: float = 600, command: str = "serve", env: dict | None = None):
@@ -120,11 +137,7 @@ def compare(spec: WorkloadSpec, opts: CompareOptions, out_dir: str | Path,
     with loraplex_server(opts.port, opts.adapters, opts.model,
                          quant + list(opts.server_args)) as url:
         target = Target(url, BASE_NAME)
-        # One short request per adapter first, so that no run pays for first-use costs
-        # (lazy initialisation, the first read of each adapter) the others do not.
-        warm = replace(spec, num_requests=max(1, len(spec.adapters)), duration_s=None,
-                       output_len=Fixed(1), popularity=Distinct())
-        run_http(warm, target, "warm-up", concurrency=4)
+        warm_up(spec, target)
         runs.append(run_http(spec, target, "loraplex", opts.concurrency))
         if not opts.skip_base:
             base_spec = replace(spec, adapters=())

@@ -5,13 +5,11 @@ base model only, per variant; ratios against the first variant."""
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from pathlib import Path
 
-from .client import Target
-from .compare import BASE_NAME, CompareOptions, loraplex_server, run_http, say
+from .compare import CompareOptions, loraplex_server, mixed_and_base, say
 from .report import Run, summarize, write_report
-from .workload import Distinct, Fixed, WorkloadSpec
+from .workload import WorkloadSpec
 
 _LIB = "/usr/lib/x86_64-linux-gnu"
 # name -> (environment added to the server's, extra server flags)
@@ -40,13 +38,7 @@ def cpu_variants(spec: WorkloadSpec, opts: CompareOptions, names: list[str],
         env, flags = VARIANTS[name]
         args = ["--quantization", opts.quantization, *opts.server_args, *flags]
         with loraplex_server(opts.port, opts.adapters, opts.model, args, env=env) as url:
-            target = Target(url, BASE_NAME)
-            warm = replace(spec, num_requests=max(1, len(spec.adapters)), duration_s=None,
-                           output_len=Fixed(1), popularity=Distinct())
-            run_http(warm, target, "warm-up", concurrency=4)
-            runs.append(run_http(spec, target, f"{name}, 8 adapters mixed", opts.concurrency))
-            runs.append(run_http(replace(spec, adapters=()), target, f"{name}, base only",
-                                 opts.concurrency))
+            runs += mixed_and_base(spec, url, name, opts.concurrency)
     path = write_report(out_dir, runs, "loraplex under CPU variants", workload_desc, opts.slo,
                         baseline=runs[0].name)
     lines = ratio_lines(runs)

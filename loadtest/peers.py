@@ -13,13 +13,11 @@ import signal
 import subprocess
 import sys
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 
-from .client import Target
-from .compare import BASE_NAME, CompareOptions, loraplex_server, run_http, say, wait_ready
+from .compare import BASE_NAME, CompareOptions, loraplex_server, mixed_and_base, say, wait_ready
 from .report import Run, summarize, write_report
-from .workload import Distinct, Fixed, WorkloadSpec
+from .workload import WorkloadSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = ROOT / "peers" / "vllm-venv" / "bin" / "python"
@@ -51,16 +49,6 @@ def vllm_server(python: Path, port: int, model_dir: str, adapters: dict[str, str
                 process.wait()
 
 
-def _measure(spec: WorkloadSpec, url: str, name: str, opts: CompareOptions) -> list[Run]:
-    target = Target(url, BASE_NAME)
-    warm = replace(spec, num_requests=max(1, len(spec.adapters)), duration_s=None,
-                   output_len=Fixed(1), popularity=Distinct())
-    run_http(warm, target, "warm-up", concurrency=4)
-    return [run_http(spec, target, f"{name}, 8 adapters mixed", opts.concurrency),
-            run_http(replace(spec, adapters=()), target, f"{name}, base only",
-                     opts.concurrency)]
-
-
 def peers(spec: WorkloadSpec, opts: CompareOptions, model_dir: str, max_rank: int,
           out_dir: str | Path, workload_desc: dict) -> tuple[Path, list[str]]:
     runs: list[Run] = []
@@ -68,11 +56,11 @@ def peers(spec: WorkloadSpec, opts: CompareOptions, model_dir: str, max_rank: in
     for name, flags in (("loraplex fp32", []), ("loraplex bf16", ["--dtype", "bfloat16"])):
         args = ["--quantization", "none", *opts.server_args, *flags]
         with loraplex_server(opts.port, opts.adapters, opts.model, args) as url:
-            runs += _measure(spec, url, name, opts)
+            runs += mixed_and_base(spec, url, name, opts.concurrency)
     if VLLM_PYTHON.exists():
         try:
             with vllm_server(VLLM_PYTHON, opts.port, model_dir, opts.adapters, max_rank) as url:
-                runs += _measure(spec, url, "vLLM CPU fp32", opts)
+                runs += mixed_and_base(spec, url, "vLLM CPU fp32", opts.concurrency)
         except (RuntimeError, TimeoutError) as e:  # its log is above
             missing.append(f"vLLM: did not start ({e})")
     else:

@@ -5,13 +5,12 @@ label)."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 from .client import Target
-from .compare import BASE_NAME, CompareOptions, loraplex_server, run_http, say
+from .compare import BASE_NAME, CompareOptions, loraplex_server, run_http, say, warm_up
 from .report import Run, summarize, write_report
-from .workload import Distinct, Fixed, WorkloadSpec
+from .workload import WorkloadSpec
 
 ONE_REPLICA = "Ray Serve, 1 replica"
 
@@ -42,11 +41,7 @@ def _measure(spec: WorkloadSpec, opts: CompareOptions, name: str, command: str,
     args = ["--quantization", opts.quantization, *opts.server_args, *extra]
     with loraplex_server(opts.port, opts.adapters, opts.model, args, command=command) as url:
         target = Target(url, BASE_NAME)
-        # One short request per adapter first, as `compare` does: no run pays first-use costs
-        # the others do not.
-        warm = replace(spec, num_requests=max(1, len(spec.adapters)), duration_s=None,
-                       output_len=Fixed(1), popularity=Distinct())
-        run_http(warm, target, "warm-up", concurrency=4)
+        warm_up(spec, target)
         run = run_http(spec, target, name, opts.concurrency)
         loads = {}
         if command == "serve-ray":
