@@ -44,6 +44,7 @@ from .auth import Keyring, authorize
 from .config import RayOptions, ServerConfig
 from .protocol import APIError
 from .runner.loader import served_name
+from .state import read_capped
 
 log = logging.getLogger("loraplex.ray")
 
@@ -331,17 +332,7 @@ class LoraplexIngress:
 
     async def _body(self, request: Request) -> bytes:
         upload = request.method == "POST" and request.url.path == "/v1/adapters"
-        limit = self.max_upload if upload else self.max_body
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise APIError(413, f"the request body exceeds {limit} bytes")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise APIError(413, f"the request body exceeds {limit} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return await read_capped(request, self.max_upload if upload else self.max_body)
 
 
 def _error(e: APIError) -> Response:

@@ -25,6 +25,20 @@ from .protocol import APIError, parse_json
 log = logging.getLogger("loraplex.server")
 
 
+async def read_capped(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes `limit` (never buffered whole)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"the request body exceeds {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"the request body exceeds {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 @dataclass(frozen=True)
 class AdapterInfo:
     """What the admin API reports about an adapter's files."""
@@ -170,17 +184,7 @@ class ServerState:
         return parse_json(await self.read_body(request))
 
     async def read_body(self, request: Request) -> bytes:
-        """The body, refused with 413 as soon as it passes the limit (never buffered whole)."""
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise APIError(413, f"the request body exceeds {self.max_body_bytes} bytes")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise APIError(413, f"the request body exceeds {self.max_body_bytes} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return await read_capped(request, self.max_body_bytes)
 
     # ---- prompts --------------------------------------------------------------------
 
