@@ -24,13 +24,22 @@ class Limits:
     max_config_bytes: int = 64 << 10
 
 
-def check_name(name: str, reserved: str) -> None:
+# Per-request mixtures' names (server/routes/compose.py): kept for them alone.
+MIX_NAME = re.compile(r"^(?:[a-z0-9][a-z0-9._-]{0,63}/)?mix-[0-9a-f]{16}$")
+
+
+def check_name(name: str, reserved: str, mixture: bool = False) -> None:
+    """`mixture`: the name of a per-request mixture, the only adapters whose names may (and
+    must) have MIX_NAME's shape."""
     if not isinstance(name, str) or not NAME.match(name) or ".." in name:
         raise AdapterError(
             f"name: {name!r} is not a valid adapter name (lowercase letters, digits, '.', '_', "
             f"'-', at most 64 characters, optionally under one 'tenant/' prefix)")
     if name == reserved:
         raise AdapterError(f"name: {name!r} is the base model's name")
+    if mixture != bool(MIX_NAME.match(name)):
+        raise AdapterError(f"name: {name!r}: the shape [tenant/]mix-<16 hex digits> is kept "
+                           f"for per-request mixtures")
 
 
 def check_config_bytes(config: bytes, limits: Limits) -> None:

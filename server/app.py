@@ -17,7 +17,7 @@ from .engine.async_engine import EngineDeadError
 from .engine.request import RequestError
 from .protocol import APIError
 from . import openapi
-from .routes import admin, openai
+from .routes import admin, compose, openai
 from .state import ServerState
 
 log = logging.getLogger("loraplex.server")
@@ -136,7 +136,7 @@ def build_app(state: ServerState) -> Starlette:
     app = Starlette(
         routes=[Route("/health", health), Route("/ping", health, methods=["GET", "POST"]),
                 Route("/version", version_route), Route("/metrics", metrics_route),
-                *openai.routes, *admin.routes, *openapi.routes],
+                *openai.routes, *compose.routes, *admin.routes, *openapi.routes],
         exception_handlers={APIError: _api_error, RequestError: _request_error,
                             HTTPException: _http_error, EngineDeadError: _engine_dead,
                             Exception: _internal_error},

@@ -129,6 +129,10 @@ def _serve_args(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--max-in-flight", type=int, default=ServerConfig.max_in_flight,
                        help="requests queued or running before new ones get 503 in OpenAI's "
                             "error shape (load shedding)")
+    serve.add_argument("--max-mixes", type=int, default=ServerConfig.max_mixes,
+                       help="per-request mixtures of adapters ('adapters' in a completions "
+                            "body) kept built, least recently used deleted first; 0 refuses "
+                            "them")
     serve.add_argument("--max-body-mb", type=float, default=ServerConfig.max_body_mb,
                        help="largest request body, in MB (413 above it)")
     serve.add_argument("--max-connections", type=int, default=ServerConfig.max_connections,
@@ -311,7 +315,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         lora_modules=_lora_modules(args.lora_modules), adapter_store=args.adapter_store,
         allowed_lora_dirs=tuple(args.allowed_lora_dirs), max_adapter_mb=args.max_adapter_mb,
         drain_timeout=args.drain_timeout, max_in_flight=args.max_in_flight,
-        max_body_mb=args.max_body_mb,
+        max_mixes=args.max_mixes, max_body_mb=args.max_body_mb,
         header_timeout=args.header_timeout, max_connections=args.max_connections,
     )
 

@@ -177,6 +177,8 @@ class ServerConfig:
     drain_timeout: float = 30.0  # seconds requests in flight get to finish after SIGTERM
     max_body_mb: float = 8.0
     max_in_flight: int = 1024
+    # Per-request mixtures of adapters kept in the store (LRU past it); 0: none allowed.
+    max_mixes: int = 32
     # Seconds a connection has to deliver complete request headers, from its opening (or, on
     # a kept-alive connection, from a next request's first byte); slower ones are closed, as
     # proxies do (HAProxy's timeout http-request, nginx's client_header_timeout), or a
@@ -190,7 +192,7 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         assert 0 <= self.port < 65536
-        assert self.max_body_mb > 0 and self.max_in_flight > 0
+        assert self.max_body_mb > 0 and self.max_in_flight > 0 and self.max_mixes >= 0
         assert self.header_timeout > 0 and self.max_connections > 0
 
 

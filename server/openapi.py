@@ -97,8 +97,34 @@ SAMPLING: dict[str, Schema] = {
                                            "best_of")},
 }
 
+SOURCES = {"type": "array", "minItems": 1, "maxItems": 16, "items": _obj(
+    {"name": {"type": "string"}, "weight": {"type": "number", "minimum": -1000,
+                                            "maximum": 1000, "default": 1}}, ("name",))}
+COMPOSE_OPTIONS: dict[str, Schema] = {
+    "density": {"type": "number", "exclusiveMinimum": 0, "maximum": 1,
+                "description": "ties, dare and magnitude_prune methods only (required there)."},
+    "rank": {"type": "integer", "minimum": 1, "description": "svd methods and slerp."},
+    "t": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.5,
+          "description": "slerp: 0 is the first source, 1 the second."},
+    "majority_sign_method": {"enum": ["total", "frequency"], "default": "total"},
+}
+# Per-request mixtures (server/routes/compose.py), as LoRAX's merged_adapters.
+MIXTURE: dict[str, Schema] = {
+    "adapters": {**SOURCES, "description": "Serve this request with a mixture of served "
+                 "adapters, built at the first request with these arguments and kept under "
+                 "the name the response's `model` gives ([tenant/]mix-<hash>); `model` must "
+                 "then be the base model's name or empty. Each source must be one the caller "
+                 "may use (404 otherwise)."},
+    "method": {"enum": list(COMPOSE_METHODS), "default": "cat", "description":
+               "PEFT's add_weighted_adapter combination_type, or slerp (two sources); cat, "
+               "the default, is the exact weighted sum of the sources' deltas. dare's draws "
+               "are seeded with 0."},
+    **COMPOSE_OPTIONS,
+}
+
 COMPLETION_REQUEST = _obj({
     **SAMPLING,
+    **MIXTURE,
     "prompt": {"anyOf": [
         {"type": "string", "minLength": 1},
         {"type": "array", "minItems": 1, "maxItems": MAX_PROMPTS,
@@ -119,6 +145,7 @@ MESSAGE = _obj({
 
 CHAT_REQUEST = _obj({
     **SAMPLING,
+    **MIXTURE,
     "messages": {"type": "array", "minItems": 1, "items": MESSAGE,
                  "description": "Rendered with the model's chat template, which may refuse "
                                 "an order of roles (400)."},
@@ -135,17 +162,11 @@ LOAD_REQUEST = _obj({"lora_name": {"type": "string"}, "lora_path": {
     ("lora_name", "lora_path"))
 UNLOAD_REQUEST = _obj({"lora_name": {"type": "string"}}, ("lora_name",))
 COMPOSE_REQUEST = _obj({
-    "sources": {"type": "array", "minItems": 1, "maxItems": 16, "items": _obj(
-        {"name": {"type": "string"}, "weight": {"type": "number"}}, ("name",))},
+    "sources": SOURCES,
     "method": {"enum": list(COMPOSE_METHODS), "default": "svd", "description":
                "PEFT's add_weighted_adapter combination_type, or slerp (two sources)."},
-    "density": {"type": "number", "exclusiveMinimum": 0, "maximum": 1,
-                "description": "ties, dare and magnitude_prune methods only (required there)."},
-    "rank": {"type": "integer", "minimum": 1, "description": "svd methods and slerp."},
-    "t": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.5,
-          "description": "slerp: 0 is the first source, 1 the second."},
+    **COMPOSE_OPTIONS,
     "seed": {"type": "integer", "minimum": 0, "default": 0, "description": "dare's draws."},
-    "majority_sign_method": {"enum": ["total", "frequency"], "default": "total"},
 }, ("sources",))
 UPLOAD_REQUEST = _obj({
     "name": {"type": "string", "description": "Lowercase letters, digits, '.', '_', '-', at "

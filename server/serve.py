@@ -48,7 +48,7 @@ def build_state(config: ServerConfig) -> ServerState:
             store.quarantine(s.name, str(e))
             _say(f"stored adapter {i}/{len(stored)}: {s.name} quarantined: {e}")
             continue
-        info[s.name] = AdapterInfo(s.sha256, s.size, s.created, "upload")
+        info[s.name] = AdapterInfo.of_stored(s)
         _say(f"stored adapter {i}/{len(stored)}: {s.name}")
     for i, (name, path) in enumerate(config.lora_modules, 1):
         engine.register_adapter(name, path)
@@ -75,6 +75,7 @@ def build_state(config: ServerConfig) -> ServerState:
         adapter_info=info,
         max_body_bytes=int(config.max_body_mb * 2**20),
         max_in_flight=config.max_in_flight,
+        max_mixes=config.max_mixes,
     )
     engine.adapter_manager.on_dropped = state.collect_soon
     return state

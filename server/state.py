@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loraplex.adapters.store import CONFIG_FILE, WEIGHTS_FILE, AdapterStore
-from loraplex.adapters.validate import Limits
+from loraplex.adapters.store import CONFIG_FILE, WEIGHTS_FILE, AdapterStore, StoredAdapter
+from loraplex.adapters.validate import MIX_NAME, Limits
 from starlette.requests import Request
 
 from .auth import Keyring, Principal, check_rate
@@ -46,7 +46,14 @@ class AdapterInfo:
     sha256: str
     size: int
     created: float
-    source: str  # "upload" (in the store) or "path" (loaded from a directory)
+    # "upload", "compose" or "mix" (in the store: after a restart "upload" or "mix"), or
+    # "path" (loaded from a directory)
+    source: str
+
+    @classmethod
+    def of_stored(cls, stored: StoredAdapter) -> AdapterInfo:
+        source = "mix" if MIX_NAME.match(stored.name) else "upload"
+        return cls(stored.sha256, stored.size, stored.created, source)
 
     @classmethod
     def of_dir(cls, path: Path, source: str) -> AdapterInfo:
@@ -80,6 +87,11 @@ class ServerState:
     draining: bool = False  # SIGTERM received: finish what runs, accept nothing new
     # Store versions that failed to parse (sync_from_store): not tried again per request.
     _unservable: set[str] = field(default_factory=set)
+    # Per-request mixtures (routes/compose.py): how many are kept, when each was last asked
+    # for (time.monotonic), and one lock per name so that a mixture is built once.
+    max_mixes: int = 32
+    mix_used: dict[str, float] = field(default_factory=dict)
+    mix_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
 
     # ---- the store ------------------------------------------------------------------
 
@@ -128,8 +140,7 @@ class ServerState:
                 else:
                     await asyncio.wrap_future(self.engine.call(
                         lambda e: e.install_adapter(adapter)))
-                    self.adapter_info[name] = AdapterInfo(stored.sha256, stored.size,
-                                                          stored.created, "upload")
+                    self.adapter_info[name] = AdapterInfo.of_stored(stored)
             except RequestError as e:  # refused by the engine: tried again next request
                 log.warning("adapter %r: could not follow the shared store: %s", name, e)
 

@@ -240,6 +240,7 @@ def test_good_safetensors_pass_the_structure_check(good):
     ("acme", True), ("acme/sql-v2.1", True), ("a" * 64, True), ("0start", True),
     ("", False), ("UPPER", False), ("a" * 65, False), ("../etc", False), ("a/b/c", False),
     ("/abs", False), ("x/..", False), ("space name", False), ("tiny-llama", False),
+    ("mix-sql", True), ("mix-0123456789abcdef", False), ("acme/mix-0123456789abcdef", False),
 ])
 def test_names(name, ok):
     if ok:
@@ -247,6 +248,12 @@ def test_names(name, ok):
     else:
         with pytest.raises(AdapterError, match="name"):
             check_name(name, reserved="tiny-llama")
+
+
+def test_mixture_names_are_kept_for_mixtures():
+    check_name("acme/mix-0123456789abcdef", reserved="tiny-llama", mixture=True)
+    with pytest.raises(AdapterError, match="mixtures"):
+        check_name("acme/sql", reserved="tiny-llama", mixture=True)
 
 
 @pytest.mark.parametrize("entry", [

@@ -188,7 +188,8 @@ def test_bad_upload_is_refused_and_nothing_changes(setup, embedded_adapters, cas
     assert completion(url, ACME, "acme/sql").status_code == 200  # everyone else still served
 
 
-@pytest.mark.parametrize("name", ["../etc", "UPPER", "a" * 65, "x/y/z", "smol", ""])
+@pytest.mark.parametrize("name", ["../etc", "UPPER", "a" * 65, "x/y/z", "smol", "",
+                                  "mix-0123456789abcdef", "acme/mix-0123456789abcdef"])
 def test_bad_names_are_refused(setup, embedded_adapters, name):
     url, _, _ = setup
     r = call(url, "POST", "/v1/adapters", ADMIN, files=files_of(embedded_adapters["sql"], name))
@@ -285,3 +286,87 @@ def test_compose_builds_stores_and_serves_a_new_adapter(setup):
     assert r.status_code == 201 and r.json()["rank"] == 3  # a replacement, as an upload
     assert completion(url, ACME, "acme/mix").status_code == 200
     assert call(url, "DELETE", "/v1/adapters/acme/mix", ADMIN).status_code == 200
+
+
+def _mixes(url) -> list[str]:
+    listed = call(url, "GET", "/v1/adapters", ADMIN).json()["data"]
+    return sorted(a["id"] for a in listed if a["source"] == "mix")
+
+
+def test_per_request_mixtures_are_built_once_and_serve_like_the_composed_adapter(setup):
+    """`adapters` in a completions body: the same adapter as the compose route builds from
+    the same arguments (which test_compose holds to PEFT's add_weighted_adapter), built at
+    the first request only, then served by name too."""
+    url, _, state = setup
+    sources = [{"name": "acme/sql", "weight": 0.6}, {"name": "globex/poet", "weight": 0.4}]
+    spec = {"method": "svd", "rank": 2}
+    r = call(url, "POST", "/v1/adapters/ref-mix/compose", ADMIN, json={"sources": sources, **spec})
+    assert r.status_code == 201, r.text
+    ref_sha = r.json()["sha256"]
+
+    def complete(key, **kw):
+        return call(url, "POST", "/v1/completions", key, json={
+            "prompt": "Write a query that", "max_tokens": 8, "temperature": 0, **kw})
+
+    base = complete(SHARED, model="smol").json()["choices"][0]["text"]
+    ref = complete(SHARED, model="ref-mix").json()["choices"][0]["text"]
+    assert ref != base  # the mixture changes the output
+    before = _mixes(url)
+    r = complete(SHARED, model="smol", adapters=sources, **spec)
+    assert r.status_code == 200, r.text
+    name = r.json()["model"]
+    assert re.fullmatch(r"mix-[0-9a-f]{16}", name) and r.json()["choices"][0]["text"] == ref
+    info = call(url, "GET", f"/v1/adapters/{name}", ADMIN).json()
+    assert info["source"] == "mix" and info["sha256"] == ref_sha
+    assert _mixes(url) == sorted([*before, name])
+    # Asked again (chat, model omitted): the same adapter, not built again; and by its name.
+    r = call(url, "POST", "/v1/chat/completions", SHARED, json={
+        "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "adapters": sources,
+        **spec})
+    assert r.status_code == 200 and r.json()["model"] == name, r.text
+    assert call(url, "GET", f"/v1/adapters/{name}", ADMIN).json()["created"] == info["created"]
+    assert complete(SHARED, model=name).json()["choices"][0]["text"] == ref
+    assert _mixes(url) == sorted([*before, name])
+
+    # Refused with nothing built: other tenants' sources, bad arguments, reserved names.
+    bad = [(ACME, {"adapters": sources}, 404, "adapters"),
+           (SHARED, {"adapters": [{"name": "nope"}]}, 404, "adapters"),
+           (SHARED, {"adapters": sources, "model": "acme/sql"}, 400, "model"),
+           (SHARED, {"adapters": "acme/sql"}, 400, "adapters"),
+           (SHARED, {"adapters": [{"name": "acme/sql", "weight": "x"}]}, 400, "adapters"),
+           (SHARED, {"adapters": sources, "method": "average"}, 400, "method"),
+           (SHARED, {"adapters": sources, "method": "ties"}, 400, "density"),
+           (SHARED, {"density": 0.5}, 400, "density"),
+           (SHARED, {"adapters": sources, "method": "cat"}, 400, None)]  # past --max-adapter-mb
+    for key, case, status, param in bad:
+        r = complete(key, **case)
+        assert r.status_code == status, (case, r.text)
+        assert r.json()["error"]["param"] == param or param is None, (case, r.text)
+    assert _mixes(url) == sorted([*before, name])
+    r = call(url, "POST", "/v1/adapters/mix-0123456789abcdef/compose", ADMIN,
+             json={"sources": sources, **spec})
+    assert r.status_code == 400 and "mixtures" in r.json()["error"]["message"]
+
+    # A tenant's own mixture is named under the tenant: its key may call it by name, others not.
+    r = complete(ACME, adapters=[{"name": "acme/sql", "weight": 0.5}])
+    assert r.status_code == 200, r.text
+    own = r.json()["model"]
+    assert re.fullmatch(r"acme/mix-[0-9a-f]{16}", own)
+    assert complete(ACME, model=own).status_code == 200
+    assert complete(GLOBEX, model=own).status_code == 404
+
+    # Past --max-mixes the least recently used mixture goes; 0 turns mixtures off.
+    state.max_mixes = len(_mixes(url))
+    try:
+        complete(SHARED, model=name)  # `own` is now the least recently used
+        r = complete(SHARED, adapters=sources, method="svd", rank=1)
+        assert r.status_code == 200, r.text
+        assert own not in _mixes(url) and {name, r.json()["model"]} <= set(_mixes(url))
+        assert len(_mixes(url)) == state.max_mixes
+        state.max_mixes = 0
+        r = complete(SHARED, adapters=sources, **spec)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "adapters"
+    finally:
+        state.max_mixes = 32
+    for n in [*_mixes(url), "ref-mix"]:
+        assert call(url, "DELETE", f"/v1/adapters/{n}", ADMIN).status_code == 200

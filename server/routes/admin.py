@@ -1,5 +1,5 @@
 """Operator routes: upload, list, inspect, delete, pin adapters; vLLM's load/unload; merge
-an adapter into the base and back; compose new adapters from served ones."""
+an adapter into the base and back (composing new adapters: compose.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import errno
 import shutil
 from pathlib import Path
 
-from loraplex.adapters.compose import METHODS, NEEDS_DENSITY, Source, compose_peft, compose_slerp
 from loraplex.adapters.peft_format import AdapterError
 from loraplex.adapters.store import CONFIG_FILE, WEIGHTS_FILE, StoreFullError
 from loraplex.adapters.validate import check_config_bytes, check_name, check_safetensors
@@ -29,7 +28,7 @@ def _state(request: Request) -> ServerState:
     return request.app.state.loraplex
 
 
-def _refuse(e: Exception) -> APIError:
+def refuse(e: Exception) -> APIError:
     if isinstance(e, RequestError):
         status = 404 if e.code == "model_not_found" else 409 if e.code == "adapter_busy" else 400
         return APIError(status, str(e), e.param, e.code)
@@ -51,11 +50,11 @@ def _limited(request: Request, limit: int) -> Request:
     return Request(request.scope, receive)
 
 
-async def _engine(state: ServerState, fn):
+async def engine_call(state: ServerState, fn):
     try:
         return await asyncio.wrap_future(state.engine.call(fn))
     except RequestError as e:
-        raise _refuse(e) from None
+        raise refuse(e) from None
 
 
 async def upload(request: Request) -> Response:
@@ -83,123 +82,43 @@ async def upload(request: Request) -> Response:
             try:
                 await run_in_threadpool(_stage, weights.file, config_bytes, staged)
             except AdapterError as e:
-                raise _refuse(e) from None
-            await _check_store_serve(state, name, staged, "upload")
+                raise refuse(e) from None
+            await check_store_serve(state, name, staged, "upload")
     finally:
         await form.close()
-    return JSONResponse(await _describe(state, name), status_code=201)
+    return JSONResponse(await describe(state, name), status_code=201)
 
 
-async def _check_store_serve(state: ServerState, name: str, staged: Path, source: str) -> None:
+async def check_store_serve(state: ServerState, name: str, staged: Path, source: str) -> None:
     """An adapter written into a staging directory: checked whole, then stored and served
     under `name` (replacing a previous version), or refused with nothing changed."""
     try:
-        check_name(name, state.served_model_name)
+        check_name(name, state.served_model_name, mixture=source == "mix")
         check_config_bytes((staged / CONFIG_FILE).read_bytes(), state.upload_limits)
         await run_in_threadpool(check_safetensors, staged / WEIGHTS_FILE, state.upload_limits)
         adapter = await run_in_threadpool(state.engine.engine.parse_adapter, name, str(staged))
     except AdapterError as e:
-        raise _refuse(e) from None
+        raise refuse(e) from None
     # Store and engine change together: a concurrent upload, delete or unload of the same
     # name cannot interleave between them.
     async with state.admin_lock:
-        stored = await _store(state, state.store.put_staged, name, staged, state.paths_in_use)
+        stored = await store_call(state, state.store.put_staged, name, staged, state.paths_in_use)
         # A new version: requests running on the old one finish on its weights.
         adapter = dataclasses.replace(adapter, path=str(stored.path))
-        await _engine(state, lambda e: e.install_adapter(adapter))
+        await engine_call(state, lambda e: e.install_adapter(adapter))
         state.adapter_info[name] = AdapterInfo(stored.sha256, stored.size, stored.created,
                                                source)
 
 
-MAX_SOURCES = 16
-MAX_WEIGHT = 1000  # fp32 deltas stay finite: an overflow to inf would break the SVD
-
-
-async def compose(request: Request) -> Response:
-    """`{"sources": [{"name", "weight"}], "method", "density", "rank", "t", "seed",
-    "majority_sign_method"}`: a new adapter `name` built from served adapters (PEFT's
-    add_weighted_adapter, or SLERP), checked, stored and served like an upload."""
-    state, name = _state(request), request.path_params["name"]
-    body = await _json(request, state)
-    try:
-        check_name(name, state.served_model_name)  # before any work
-    except AdapterError as e:
-        raise _refuse(e) from None
-    method = body.get("method", "svd")
-    if method not in METHODS:
-        raise APIError(400, f"method must be one of {', '.join(METHODS)}", "method")
-    sources = body.get("sources")
-    if (not isinstance(sources, list) or not 1 <= len(sources) <= MAX_SOURCES
-            or not all(isinstance(s, dict) for s in sources)):
-        raise APIError(400, f"sources must be a list of 1 to {MAX_SOURCES} objects "
-                            f"{{name, weight}}", "sources")
-    served = state.engine.engine.adapters
-    picked = []
-    for s in sources:
-        source_name, weight = s.get("name"), s.get("weight", 1.0)
-        if not isinstance(source_name, str) or source_name not in served:
-            raise APIError(404, f"adapter {source_name!r} not found", "sources",
-                           "model_not_found")
-        # Compared, not converted first: a 400-digit integer is no float.
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
-                or not -MAX_WEIGHT <= weight <= MAX_WEIGHT:
-            raise APIError(400, f"each source's weight must be a number in [-{MAX_WEIGHT}, "
-                                f"{MAX_WEIGHT}]", "sources")
-        picked.append(Source(source_name, Path(served[source_name].path), float(weight)))
-    density, rank = body.get("density"), body.get("rank")
-    t, seed = body.get("t", 0.5), body.get("seed", 0)
-    sign = body.get("majority_sign_method", "total")
-    if method in NEEDS_DENSITY:
-        if isinstance(density, bool) or not isinstance(density, (int, float)) \
-                or not 0 < density <= 1:
-            raise APIError(400, f"{method} needs a density in (0, 1]", "density")
-    elif density is not None:
-        raise APIError(400, f"{method} takes no density", "density")
-    max_rank = state.engine.engine.config.lora.max_lora_rank
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)
-                             or not 1 <= rank <= max_rank):
-        raise APIError(400, f"rank must be an integer in [1, {max_rank}]", "rank")
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 1:
-        raise APIError(400, "t must be a number in [0, 1]", "t")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise APIError(400, "seed must be a non-negative 64-bit integer", "seed")
-    if sign not in ("total", "frequency"):
-        raise APIError(400, "majority_sign_method must be total or frequency",
-                       "majority_sign_method")
-    engine = state.engine.engine
-
-    def build(staged: Path) -> None:
-        if method == "slerp":
-            if len(picked) != 2:
-                raise AdapterError("slerp: exactly two sources")
-            adapters = [engine.read_fp32(s.name, str(s.path)) for s in picked]
-            compose_slerp(adapters, float(t), rank, staged, engine.loaded.name)
-        else:
-            compose_peft(picked, method, staged, engine.runner.lora.module_shapes,
-                         density=density, rank=rank, seed=seed, majority_sign_method=sign)
-
-    with state.store.staging() as staged:
-        try:
-            with _store_full():
-                await run_in_threadpool(build, staged)
-        except AdapterError as e:
-            raise _refuse(e) from None
-        except FileNotFoundError:  # a source deleted or replaced while it was read
-            raise APIError(409, "a source adapter changed while the new one was built; "
-                                "try again", "sources", "adapter_busy") from None
-        await _check_store_serve(state, name, staged, "compose")
-    return JSONResponse(await _describe(state, name), status_code=201)
-
-
 def _stage(source, config: bytes, staged: Path) -> None:
-    with _store_full():
+    with store_full():
         (staged / CONFIG_FILE).write_bytes(config)
         with open(staged / WEIGHTS_FILE, "wb") as f:
             shutil.copyfileobj(source, f)
 
 
 @contextlib.contextmanager
-def _store_full():
+def store_full():
     try:
         yield
     except OSError as e:
@@ -209,16 +128,16 @@ def _store_full():
         raise
 
 
-async def _store(state: ServerState, fn, *args):
-    with _store_full():
+async def store_call(state: ServerState, fn, *args):
+    with store_full():
         return await run_in_threadpool(fn, *args)
 
 
-async def _describe(state: ServerState, name: str) -> dict:
+async def describe(state: ServerState, name: str) -> dict:
     adapter = state.engine.engine.adapters.get(name)
     if adapter is None:
         raise APIError(404, f"adapter {name!r} not found", "name", "model_not_found")
-    slot, pinned, host = await _engine(state, lambda e: (
+    slot, pinned, host = await engine_call(state, lambda e: (
         e.adapter_manager.slot_of(name), e.adapter_manager.is_pinned(name),
         e.adapter_manager.in_host(name)))
     info = state.adapter_info.get(name)
@@ -236,41 +155,46 @@ async def _describe(state: ServerState, name: str) -> dict:
 async def list_adapters(request: Request) -> Response:
     state = _state(request)
     names = sorted(state.engine.engine.adapters)
-    return JSONResponse({"object": "list", "data": [await _describe(state, n) for n in names]})
+    return JSONResponse({"object": "list", "data": [await describe(state, n) for n in names]})
 
 
 async def get_adapter(request: Request) -> Response:
-    return JSONResponse(await _describe(_state(request), request.path_params["name"]))
+    return JSONResponse(await describe(_state(request), request.path_params["name"]))
+
+
+async def remove(state: ServerState, name: str) -> None:
+    """Stop serving `name` and delete it from the store; its requests in flight finish first."""
+    async with state.admin_lock:
+        await engine_call(state, lambda e: e.unregister_adapter(name))
+        await store_call(state, state.store.delete, name, state.paths_in_use)
+        state.adapter_info.pop(name, None)
 
 
 async def delete_adapter(request: Request) -> Response:
     state, name = _state(request), request.path_params["name"]
-    async with state.admin_lock:
-        await _engine(state, lambda e: e.unregister_adapter(name))
-        await _store(state, state.store.delete, name, state.paths_in_use)
-        state.adapter_info.pop(name, None)
+    await remove(state, name)
     return JSONResponse({"id": name, "object": "adapter", "deleted": True})
 
 
 async def pin(request: Request) -> Response:
     state, name = _state(request), request.path_params["name"]
-    await _engine(state, lambda e: e.adapter_manager.pin(name))
-    return JSONResponse(await _describe(state, name))
+    await engine_call(state, lambda e: e.adapter_manager.pin(name))
+    return JSONResponse(await describe(state, name))
 
 
 async def unpin(request: Request) -> Response:
     state, name = _state(request), request.path_params["name"]
     if name not in state.engine.engine.adapters:
         raise APIError(404, f"adapter {name!r} not found", "name", "model_not_found")
-    await _engine(state, lambda e: e.adapter_manager.unpin(name))
-    return JSONResponse(await _describe(state, name))
+    await engine_call(state, lambda e: e.adapter_manager.unpin(name))
+    return JSONResponse(await describe(state, name))
 
 
 async def merge(request: Request) -> Response:
     """Merge `name` into the base whenever its requests are the only ones in the engine (at
     once if it is idle); 202 until it is merged."""
     state, name = _state(request), request.path_params["name"]
-    status = await _engine(state, lambda e: (e.merger.request(name), e.merger.status())[1])
+    status = await engine_call(state, lambda e: (e.merger.request(name), e.merger.status())[1])
     done = status["state"] == "merged" and status["adapter"] == name
     return JSONResponse(status, status_code=200 if done else 202)
 
@@ -278,15 +202,15 @@ async def merge(request: Request) -> Response:
 async def unmerge(request: Request) -> Response:
     """Unmerge, and merge nothing until asked (--auto-merge may still merge by traffic)."""
     state = _state(request)
-    status = await _engine(state, lambda e: (e.merger.request(None), e.merger.status())[1])
+    status = await engine_call(state, lambda e: (e.merger.request(None), e.merger.status())[1])
     return JSONResponse(status, status_code=200 if status["state"] == "unmerged" else 202)
 
 
 async def merge_status(request: Request) -> Response:
-    return JSONResponse(await _engine(_state(request), lambda e: e.merger.status()))
+    return JSONResponse(await engine_call(_state(request), lambda e: e.merger.status()))
 
 
-async def _json(request: Request, state: ServerState) -> dict:
+async def json_body(request: Request, state: ServerState) -> dict:
     body = await state.read_json(request)
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
@@ -297,7 +221,7 @@ async def load_lora_adapter(request: Request) -> Response:
     """vLLM's `{"lora_name", "lora_path"}`: a directory on this machine, inside one of the
     directories the operator allowed (--allowed-lora-dirs)."""
     state = _state(request)
-    body = await _json(request, state)
+    body = await json_body(request, state)
     name, path = body.get("lora_name"), body.get("lora_path")
     if not isinstance(path, str) or not path:
         raise APIError(400, "lora_path must be a directory path", "lora_path")
@@ -313,23 +237,20 @@ async def load_lora_adapter(request: Request) -> Response:
         await run_in_threadpool(check_safetensors, resolved / WEIGHTS_FILE, state.upload_limits)
         adapter = await run_in_threadpool(state.engine.engine.parse_adapter, name, str(resolved))
     except AdapterError as e:
-        raise _refuse(e) from None
+        raise refuse(e) from None
     info = await run_in_threadpool(AdapterInfo.of_dir, resolved, "path")
     async with state.admin_lock:
-        await _engine(state, lambda e: e.install_adapter(adapter))
+        await engine_call(state, lambda e: e.install_adapter(adapter))
         state.adapter_info[name] = info
     return JSONResponse({"id": name, "object": "adapter", "loaded": True})
 
 
 async def unload_lora_adapter(request: Request) -> Response:
     state = _state(request)
-    name = (await _json(request, state)).get("lora_name")
+    name = (await json_body(request, state)).get("lora_name")
     if not isinstance(name, str):
         raise APIError(400, "lora_name must be a string", "lora_name")
-    async with state.admin_lock:
-        await _engine(state, lambda e: e.unregister_adapter(name))
-        await _store(state, state.store.delete, name, state.paths_in_use)
-        state.adapter_info.pop(name, None)
+    await remove(state, name)
     return JSONResponse({"id": name, "object": "adapter", "unloaded": True})
 
 
@@ -339,7 +260,6 @@ routes = [
     Route("/v1/adapters/{name:path}/pin", pin, methods=["POST"]),
     Route("/v1/adapters/{name:path}/unpin", unpin, methods=["POST"]),
     Route("/v1/adapters/{name:path}/merge", merge, methods=["POST"]),
-    Route("/v1/adapters/{name:path}/compose", compose, methods=["POST"]),
     Route("/v1/unmerge", unmerge, methods=["POST"]),
     Route("/v1/merge", merge_status, methods=["GET"]),
     Route("/v1/adapters/{name:path}", get_adapter, methods=["GET"]),

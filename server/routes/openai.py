@@ -17,6 +17,7 @@ from ..engine.engine import RequestOutput
 from ..engine.request import RequestError
 from ..protocol import APIError, GenerationRequest, new_id, now, parse_chat, parse_completion, usage
 from ..state import ServerState
+from .compose import mixture, note_use
 
 
 @dataclass
@@ -136,9 +137,10 @@ async def _sse_stream(job: Job, events) -> AsyncIterator[bytes]:
     yield b"data: [DONE]\n\n"
 
 
-async def _prepare(state: ServerState, request: Request, gen: GenerationRequest,
+async def _prepare(state: ServerState, request: Request, body: dict, gen: GenerationRequest,
                    prompts: list, prefix: str, default_max_tokens: bool = False) -> Job:
-    adapter = _resolve_model(state, request, gen.model)
+    adapter = await mixture(state, request, body) or _resolve_model(state, request, gen.model)
+    note_use(state, adapter)
     state.check_capacity(len(prompts) * gen.n)  # before the work of tokenizing
     param = "messages" if prefix == "chatcmpl" else "prompt"
     # Tokenizing is CPU work of up to a second per prompt: on a thread, so that every other
@@ -152,7 +154,7 @@ async def _prepare(state: ServerState, request: Request, gen: GenerationRequest,
     state.check_capacity(len(ids) * gen.n)
     state.check_rate(request, gen.n * sum(len(p) + gen.params.max_tokens for p in ids))
     return Job(state, gen, ids, adapter, new_id(prefix), now(),
-               gen.model or state.served_model_name, state.principal(request).tenant)
+               adapter or gen.model or state.served_model_name, state.principal(request).tenant)
 
 
 # ---- /v1/completions ------------------------------------------------------------------
@@ -172,10 +174,11 @@ def _completion_logprobs(state: ServerState, outs: list[RequestOutput], offset: 
 
 async def completions(request: Request) -> Response:
     state: ServerState = request.app.state.loraplex
-    gen = parse_completion(await state.read_json(request))
+    body = await state.read_json(request)
+    gen = parse_completion(body)
     if gen.echo:
         raise APIError(400, "echo is not supported", "echo")
-    job = await _prepare(state, request, gen, gen.prompts, "cmpl")
+    job = await _prepare(state, request, body, gen, gen.prompts, "cmpl")
     if gen.stream:
         return StreamingResponse(_sse_stream(job, _completion_events(job)),
                                  media_type="text/event-stream")
@@ -229,7 +232,7 @@ async def chat_completions(request: Request) -> Response:
     explicit = isinstance(body, dict) and (body.get("max_tokens") is not None
                                            or body.get("max_completion_tokens") is not None)
     prompt = await run_in_threadpool(state.render_chat, messages)
-    job = await _prepare(state, request, gen, [prompt], "chatcmpl",
+    job = await _prepare(state, request, body, gen, [prompt], "chatcmpl",
                          default_max_tokens=not explicit)
     if gen.stream:
         return StreamingResponse(_sse_stream(job, _chat_events(job)),
