@@ -9,7 +9,8 @@ g = h // (H / KVH), over cached positions p < L_b (and p >= L_b - window with a 
 where position p lives in slot p % block_size of block block_tables[b, p // block_size].
 
 `paged_decode_ref` is the torch path the engine had: gather each sequence's blocks into a
-padded copy, mask, and call SDPA. `paged_decode` is one Triton program per (sequence, KV
+padded copy, mask, and call SDPA. `paged_decode_cpu` is the same walk as the Triton kernel's,
+in C (`paged_attention_cpu.c`), for the CPU: no padded copy. `paged_decode` is one Triton program per (sequence, KV
 head) that walks the sequence's pages with an online softmax (fp32), and serves the KV
 head's whole query group at once, so each cached key and value is read once per step. At
 small batches that is too few programs for the GPU, so each sequence's pages are split over
@@ -20,8 +21,17 @@ reads per step is a device tensor of fixed shape, as a CUDA graph would need.
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import pathlib
+
 import torch
 import torch.nn.functional as F
+
+from .cpu_build import build_and_load
+
+CPU_SOURCE = pathlib.Path(__file__).with_name("paged_attention_cpu.c")
+CPU_MAX_HEAD_DIM, CPU_MAX_GROUP, CPU_MAX_BLOCK = 256, 16, 256  # MAXD, MAXG, MAXBS in C
 
 
 def decode_mask(context_lens: torch.Tensor, width: int, window: int | None) -> torch.Tensor:
@@ -102,6 +112,63 @@ def paged_decode(
         _merge_kernel[(b, h)](part_m, part_l, part_acc, o, o.stride(0), o.stride(1),
                               SPLITS=n, SPLITS_P2=triton.next_power_of_2(n), HEAD_DIM=d,
                               BLOCK_D=triton.next_power_of_2(d))
+    return o
+
+
+@functools.cache
+def load_cpu() -> ctypes.CDLL | None:
+    """The compiled CPU kernel, or None (logged once) where it cannot be built."""
+    lib = build_and_load(CPU_SOURCE, "the torch reference for decode attention")
+    if lib is None:
+        return None
+    p, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    for fn in (lib.lp_paged_decode_f32, lib.lp_paged_decode_bf16):
+        fn.argtypes = [p, i, i, p, p, p, i, p, p, i, i, i, i, i, i, i, f, i, i]
+        fn.restype = None
+    return lib
+
+
+def cpu_kernel_fits(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
+                    dtype: torch.dtype) -> bool:
+    """Whether `paged_decode_cpu` takes this geometry (its C arrays have fixed bounds)."""
+    return (dtype in (torch.float32, torch.bfloat16) and head_dim % 16 == 0
+            and head_dim <= CPU_MAX_HEAD_DIM and num_heads % num_kv_heads == 0
+            and num_heads // num_kv_heads <= CPU_MAX_GROUP and block_size <= CPU_MAX_BLOCK)
+
+
+def paged_decode_cpu(
+    q: torch.Tensor,  # [B, H, D] fp32 or bf16
+    k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D] q's dtype, contiguous
+    v_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
+    block_tables: torch.Tensor,  # [B, max_blocks] int64, contiguous
+    context_lens: torch.Tensor,  # [B] int64
+    scale: float,
+    window: int | None = None,
+) -> torch.Tensor:  # [B, H, D], q's dtype
+    lib = load_cpu()
+    b, h, d = q.shape
+    _, block_size, kvh, _ = k_cache.shape
+    # C reads whatever it is given: every shape and layout it relies on is checked here,
+    # with errors that survive `python -O`.
+    if not (lib is not None and cpu_kernel_fits(h, kvh, d, block_size, q.dtype)
+            and q.device.type == k_cache.device.type == "cpu"
+            and k_cache.dtype == v_cache.dtype == q.dtype and k_cache.shape == v_cache.shape
+            and k_cache.shape[3] == d and k_cache.is_contiguous() and v_cache.is_contiguous()
+            and q.stride(2) == 1
+            and block_tables.dtype == context_lens.dtype == torch.int64
+            and block_tables.is_contiguous() and context_lens.is_contiguous()
+            and block_tables.shape[0] == context_lens.shape[0] == b
+            and (b == 0 or (int(context_lens.max()) <= block_tables.shape[1] * block_size
+                            and 0 <= int(block_tables.min())
+                            and int(block_tables.max()) < k_cache.shape[0]))):
+        raise ValueError("paged_decode_cpu: unbuilt kernel, or shapes, dtypes or layouts "
+                         "it does not take")
+    o = torch.empty_like(q)
+    fn = lib.lp_paged_decode_f32 if q.dtype == torch.float32 else lib.lp_paged_decode_bf16
+    fn(q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(),
+       block_tables.data_ptr(), block_tables.stride(0), context_lens.data_ptr(),
+       o.data_ptr(), o.stride(0), o.stride(1), b, h, kvh, d, block_size, float(scale),
+       window or 0, torch.get_num_threads())
     return o
 
 

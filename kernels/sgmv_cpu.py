@@ -1,9 +1,5 @@
-"""The CPU SGMV kernel (`sgmv_cpu.c`): built on first use with the machine's C compiler, called
-through ctypes.
-
-The C file is compiled once per source, compiler flags and CPU capability into
-`$LORAPLEX_CACHE/kernels` (default `~/.cache/loraplex/kernels`). Without a working compiler
-`load()` returns None and the engine keeps the torch reference; nothing else changes.
+"""The CPU SGMV kernel (`sgmv_cpu.c`), built and loaded by cpu_build.py; without it the engine
+keeps the torch reference.
 
 The kernel reads adapter weights in its own layout, `PackedSlots` (described in the C file):
 each slot packed to its adapter's rank and ordered as the loops stream it. Weights enter it
@@ -14,22 +10,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import itertools
-import logging
-import os
 import pathlib
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 
 import torch
 
+from .cpu_build import build_and_load
 from .segments import Segments
-
-log = logging.getLogger(__name__)
 
 SOURCE = pathlib.Path(__file__).with_name("sgmv_cpu.c")
 LANES = 16  # floats per vector in the kernel; A^T's rows are padded to a multiple of it
@@ -41,55 +29,11 @@ def row_width(rank: int) -> int:
     return -(-rank // LANES) * LANES
 
 
-def _flags() -> list[str]:
-    # Only instruction sets this CPU has (torch has already asked it); no -march=native, so
-    # a cache directory shared by two CPUs of the same capability stays valid.
-    simd = {
-        "AVX512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512vl"],
-        "AVX2": ["-mavx2", "-mfma"],
-    }.get(torch.backends.cpu.get_cpu_capability(), [])
-    return ["-O3", "-fPIC", "-shared", "-fno-math-errno", "-fopenmp", *simd]
-
-
-def _cache_dir() -> pathlib.Path:
-    root = os.environ.get("LORAPLEX_CACHE") or pathlib.Path.home() / ".cache/loraplex"
-    return pathlib.Path(root) / "kernels"
-
-
-def _build(compiler: str, flags: list[str], fresh: bool = False) -> pathlib.Path:
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(
-        [platform.machine(), compiler, *flags]).encode())
-    target = _cache_dir() / f"sgmv_cpu-{key.hexdigest()[:16]}.so"
-    if target.exists() and not fresh:
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    log.info("compiling the CPU SGMV kernel into %s", target)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = pathlib.Path(tmp) / target.name
-        subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)], check=True,
-                       capture_output=True, text=True, timeout=120)
-        os.replace(built, target)  # atomic: concurrent builders never load a partial file
-    return target
-
-
 @functools.cache
 def load() -> ctypes.CDLL | None:
     """The compiled kernel, or None (logged once) where it cannot be built."""
-    if os.environ.get("LORAPLEX_CPU_KERNEL", "1") == "0":
-        return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        log.warning("no C compiler: LoRA on the CPU uses the slower torch reference")
-        return None
-    try:
-        try:
-            lib = ctypes.CDLL(str(_build(compiler, _flags())))
-        except OSError:  # a damaged file in the cache: build it again, once
-            lib = ctypes.CDLL(str(_build(compiler, _flags(), fresh=True)))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-        # RuntimeError: no home directory to cache in
-        detail = getattr(err, "stderr", "") or err
-        log.warning("the CPU SGMV kernel did not build (%s); using the torch reference", detail)
+    lib = build_and_load(SOURCE, "the torch reference for LoRA")
+    if lib is None:
         return None
     p, i = ctypes.c_void_p, ctypes.c_int64
     lib.lp_sgmv_f32.argtypes = [p, i, p, i, p, i, i, i, i, i, p, p, p, p, i, p]

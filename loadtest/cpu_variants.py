@@ -1,5 +1,5 @@
 """`loraplex bench cpu-variants`: the same server under variants (allocator, torch threads,
-bf16), one after another in one run on the same workload: 8 adapters mixed, then the
+bf16, decode attention), one after another in one run on the same workload: 8 adapters mixed, then the
 base model only, per variant; ratios against the first variant."""
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ VARIANTS = {
     "threads1": ({"OMP_NUM_THREADS": "1"}, []),
     # bf16 weights and activations: oneDNN's AVX512-BF16 / AMX paths where the CPU has them.
     "bf16": ({}, ["--dtype", "bfloat16"]),
+    # Decode attention by padded gather and SDPA, as before the C kernel (the default now).
+    "torch-attention": ({}, ["--decode-attention", "torch"]),
+    "bf16-torch-attention": ({}, ["--dtype", "bfloat16", "--decode-attention", "torch"]),
 }
 
 

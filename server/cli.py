@@ -201,11 +201,12 @@ def _serve_args(serve: argparse.ArgumentParser) -> None:
                         help="KV cache size on the CPU")
     engine.add_argument("--gpu-memory-utilization", type=float,
                         default=CacheConfig.gpu_memory_utilization)
-    engine.add_argument("--decode-attention", choices=["auto", "triton", "torch"],
+    engine.add_argument("--decode-attention", choices=["auto", "triton", "cpu-kernel", "torch"],
                         default="auto",
                         help="decode attention over the paged KV cache: the Triton kernel "
-                             "reading blocks in place, or a padded gather and SDPA (auto: "
-                             "triton on CUDA, torch elsewhere)")
+                             "or the C kernel (CPU) reading blocks in place, or a padded "
+                             "gather and SDPA (auto: triton on CUDA, cpu-kernel on the CPU "
+                             "where it builds, torch elsewhere)")
     serve.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"])
 

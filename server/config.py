@@ -63,12 +63,14 @@ class CacheConfig:
     kv_cache_memory_gb: float = 2.0
     gpu_memory_utilization: float = 0.9
     # Decode attention over the paged cache: "triton" reads each sequence's blocks in place
-    # (kernels/paged_attention.py; on the CPU only under TRITON_INTERPRET=1), "torch" gathers
-    # them into a padded copy for SDPA; "auto": triton on CUDA, torch elsewhere.
-    decode_attention: Literal["auto", "triton", "torch"] = "auto"
+    # (kernels/paged_attention.py; on the CPU only under TRITON_INTERPRET=1), "cpu-kernel"
+    # likewise in C on the CPU, "torch" gathers them into a padded copy for SDPA; "auto":
+    # triton on CUDA, cpu-kernel on the CPU where it builds and fits the model, else torch.
+    decode_attention: Literal["auto", "triton", "cpu-kernel", "torch"] = "auto"
 
     def __post_init__(self) -> None:
-        assert self.decode_attention in ("auto", "triton", "torch"), self.decode_attention
+        assert self.decode_attention in ("auto", "triton", "cpu-kernel", "torch"), \
+            self.decode_attention
         assert self.block_size > 0
         assert self.num_blocks is None or self.num_blocks > 0
         assert 0.0 < self.gpu_memory_utilization <= 1.0

@@ -1,5 +1,6 @@
-"""The Triton paged decode kernel (in the interpreter off the GPU) against the torch path it
-replaces, over GQA groups, head sizes, block sizes, context lengths, windows and dtypes.
+"""The paged decode kernels, Triton (in the interpreter off the GPU) and C (the CPU), against
+the torch path they replace, over GQA groups, head sizes, block sizes, context lengths,
+windows and dtypes.
 
 Cache positions that no sequence may read (other sequences' blocks, slots past a context's
 end, positions before a window) hold NaN in the kernel's copy of the cache: a read of any of
@@ -14,13 +15,19 @@ import torch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytest.importorskip("triton")
-from loraplex.kernels.paged_attention import paged_decode, paged_decode_ref  # noqa: E402
+from loraplex.kernels.paged_attention import (  # noqa: E402
+    load_cpu,
+    paged_decode,
+    paged_decode_cpu,
+    paged_decode_ref,
+)
 
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 
 
 def case(heads: int, kv_heads: int, head_dim: int, block_size: int, lens: list[int],
-         window: int | None, dtype: torch.dtype, seed: int = 0, splits: int | None = None):
+         window: int | None, dtype: torch.dtype, seed: int = 0, splits: int | None = None,
+         kernel: str = "triton"):
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     max_blocks = max(-(-n // block_size) for n in lens)
@@ -45,8 +52,12 @@ def case(heads: int, kv_heads: int, head_dim: int, block_size: int, lens: list[i
     cl = torch.tensor(lens, dtype=torch.long, **to)
     scale = head_dim ** -0.5
     want = paged_decode_ref(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), bt, cl, scale, window)
-    got = paged_decode(q.to(DEVICE), k_poisoned.to(DEVICE), v_poisoned.to(DEVICE), bt, cl,
-                       scale, window, splits)
+    if kernel == "cpu":
+        got = paged_decode_cpu(q, k_poisoned, v_poisoned, bt.cpu(), cl.cpu(), scale, window)
+        want = want.cpu()
+    else:
+        got = paged_decode(q.to(DEVICE), k_poisoned.to(DEVICE), v_poisoned.to(DEVICE), bt, cl,
+                           scale, window, splits)
     assert got.dtype == dtype and got.shape == q.shape
     assert not got.isnan().any()
     torch.testing.assert_close(got.float(), want.float(), atol=TOLERANCE[dtype],
@@ -93,3 +104,56 @@ def test_empty_batch():
     cache = torch.zeros(2, 4, 2, 16, device=DEVICE)
     table = torch.zeros(0, 1, dtype=torch.long, device=DEVICE)
     assert paged_decode(q, cache, cache, table, table[:, 0], 0.25).shape == (0, 4, 16)
+
+
+# ---- the C kernel (CPU) --------------------------------------------------------------------
+
+needs_c = pytest.mark.skipif(load_cpu() is None, reason="no C compiler")
+
+
+@needs_c
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (9, 3), (16, 1)],
+                         ids=["mha", "gqa2", "gqa3", "gqa16"])
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_cpu_gqa_groups_and_block_sizes(heads, kv_heads, block_size):
+    case(heads, kv_heads, 16, block_size, [1, 5, 16, 17, 40], None, torch.float32,
+         kernel="cpu")
+
+
+@needs_c
+@pytest.mark.parametrize("head_dim", [16, 64, 80, 256])
+def test_cpu_head_dims(head_dim):
+    case(4, 2, head_dim, 4, [3, 9, 12], None, torch.float32, kernel="cpu")
+
+
+@needs_c
+@pytest.mark.parametrize("window", [1, 3, 4, 8, 100])
+def test_cpu_sliding_window(window):
+    case(4, 2, 16, 4, [1, 4, 7, 13, 30], window, torch.float32, kernel="cpu")
+
+
+@needs_c
+@pytest.mark.parametrize("window", [None, 5])
+def test_cpu_bf16_cache(window):
+    case(9, 3, 64, 16, [2, 11, 33, 200], window, torch.bfloat16, kernel="cpu")
+
+
+@needs_c
+def test_cpu_long_contexts_and_many_sequences():
+    case(9, 3, 64, 16, [random.Random(1).randrange(1, 700) for _ in range(33)], None,
+         torch.float32, kernel="cpu")
+
+
+@needs_c
+def test_cpu_refuses_what_its_arrays_do_not_hold():
+    q = torch.zeros(2, 4, 8)  # head_dim 8: not a multiple of 16
+    cache = torch.zeros(3, 4, 2, 8)
+    table = torch.zeros(2, 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="paged_decode_cpu"):
+        paged_decode_cpu(q, cache, cache, table, table[:, 0] + 1, 0.25)
+    q, cache = torch.zeros(2, 4, 16), torch.zeros(3, 4, 2, 16)
+    with pytest.raises(ValueError, match="paged_decode_cpu"):  # a block past the cache
+        paged_decode_cpu(q, cache, cache, table + 3, table[:, 0] + 1, 0.25)
+    with pytest.raises(ValueError, match="paged_decode_cpu"):  # a context past its table
+        paged_decode_cpu(q, cache, cache, table, table[:, 0] + 5, 0.25)
+    assert paged_decode_cpu(q[:0], cache, cache, table[:0], table[:0, 0], 0.25).shape == (0, 4, 16)

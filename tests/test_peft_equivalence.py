@@ -235,7 +235,7 @@ def test_tiny_bf16_mixed_batches_match_peft_with_the_cpu_kernel(tmp_path):
                   tmp_path / "adapters", TINY_PROMPTS, ADAPTER_SPECS)
     _adapters_change_output(setup, TINY_PROMPTS)
     engine = setup.engine()
-    assert engine.runner.lora.backend == "cpu-kernel"
+    assert engine.runner.lora.backend == engine.runner.decode_attention == "cpu-kernel"
     name, path = next(iter(setup.adapters.items()))
     assert {w.lora_a.dtype for w in engine.parse_adapter(name, str(path)).modules.values()} \
         == {torch.float32}
@@ -361,15 +361,16 @@ def test_lora_backend_is_chosen_once_and_refused_where_it_cannot_run(monkeypatch
         resolve_backend("cpu-kernel", cpu, torch.float32, quantized=False)
 
 
-@pytest.mark.parametrize("decode", ["torch", "triton"])
+@pytest.mark.parametrize("decode", ["torch", "triton", "cpu-kernel"])
 def test_tiny_sliding_window_matches_transformers(tmp_path, decode):
     """Mistral with a sliding window shorter than the prompts: the mask must follow it, in
-    the torch decode path and in the Triton paged kernel (interpreted off the GPU)."""
+    the torch decode path and in the paged kernels (Triton interpreted off the GPU, and C)."""
     model_dir = save_tiny_model("mistral", tmp_path / "model", sliding_window=8)
     specs = {k: ADAPTER_SPECS[k] for k in ("r8_attn", "r16_all")}
     setup = Setup(ModelConfig(model=str(model_dir), quantization="none"),
                   tmp_path / "adapters", TINY_PROMPTS, specs)
     engine = setup.engine(budget=16, decode_attention=decode)
+    assert engine.runner.decode_attention == decode
     got, _, _ = run(engine, setup.cases, arrive_every=2)
     setup.check(got, "sliding_window", engine)
 

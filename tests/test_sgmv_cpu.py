@@ -7,11 +7,13 @@ tokens without an adapter must stay bit-identical.
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 
 import pytest
 import torch
-from loraplex.kernels import sgmv_cpu
+from loraplex.kernels import cpu_build, sgmv_cpu
 from loraplex.kernels.segments import Segments
 from loraplex.kernels.sgmv import sgmv, sgmv_ref
 
@@ -236,12 +238,12 @@ def test_without_a_working_compiler_the_engine_keeps_the_reference(monkeypatch, 
 
 def test_build_is_cached_per_source_and_flags(monkeypatch, tmp_path):
     monkeypatch.setenv("LORAPLEX_CACHE", str(tmp_path))
-    compiler = sgmv_cpu.os.environ.get("CC") or sgmv_cpu.shutil.which("cc")
-    first = sgmv_cpu._build(compiler, sgmv_cpu._flags())
+    compiler = os.environ.get("CC") or shutil.which("cc")
+    first = cpu_build.build(sgmv_cpu.SOURCE, compiler, cpu_build.flags())
     stamp = first.stat().st_mtime_ns
-    assert sgmv_cpu._build(compiler, sgmv_cpu._flags()) == first
+    assert cpu_build.build(sgmv_cpu.SOURCE, compiler, cpu_build.flags()) == first
     assert first.stat().st_mtime_ns == stamp
-    other = sgmv_cpu._build(compiler, [*sgmv_cpu._flags(), "-O2"])
+    other = cpu_build.build(sgmv_cpu.SOURCE, compiler, [*cpu_build.flags(), "-O2"])
     assert other != first and other.exists()
 
 

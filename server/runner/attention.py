@@ -4,8 +4,8 @@ The model runner packs every scheduled sequence's new tokens into one row and pa
 `AttentionMetadata` as the `lp_attn` keyword; transformers forwards it to the function
 registered here under `ATTN_IMPLEMENTATION`. Each layer writes the new keys/values into the
 cache (`module.layer_idx`), then every sequence attends over its own cached context: decodes
-in one batch (the Triton paged kernel reading blocks in place, or a padded gather and SDPA),
-prefill chunks one sequence at a time (causal within the chunk).
+in one batch (the Triton or C paged kernel reading blocks in place, or a padded gather and
+SDPA), prefill chunks one sequence at a time (causal within the chunk).
 """
 
 from __future__ import annotations
@@ -14,7 +14,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from loraplex.kernels.paged_attention import decode_mask, paged_decode, paged_decode_ref
+from loraplex.kernels.paged_attention import (
+    decode_mask,
+    paged_decode,
+    paged_decode_cpu,
+    paged_decode_ref,
+)
 from transformers import AttentionInterface
 
 ATTN_IMPLEMENTATION = "loraplex_paged"
@@ -27,12 +32,14 @@ class KVGeometry:
     num_layers: int
     num_kv_heads: int
     head_dim: int
+    num_heads: int  # query heads
 
     @classmethod
     def of(cls, config) -> KVGeometry:  # a transformers text config
         head_dim = getattr(config, "head_dim", None) or (
             config.hidden_size // config.num_attention_heads)
-        return cls(config.num_hidden_layers, config.num_key_value_heads, head_dim)
+        return cls(config.num_hidden_layers, config.num_key_value_heads, head_dim,
+                   config.num_attention_heads)
 
 
 class PagedKVCache:
@@ -61,7 +68,8 @@ class AttentionMetadata:
     decode_rows: torch.Tensor | None  # [B] packed row of each single-token sequence
     decode_block_tables: torch.Tensor | None  # [B, max_blocks], padded with block 0
     decode_context_lens: torch.Tensor | None  # [B]
-    # "triton": the paged decode kernel reads blocks in place; "torch": gather and SDPA.
+    # "triton" or "cpu-kernel": a paged decode kernel reads blocks in place; "torch": gather
+    # and SDPA.
     decode_backend: str = "torch"
     _masks: dict = field(default_factory=dict)  # masks per sliding window, built once a step
 
@@ -118,6 +126,9 @@ def paged_attention_forward(
         if meta.decode_backend == "triton":
             o = paged_decode(qd, cache.k[layer], cache.v[layer], meta.decode_block_tables,
                              meta.decode_context_lens, scale, sliding_window)
+        elif meta.decode_backend == "cpu-kernel":
+            o = paged_decode_cpu(qd, cache.k[layer], cache.v[layer], meta.decode_block_tables,
+                                 meta.decode_context_lens, scale, sliding_window)
         else:
             o = paged_decode_ref(qd, cache.k[layer], cache.v[layer], meta.decode_block_tables,
                                  meta.decode_context_lens, scale, sliding_window,

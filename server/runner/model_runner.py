@@ -5,6 +5,13 @@ from __future__ import annotations
 import logging
 
 import torch
+from loraplex.kernels.paged_attention import (
+    CPU_MAX_BLOCK,
+    CPU_MAX_GROUP,
+    CPU_MAX_HEAD_DIM,
+    cpu_kernel_fits,
+    load_cpu,
+)
 from loraplex.kernels.segments import Segments
 
 from ..config import ConfigError, EngineConfig
@@ -16,6 +23,30 @@ from .loader import LoadedModel
 from .lora_layers import LoRAModel, check_triton, resolve_backend
 
 log = logging.getLogger(__name__)
+
+
+def _decode_backend(wanted: str, loaded: LoadedModel, geometry: KVGeometry,
+                    block_size: int) -> str:
+    if wanted == "triton":
+        check_triton("--decode-attention triton", loaded.device)
+        return wanted
+    if wanted == "torch":
+        return wanted
+    if loaded.device.type == "cuda":
+        if wanted == "cpu-kernel":
+            raise ConfigError("--decode-attention cpu-kernel runs on the CPU only")
+        return "triton"
+    fits = cpu_kernel_fits(geometry.num_heads, geometry.num_kv_heads, geometry.head_dim,
+                           block_size, loaded.dtype)
+    if fits and load_cpu() is not None:
+        return "cpu-kernel"
+    if wanted == "cpu-kernel":
+        raise ConfigError("--decode-attention cpu-kernel: " + (
+            "the C kernel did not build (see the log)" if fits else
+            f"the C kernel takes fp32 or bf16, head_dim a multiple of 16 up to "
+            f"{CPU_MAX_HEAD_DIM}, up to {CPU_MAX_GROUP} query heads per KV head and blocks "
+            f"of up to {CPU_MAX_BLOCK}"))
+    return "torch"
 
 
 class ModelRunner:
@@ -30,14 +61,12 @@ class ModelRunner:
                                   quantized=loaded.quantization != "none")
         self.lora = LoRAModel(model, config.lora.max_loras, config.lora.max_lora_rank,
                               loaded.dtype, loaded.device, backend, config.lora.fuse)
-        decode = config.cache.decode_attention
-        if decode == "auto":
-            decode = "triton" if loaded.device.type == "cuda" else "torch"
-        elif decode == "triton":
-            check_triton("--decode-attention triton", loaded.device)
-        self.decode_attention = decode
-        self.kv = PagedKVCache(KVGeometry.of(model.config.get_text_config()), num_blocks,
-                               self.block_size, loaded.dtype, loaded.device)
+        geometry = KVGeometry.of(model.config.get_text_config())
+        self.decode_attention = _decode_backend(config.cache.decode_attention, loaded,
+                                                geometry, self.block_size)
+        decode = self.decode_attention
+        self.kv = PagedKVCache(geometry, num_blocks, self.block_size, loaded.dtype,
+                               loaded.device)
         self.graphs: DecodeGraphs | None = None
         self.graphs_paused = False  # a merge swapped weights the captured graphs read
         self.num_usable_blocks = num_blocks
