@@ -357,3 +357,15 @@ def test_merge_bench_smoke_runs_every_part(tmp_path, capsys):
     assert [t["auto_merge"] for t in results["trace"]] == [False, True]
     assert all(t["total_tokens"] > 0 for t in results["trace"])
     assert (tmp_path / "throughput.png").stat().st_size > 0
+
+
+def test_llama_cpp_requests_name_every_adapter_scale():
+    """llama.cpp's server takes an empty `lora` list as "its own defaults" (every loaded
+    adapter at scale 1 unless started with --lora-init-without-apply), so each request gives
+    every scale: 1 for its adapter, 0 for the others, all 0 for the base model."""
+    from loraplex.loadtest.peers import llama_lora_field
+
+    field = llama_lora_field(["a", "b", "c"])
+    assert field("b") == {"lora": [{"id": 0, "scale": 0.0}, {"id": 1, "scale": 1.0},
+                                   {"id": 2, "scale": 0.0}]}
+    assert field(None) == {"lora": [{"id": i, "scale": 0.0} for i in range(3)]}
