@@ -8,7 +8,11 @@
 2. A traffic trace that shifts from mixed (`--adapters`, 8) to one hot adapter and back, with a
    fixed number of requests in flight (closed loop), run with --auto-merge off and on:
    throughput over time with the switch points (throughput.png), and the totals.
-3. Drift of an NF4 base merged and quantized again (PEFT's merge, which ours equals bit for
+3. While an adapter is merged, other requests drained (they wait for an unmerge) or
+   corrected (they run beside it, taking its delta back out): closed loop at several shares
+   of requests for the merged adapter, against not merging at all; output tok/s, switches,
+   and the mean latency of the merged adapter's requests and of the others.
+4. Drift of an NF4 base merged and quantized again (PEFT's merge, which ours equals bit for
    bit) and of the dense option, against the unmerged NF4 base + LoRA: the largest logit
    error and greedy agreement over `--drift-prompts` prompts; beside them the fp32 base +
    LoRA against the same, which is NF4's own error.
@@ -123,6 +127,66 @@ def single_tenant(args, adapters: dict) -> dict:
             "merge_s": switch_s["merge"], "unmerge_s": switch_s["unmerge"],
             "kept_aside_mb": round(kept / 2**20, 1),
             "identical_outputs_merged_vs_unmerged": f"{same}/{len(reqs)}"}
+
+
+def others(args, adapters: dict) -> list[dict]:
+    """Part 3: `--concurrency` requests in flight for `--phase` seconds per run; a new
+    request is for HOT with probability `share`, else for another adapter or the base model
+    alike. HOT pinned merged (--merge) with the others drained or corrected, and not merged
+    at all, one after another at each share."""
+    from loraplex.server.engine.request import SamplingParams
+
+    rows = []
+    params = SamplingParams(max_tokens=args.output_tokens, temperature=0.0, ignore_eos=True)
+    names = [n for n in adapters if n != HOT] + [None]
+    for share in [float(x) for x in args.shares.split(",")]:
+        for mode in ("unmerged", "drain", "correct"):
+            engine = _engine(args.model, "none", adapters, window_s=args.window,
+                             adapter=None if mode == "unmerged" else HOT,
+                             others="drain" if mode == "drain" else "correct")
+            _drain(engine)  # merged on the idle engine before the clock starts
+            rng = random.Random(args.seed)
+            words = engine.tokenizer.encode(TEXT * 4)
+            sent: dict[str, tuple[float, bool]] = {}  # request id -> (arrival, is HOT's)
+            latency: dict[bool, list[float]] = {True: [], False: []}
+            tokens = 0
+            t0 = time.perf_counter()
+            while (t := time.perf_counter() - t0) < args.phase:
+                while engine.scheduler.num_running + engine.scheduler.num_waiting \
+                        < args.concurrency:
+                    n = rng.randint(16, 48)
+                    start = rng.randrange(0, len(words) - n)
+                    hot = rng.random() < share
+                    rid = f"o{len(sent)}"
+                    engine.add_request(rid, words[start:start + n], params,
+                                       HOT if hot else rng.choice(names))
+                    sent[rid] = (time.perf_counter(), hot)
+                for out in engine.step():
+                    tokens += len(out.new_token_ids)
+                    if out.finished:
+                        arrived, hot = sent[out.request_id]
+                        latency[hot].append(time.perf_counter() - arrived)
+                print(f"\r  others: share {share:.2f} {mode:8} {t:5.1f}/{args.phase} s "
+                      f"{engine.merger.state:9}", end="", file=sys.stderr, flush=True)
+            print(file=sys.stderr)
+            elapsed = time.perf_counter() - t0
+            for rid in [r.request_id for r in (*engine.scheduler.running,
+                                               *engine.scheduler.waiting)]:
+                engine.abort(rid)
+            _drain(engine)
+            rows.append({"hot_share": share, "mode": mode,
+                         "tok_s": round(tokens / elapsed, 1),
+                         "switches": dict(engine.merger.switches),
+                         "hot_latency_s": _mean(latency[True]),
+                         "others_latency_s": _mean(latency[False]),
+                         "completed": {"hot": len(latency[True]),
+                                       "others": len(latency[False])}})
+            _say(f"  {rows[-1]}")
+    return rows
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(sum(values) / len(values), 3) if values else None
 
 
 def trace(args, adapters: dict, auto: bool) -> dict:
@@ -298,13 +362,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window", type=float, default=5.0)
     ap.add_argument("--drift-prompts", type=int, default=100)
     ap.add_argument("--drift-tokens", type=int, default=16)
-    ap.add_argument("--parts", default="single,trace,drift")
+    ap.add_argument("--shares", default="1.0,0.9,0.7,0.5",
+                    help="part 3: shares of requests for the merged adapter")
+    ap.add_argument("--parts", default="single,trace,others,drift")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="directory for results.json and throughput.png")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script")
     args = ap.parse_args(argv)
     if args.smoke:
         args.requests, args.phase, args.window, args.rounds = 2, 1.0, 0.3, 1
+        args.shares = "0.5"
         args.adapters = 2
         args.drift_prompts, args.drift_tokens, args.output_tokens = 2, 2, 4
     parts = set(args.parts.split(","))
@@ -326,8 +393,11 @@ def main(argv: list[str] | None = None) -> int:
             for tr in results["trace"]:
                 _say(f"  auto-merge {tr['auto_merge']}: {tr['tok_s_by_phase']}, "
                      f"switches {tr['switches']}")
+        if "others" in parts:
+            _say("3. others drained or corrected while an adapter is merged")
+            results["others"] = others(args, adapters)
         if "drift" in parts:
-            _say("3. NF4 drift: merged and requantized, merged dense, vs unmerged")
+            _say("4. NF4 drift: merged and requantized, merged dense, vs unmerged")
             results["drift_nf4"] = drift(args, adapters)
             _say(json.dumps(results["drift_nf4"]))
     text = json.dumps(results, indent=2)

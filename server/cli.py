@@ -172,11 +172,12 @@ def _serve_args(serve: argparse.ArgumentParser) -> None:
                            "and one for gate/up (default: on)")
     merge = serve.add_argument_group("merging an adapter into the base (single-tenant speed)")
     merge.add_argument("--merge", default=None, metavar="NAME",
-                       help="merge this adapter into the base weights whenever its requests are "
-                            "the only ones; others make the engine unmerge first")
+                       help="merge this adapter into the base weights (with --merge-others "
+                            "drain: whenever its requests are the only ones)")
     merge.add_argument("--auto-merge", action="store_true",
                        help="merge whichever adapter computes at least --merge-threshold of the "
-                            "tokens over --merge-window seconds, while it is alone")
+                            "tokens over --merge-window seconds (with --merge-others drain: "
+                            "while it is alone)")
     merge.add_argument("--merge-threshold", type=float, default=MergeConfig.threshold,
                        help="share of the tokens computed (default: %(default)s)")
     merge.add_argument("--merge-window", type=float, default=MergeConfig.window_s,
@@ -186,6 +187,12 @@ def _serve_args(serve: argparse.ArgumentParser) -> None:
     merge.add_argument("--merge-dense", action="store_true",
                        help="nf4/int8 bases: keep merged layers dense instead of quantizing the "
                             "sum again (exact sum, a dense layer's memory)")
+    merge.add_argument("--merge-others", choices=["correct", "drain"],
+                       default=MergeConfig.others,
+                       help="while an adapter is merged, other requests run with its delta "
+                            "subtracted (correct: one more LoRA pass for their tokens, one "
+                            "slot's memory) or wait for an unmerge (drain); requantized "
+                            "nf4/int8 merges always drain (default: %(default)s)")
     engine = serve.add_argument_group("engine")
     engine.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs)
     engine.add_argument("--max-num-batched-tokens", type=int,
@@ -237,6 +244,8 @@ def _plan_parser(sub) -> None:
     plan.add_argument("--max-cpu-loras", type=int, default=None)
     plan.add_argument("--lora-backend", choices=["auto", "triton", "cpu-kernel", "torch"],
                       default="auto")
+    plan.add_argument("--merge-others", choices=["correct", "drain"], default=MergeConfig.others,
+                      help="as serve's: correct keeps one more adapter slot")
     plan.add_argument("--adapter-rank", type=int, default=16,
                       help="a typical adapter's rank, for the host cache")
     plan.add_argument("--adapter-targets", default=",".join(PROJECTIONS),
@@ -273,7 +282,7 @@ def plan_main(args: argparse.Namespace) -> int:
         args.dtype or ("bfloat16" if cuda else "float32"), args.device, args.gpu_memory_gb,
         args.gpu_memory_utilization, args.kv_cache_memory_gb, args.max_loras,
         args.max_lora_rank, args.max_cpu_loras, args.adapter_rank, targets, args.block_size,
-        args.max_model_len, args.max_num_seqs, args.lora_backend))
+        args.max_model_len, args.max_num_seqs, args.lora_backend, args.merge_others))
     if args.json:
         figures = {k: v for k, v in asdict(result).items() if k not in ("inputs", "lines")}
         print(json.dumps({"model": shape.name, **figures}, indent=2))
@@ -308,7 +317,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                             backend=args.lora_backend, fuse=args.lora_fuse),
             merge=MergeConfig(adapter=args.merge, auto=args.auto_merge,
                               threshold=args.merge_threshold, window_s=args.merge_window,
-                              dense=args.merge_dense),
+                              dense=args.merge_dense, others=args.merge_others),
         ),
         host=args.host, port=args.port, served_model_name=args.served_model_name,
         api_key=args.api_key, admin_key=args.admin_key, tenant_keys=args.tenant_keys,

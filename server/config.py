@@ -126,8 +126,11 @@ class LoRAConfig:
 class MergeConfig:
     """Folding one adapter into the base weights (adapters/merge.py; when: engine/merger.py).
 
-    While an adapter is merged, only its requests run; a request for anything else makes the
-    engine unmerge first (it waits meanwhile), so nobody is ever served the wrong weights."""
+    While an adapter M is merged, other requests either run with a correction (`others` =
+    "correct": the base weights now hold M's delta, so their tokens also take M's delta
+    negated, through the same SGMV path as any adapter) or wait for an unmerge ("drain").
+    Either way nobody is served the wrong weights. A requantized bitsandbytes merge (not
+    `dense`) cannot be undone by a correction: it always drains."""
 
     # Merge this adapter whenever its requests are the only ones (--merge NAME).
     adapter: str | None = None
@@ -142,6 +145,11 @@ class MergeConfig:
     dense: bool = False
     # Decoder layers merged or restored between two steps while requests run.
     layers_per_step: int = 1
+    # What other requests do while an adapter is merged (see above).
+    others: str = "correct"
+    # With "correct" and --auto-merge: the merged adapter stays merged while its share of
+    # the tokens over the window stays at least this.
+    keep_share: float = 0.5
 
     def __post_init__(self) -> None:
         if not 0.5 < self.threshold <= 1.0:
@@ -150,6 +158,10 @@ class MergeConfig:
             raise ConfigError("--merge-window must be positive")
         if self.layers_per_step < 1:
             raise ConfigError("layers_per_step must be at least 1")
+        if self.others not in ("correct", "drain"):
+            raise ConfigError("--merge-others must be correct or drain")
+        if not 0.0 < self.keep_share <= self.threshold:
+            raise ConfigError("keep_share must be in (0, threshold]")
 
 
 @dataclass(frozen=True)

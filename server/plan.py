@@ -163,6 +163,13 @@ class PlanInputs:
     max_model_len: int | None = None
     max_num_seqs: int = 256
     backend: str = "auto"  # --lora-backend
+    # --merge-others correct (the default) keeps one more slot: a merged adapter's delta,
+    # negated, for the other requests' correction.
+    merge_others: str = "correct"
+
+    @property
+    def num_slots(self) -> int:
+        return self.max_loras + (self.merge_others == "correct")
 
 
 @dataclass
@@ -195,7 +202,7 @@ def plan(p: PlanInputs) -> Plan:
     s = p.shape
     weights = weight_bytes(s, p.dtype, p.quantization)
     backend = resolve_backend(p.backend, p.device, p.dtype, p.quantization)
-    slots = lora_slot_bytes(s, p.max_loras, p.max_lora_rank, p.dtype, backend)
+    slots = lora_slot_bytes(s, p.num_slots, p.max_lora_rank, p.dtype, backend)
     block = kv_block_bytes(s, p.block_size, p.dtype)
     if p.device == "cuda":
         budget = p.gpu_memory_gb * GiB * p.gpu_memory_utilization - sum(weights.values()) - slots
@@ -238,11 +245,13 @@ def _explain(pl: Plan) -> list[str]:
               f"  total        {_gib(sum(w.values()))}",
               "",
               f"adapter slots ({pl.backend} backend)"]
+    if p.num_slots > p.max_loras:
+        lines.append(f"  {p.max_loras} slots + 1 for merge corrections (--merge-others correct)")
     if pl.backend == "cpu-kernel":
-        lines.append(f"  {p.max_loras} slots x {s.num_layers} layers x 7 projections x (in x "
+        lines.append(f"  {p.num_slots} slots x {s.num_layers} layers x 7 projections x (in x "
                      f"pad16({p.max_lora_rank}) + ceil(out/64) x {p.max_lora_rank} x 64) x 4 B")
     else:
-        lines.append(f"  {p.max_loras} slots x {s.num_layers} layers x sum over 7 projections "
+        lines.append(f"  {p.num_slots} slots x {s.num_layers} layers x sum over 7 projections "
                      f"of {p.max_lora_rank} x (in + out) x {d} B")
     lines += [f"  = {_gib(pl.lora_slots)}", "", "KV cache"]
     lines.append(f"  block        2 x {s.num_layers} layers x {p.block_size} tokens x "

@@ -343,11 +343,11 @@ def test_adapters_written_from_a_config_are_valid_peft_and_change_the_output(tmp
 
 
 def test_merge_bench_smoke_runs_every_part(tmp_path, capsys):
-    """loadtest/merge_bench.py at tiny sizes: the three parts run and report their figures
-    (the figures themselves come from full runs, in docs/benchmarks.md)."""
+    """loadtest/merge_bench.py at tiny sizes: the parts run and report their figures (the
+    figures themselves come from full runs, in docs/benchmarks.md)."""
     from loraplex.loadtest import merge_bench
 
-    assert merge_bench.main(["--smoke", "--parts", "single,trace", "--out",
+    assert merge_bench.main(["--smoke", "--parts", "single,trace,others", "--out",
                              str(tmp_path)]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     single = results["single_tenant"]
@@ -357,6 +357,8 @@ def test_merge_bench_smoke_runs_every_part(tmp_path, capsys):
     assert [t["auto_merge"] for t in results["trace"]] == [False, True]
     assert all(t["total_tokens"] > 0 for t in results["trace"])
     assert (tmp_path / "throughput.png").stat().st_size > 0
+    assert [r["mode"] for r in results["others"]] == ["unmerged", "drain", "correct"]
+    assert all(r["tok_s"] > 0 for r in results["others"])
 
 
 def test_llama_cpp_requests_name_every_adapter_scale():

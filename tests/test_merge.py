@@ -217,7 +217,7 @@ def test_mixed_traffic_and_switches_while_requests_run_stay_exact(tiny, referenc
     # Merged and unmerged PEFT agree on these prompts, so a request that lives through a
     # switch has one right answer to be compared with.
     assert all(merged[i] == unmerged[("r16_all", i)] for i in range(len(PROMPTS)))
-    engine = engine_for(model_dir, adapters)
+    engine = engine_for(model_dir, adapters, others="drain")
     before = fingerprint(engine.runner.model)
     merger, sched = engine.merger, engine.scheduler
     seen = set()
@@ -262,6 +262,59 @@ def test_mixed_traffic_and_switches_while_requests_run_stay_exact(tiny, referenc
     assert not engine.slots.refs(engine.adapter_manager.current_key("r16_all"))
 
 
+def test_other_requests_run_corrected_while_merging_merged_and_unmerging(tiny, references):
+    """--merge-others correct: base and other-adapter requests are admitted beside the merged
+    adapter's at every stage, each of their tokens taking the merged delta back out of the
+    modules merged so far; all match PEFT unmerged token for token, with no unmerge forced
+    by them; the unmerge asked for restores every parameter."""
+    unmerged, _ = references
+    model_dir, adapters = tiny
+    engine = engine_for(model_dir, adapters, others="correct")
+    assert engine.runner.lora.shadow_slot == engine.runner.lora.num_slots - 1
+    before = fingerprint(engine.runner.model)
+    merger, sched = engine.merger, engine.scheduler
+    beside = set()  # merge states in which another request ran
+
+    def check():
+        if merger.state != "unmerged" and any(r.adapter != merger.key for r in sched.running):
+            beside.add(merger.state)
+
+    def step_until(done):
+        while not done():
+            check()
+            engine.step()
+
+    got = {}
+    for i, p in enumerate(PROMPTS):
+        submit(engine, got, f"a{i}", p, "r16_all")
+    engine.step()
+    merger.request("r16_all")
+    engine.step()  # the fp32 read starts on the merger's thread
+    merger._pending[1].result()
+    for i, p in enumerate(PROMPTS):  # the base model, arriving as the merge begins
+        submit(engine, got, f"b{i}", p, None)
+    step_until(lambda: merger.state == "merged")
+    assert merger.correcting and engine.runner.lora.correcting_slot == merger.slot
+    for i, p in enumerate(PROMPTS):  # another adapter, while merged
+        submit(engine, got, f"c{i}", p, "rslora_patterns")
+    step_until(lambda: not any(r.request_id.startswith("c") for r in sched.running)
+               and not sched.waiting)
+    assert merger.state == "merged" and merger.switches == {"merge": 1, "unmerge": 0}
+    for i, p in enumerate(PROMPTS):  # the unmerge asked for while both kinds run
+        submit(engine, got, f"d{i}", p, "r16_all")
+        submit(engine, got, f"e{i}", p, "rslora_patterns")
+    engine.step()
+    merger.request(None)
+    drain(engine, got, check)
+    assert beside >= {"merging", "merged", "unmerging"}, beside
+    for rid, tokens in got.items():
+        adapter = {"a": "r16_all", "b": None, "c": "rslora_patterns", "d": "r16_all",
+                   "e": "rslora_patterns"}[rid[0]]
+        assert tokens == unmerged[(adapter, int(rid[1:]))], rid
+    assert merger.state == "unmerged" and engine.runner.lora.correcting_slot is None
+    assert fingerprint(engine.runner.model) == before
+
+
 def test_nf4_merged_engine_serves_like_peft_s_nf4_merge(tiny):
     """NF4: the engine merged (dequantize, add, quantize again) against PEFT's
     merge_and_unload() on the same NF4 base, one sequence per step, as bitsandbytes' CPU
@@ -304,13 +357,16 @@ def test_nf4_merged_engine_serves_like_peft_s_nf4_merge(tiny):
     assert changed  # the merged adapter changes the output
 
 
-def test_a_replaced_version_still_running_keeps_the_base_unmerged(tiny, references):
-    """An adapter replaced under its name while requests of the old version run: the new
-    version is not merged under them (names alike, versions not), old requests finish on
-    the old weights, new ones get the new weights, merged once the old ones are gone."""
+@pytest.mark.parametrize("others", ["drain", "correct"])
+def test_a_replaced_version_still_running_keeps_the_base_unmerged(tiny, references, others):
+    """An adapter replaced under its name while requests of the old version run: old
+    requests finish on the old weights, new ones get the new weights. Drained: the new
+    version is not merged under the old requests (names alike, versions not), only once they
+    are gone. Corrected: the old version is unmerged and the new one merged at once, the old
+    requests running corrected."""
     unmerged, _ = references
     model_dir, adapters = tiny
-    engine = engine_for(model_dir, adapters)
+    engine = engine_for(model_dir, adapters, others=others)
     merger, sched = engine.merger, engine.scheduler
     got = {}
     for i, p in enumerate(PROMPTS):
@@ -328,7 +384,7 @@ def test_a_replaced_version_still_running_keeps_the_base_unmerged(tiny, referenc
     while engine.has_unfinished():
         if merger.state != "unmerged":
             merged_keys.add(merger.key)
-            assert all(r.adapter == merger.key for r in sched.running)
+            assert others == "correct" or all(r.adapter == merger.key for r in sched.running)
         engine.step()
     assert merged_keys == {old_key, engine.adapter_manager.current_key("r16_all")}
     for i in range(len(PROMPTS)):

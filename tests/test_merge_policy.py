@@ -77,3 +77,26 @@ def test_auto_does_not_merge_below_the_threshold_and_hysteresis_bounds_switches(
             merged, switches = want, switches + 1
             p.switched()
     assert 0 < switches <= 2 * 100 / 10
+
+
+def test_corrected_others_do_not_unmerge_a_pinned_adapter():
+    p, _ = policy(adapter="a")
+    assert p.target({"a", None, "b"}, None, corrected=True) == "a"  # merged beside them
+    assert p.target({None, "b"}, "a", corrected=True) == "a"
+
+
+def test_corrected_auto_merge_stays_while_its_share_holds_then_unmerges():
+    p, clock = policy(auto=True, window_s=10, threshold=0.9, keep_share=0.5)
+    clock.now += 10
+    p.record({"a": 95, None: 5})
+    assert p.target({"a", None}, None, corrected=True) == "a"  # others need no unmerge
+    p.switched()  # merged
+    assert p.target({"b"}, "a", corrected=True) == "a"  # no full window seen since
+    clock.now += 5
+    p.record({"a": 60, "b": 40})
+    clock.now += 5
+    assert p.target({"b"}, "a", corrected=True) == "a"  # 60% >= keep_share
+    p.record({"b": 80})
+    assert p.shares()["a"] < 0.5
+    assert p.target({"a", "b"}, "a", corrected=True) is None  # below: unmerge
+    assert p.target({"a", "b"}, "a", corrected=False) is None  # drained: b alone unmerges

@@ -1,12 +1,18 @@
 """Which adapter should be merged into the base right now. Plain Python: no torch here.
 
-A merged adapter serves its own requests at base-model speed and nobody else's: every other
-request waits for an unmerge. So an adapter is merged only while its requests are the only
-ones in the engine, and only when the operator asked for it (`--merge NAME`, the admin
-route) or, with `--auto-merge`, when it computed at least `threshold` of the tokens over the
-last `window_s` seconds. A request for anything else asks for an unmerge at once
-(correctness first); the next merge then waits a full window (hysteresis), so mixed traffic
+An adapter is merged when the operator asked for it (`--merge NAME`, the admin route) or,
+with `--auto-merge`, when it computed at least `threshold` of the tokens over the last
+`window_s` seconds. After any switch the next waits a full window (hysteresis), so traffic
 costs at most one merge and one unmerge per window.
+
+How other requests are served decides when to unmerge (`MergeConfig.others`):
+- corrected: they run beside the merged adapter, each of their tokens paying one more LoRA
+  pass of its rank, while the merged adapter's tokens pay none. Auto-merge keeps it merged
+  while its share of the tokens stays at least `keep_share` (at 0.5 the tokens saved and the
+  corrections cost about the same); a pinned adapter stays merged.
+- drained: a merged adapter serves its own requests and nobody else's, so it is merged only
+  while its requests are the only ones in the engine, and a request for anything else asks
+  for an unmerge at once (correctness first).
 """
 
 from __future__ import annotations
@@ -57,20 +63,29 @@ class MergePolicy:
         n = sum(total.values())
         return {name: count / n for name, count in total.items()} if n else {}
 
-    def target(self, demand: Collection[str | None], merged: str | None) -> str | None:
+    def target(self, demand: Collection[str | None], merged: str | None,
+               corrected: bool = False) -> str | None:
         """The adapter that should be merged now, given the adapters (None: the base model)
-        of every waiting and running request and the one merged now (or being merged)."""
+        of every waiting and running request, the one merged now (or being merged), and
+        whether other requests run corrected meanwhile."""
         if self.pinned is not None:
             candidate = self.pinned
         elif self.auto:
-            candidate = merged if merged is not None else self._hot()
+            keep = merged is not None and (not corrected or self._keeps(merged))
+            candidate = merged if keep else self._hot()
         else:
             return None
-        if candidate is None or any(name != candidate for name in demand):
+        if candidate is None or (not corrected and any(name != candidate for name in demand)):
             return None  # someone else needs the base weights
         if candidate != merged and self.clock() - self._switched_at < self.config.window_s:
             return None
         return candidate
+
+    def _keeps(self, merged: str) -> bool:
+        """A corrected merge's hysteresis: kept until a full window shows its share below
+        `keep_share`."""
+        return (self.clock() - self._observed_since < self.config.window_s
+                or self.shares().get(merged, 0.0) >= self.config.keep_share)
 
     def _hot(self) -> str | None:
         if self.clock() - self._observed_since < self.config.window_s:

@@ -1,12 +1,18 @@
 """Merging an adapter into the base while the engine serves: when (MergePolicy), and how,
 between steps, a few decoder layers at a time (engine thread).
 
-States: unmerged -> merging -> merged -> unmerging -> unmerged. While an adapter M is merged
-or on its way, only M's requests are admitted. M's requests keep its slot the whole time: a
-module already merged gets rank 0 in that slot, so at every step, mid-merge included, each
-projection applies M exactly once (in the weights or through the slot). Once every module is
-merged the slot is skipped altogether (`LoRAModel.silent_slot`). Unmerging walks back the same
-way; the slot's weights were never touched, only its per-module ranks.
+States: unmerged -> merging -> merged -> unmerging -> unmerged. M's requests keep its slot
+the whole time: a module already merged gets rank 0 in that slot, so at every step, mid-merge
+included, each projection applies M exactly once (in the weights or through the slot). Once
+every module is merged the slot is skipped altogether (`LoRAModel.silent_slot`). Unmerging
+walks back the same way; the slot's weights were never touched, only its per-module ranks.
+
+Everyone else, while M is merged or on its way (`MergeConfig.others`):
+- "correct": admitted as usual. The shadow slot holds M's weights; a module merged gets M's
+  rank and scale negated there, so the other tokens' correction pass (`LoRAModel.prepare`)
+  takes M's delta back out of exactly the modules that carry it, at every step.
+- "drain" (and any requantized bitsandbytes merge, which a correction cannot undo): not
+  admitted; their arrival makes the policy unmerge first.
 
 The adapter is read again, in fp32 as PEFT holds it, on a worker thread; nothing is read or
 parsed on the engine thread.
@@ -14,6 +20,7 @@ parsed on the engine thread.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Callable, Collection
@@ -56,6 +63,8 @@ class Merger:
         self._chunks: list[list[str]] = []  # module names by decoder layer, in merge order
         self._done: list[tuple[str, Merged, int, float]] = []  # name, merged, rank, scale
         self._workspace = Workspace()
+        # This merge's other requests run corrected (decided when it begins).
+        self.correcting = False
         self.switches = {"merge": 0, "unmerge": 0}
         self._wanted: str | None = config.adapter  # what the policy wanted last step
         self.on_switch: Callable[[str, str], None] = lambda direction, name: None
@@ -84,8 +93,17 @@ class Merger:
 
     def admits(self, request: Request) -> bool:
         """Whether the scheduler may admit `request` now (scheduler gate)."""
-        return self.state == "unmerged" or (self.state in ("merging", "merged")
-                                            and request.adapter == self.key)
+        return self.state == "unmerged" or self.correcting or (
+            self.state in ("merging", "merged") and request.adapter == self.key)
+
+    @functools.cached_property
+    def _can_correct(self) -> bool:
+        """Whether a merge would correct the other requests (read off the base as loaded:
+        a requantized merge cannot be corrected)."""
+        return self._lora.shadow_slot is not None and (
+            self.config.dense or not any(
+                type(getattr(self._lora.base_of(n), "weight", None)).__name__
+                in ("Params4bit", "Int8Params") for n in self._lora.modules))
 
     def request(self, name: str | None) -> None:
         """The operator's merge target (None: unmerge and stay so until asked again)."""
@@ -117,11 +135,14 @@ class Merger:
         keys = {*running_keys, *waiting_keys}
         name_of = self._manager.name_of
         merging_name = name_of(self.key) if self.state in ("merging", "merged") else None
-        want = self.policy.target({name_of(k) if k else None for k in keys}, merging_name)
+        correct = self.correcting if self.state != "unmerged" else self._can_correct
+        want = self.policy.target({name_of(k) if k else None for k in keys}, merging_name,
+                                  correct)
         want_key = self._manager.current_key(want) if want is not None else None
-        if any(k != want_key for k in keys):
+        if not correct and any(k != want_key for k in keys):
             # Names alike, versions not: a request still bound to a replaced version of
-            # the adapter needs the base weights as much as any other request does.
+            # the adapter needs the base weights as much as any other request does (with a
+            # correction it is one more other request).
             want_key = None
         self._wanted = want if want_key is not None else None
         if self._pending is not None and self._pending[0] != want_key:
@@ -130,12 +151,15 @@ class Merger:
             return
         if self.state in ("merging", "merged") and want_key != self.key:
             log.info("unmerging %s (%s)", name_of(self.key),
-                     "other requests waiting" if keys else "asked")
+                     "its share fell" if self.correcting and keys
+                     else "other requests waiting" if keys else "asked")
             self._lora.silent_slot = None
             self.state = "unmerging"
-        # Merging: the merged adapter's waiting requests can run meanwhile. Unmerging: only
-        # running requests can; the waiting ones wait for the unmerge itself.
-        idle = not running_keys and (self.state == "unmerging" or self.key not in waiting_keys)
+        # Merging: the merged adapter's waiting requests can run meanwhile (with a correction,
+        # everyone's). Unmerging: only running requests can (with a correction, everyone);
+        # the waiting ones wait for the unmerge itself.
+        idle = not running_keys and (not waiting_keys or not self.correcting and (
+            self.state == "unmerging" or self.key not in waiting_keys))
         layers = len(self._chunks) if idle else self.config.layers_per_step
         if self.state == "merging":
             try:
@@ -174,8 +198,17 @@ class Merger:
         # come after it.
         self._lora.await_loads()
         self._pending = None
-        if any(type(getattr(self._lora.base_of(n), "weight", None)).__name__
-               in ("Params4bit", "Int8Params") for n in adapter.modules):
+        self.correcting = self._can_correct
+        if self.correcting:
+            shadow = self._lora.shadow_slot
+            for name, weights in adapter.modules.items():
+                slots = self._lora.modules[name]
+                slots.write(shadow, weights)
+                slots.set(shadow, 0, 0.0)  # until the module is merged
+            self._lora.correcting_slot = slot
+        # Captured CUDA graphs hold neither a swapped module nor the correction pass.
+        if self.correcting or any(type(getattr(self._lora.base_of(n), "weight", None)).__name__
+                                  in ("Params4bit", "Int8Params") for n in adapter.modules):
             self._pause_graphs(True)
         self.state, self.key, self.slot, self._adapter = "merging", key, slot, adapter
         by_layer: dict[str, list[str]] = {}
@@ -197,6 +230,8 @@ class Merger:
                                       self.config.dense, self._dtype, self._workspace)
                 self._lora.replace_base(name, merged.module)
                 slots.set(self.slot, 0, 0.0)  # the weights carry it now
+                if self.correcting:  # and the other tokens take it back out
+                    slots.set(self._lora.shadow_slot, rank, -scale)
                 self._done.append((name, merged, rank, scale))
         if len(self._done) == sum(len(c) for c in self._chunks):
             self._workspace = Workspace()  # its memory goes back
@@ -213,10 +248,13 @@ class Merger:
             name, merged, rank, scale = self._done.pop()
             self._lora.replace_base(name, merged.undo())
             self._lora.modules[name].set(self.slot, rank, scale)
+            if self.correcting:
+                self._lora.modules[name].set(self._lora.shadow_slot, 0, 0.0)
         if not self._done:
             key, name = self.key, self._manager.name_of(self.key)
             self._manager.slots.release(key)
             self.state, self.key, self.slot, self._adapter = "unmerged", None, None, None
+            self.correcting, self._lora.correcting_slot = False, None
             self._chunks = []
             self._pause_graphs(False)
             self._manager.unbind(key)  # a replaced or deleted version may go now

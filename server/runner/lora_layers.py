@@ -82,6 +82,11 @@ class LoRAContext:
     segments: Segments = Segments((0,), ())
     meta: SGMVMeta | None = None  # set for the Triton backend only
     table: SegmentTable | None = None  # set for the CPU kernel only
+    # A second pass, while an adapter is merged: the other tokens take its delta negated
+    # from the shadow slot (engine/merger.py). None: no such pass this step.
+    correction: Segments | None = None
+    correction_meta: SGMVMeta | None = None
+    correction_table: SegmentTable | None = None
 
 
 class ModuleSlots:
@@ -196,13 +201,17 @@ class LoRAGroup:
         widths = self.slots.widths
         y = torch.cat([base(x) for base in self.bases], dim=-1)  # [1, T, sum(widths)]
         segments = self.context.segments
-        if segments.has_lora:
+        passes = [self.context.meta] if segments.has_lora else []
+        if self.context.correction is not None:
+            passes.append(self.context.correction_meta)
+        if passes:
             x2 = x.reshape(-1, x.shape[-1])  # [T, in]
             if x2.dtype != self.slots.lora_a.dtype:
                 x2 = x2.to(self.slots.lora_a.dtype)
-            sgmv_triton(y.view(-1, y.shape[-1]), x2.contiguous(), self.slots.lora_a,
-                        self.slots.lora_b, self.context.meta, self.slots.ranks_dev,
-                        self.slots.scales_dev, widths)
+            x2 = x2.contiguous()
+            for meta in passes:
+                sgmv_triton(y.view(-1, y.shape[-1]), x2, self.slots.lora_a, self.slots.lora_b,
+                            meta, self.slots.ranks_dev, self.slots.scales_dev, widths)
         return list(y.split(widths, dim=-1))  # views [1, T, w]
 
 
@@ -217,10 +226,13 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [1, T, in]
         y = self.base_layer(x)  # [1, T, out]
-        segments = self.context.segments
-        if segments.has_lora:
-            sgmv(y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1]), self.slots, segments,
-                 self.context.meta, self.context.table)
+        context = self.context
+        if context.segments.has_lora:
+            sgmv(y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1]), self.slots,
+                 context.segments, context.meta, context.table)
+        if context.correction is not None:
+            sgmv(y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1]), self.slots,
+                 context.correction, context.correction_meta, context.correction_table)
         return y
 
 
@@ -241,12 +253,19 @@ class LoRAModel:
     """Wraps a model's projections in place and moves adapters in and out of slots."""
 
     def __init__(self, model: nn.Module, num_slots: int, max_rank: int, dtype: torch.dtype,
-                 device: torch.device, backend: str = "torch", fuse: bool = True):
+                 device: torch.device, backend: str = "torch", fuse: bool = True,
+                 shadow: bool = False):
         """`backend` is resolved already (`resolve_backend`); `fuse` groups the projections
-        of FUSED_GROUPS when the backend is Triton."""
+        of FUSED_GROUPS when the backend is Triton. `shadow`: one more slot, past the
+        adapter manager's `num_slots`, where the merger keeps a merged adapter's weights
+        with its scale negated, for the other tokens' correction."""
         assert backend in ("triton", "cpu-kernel", "torch"), backend
         self.context = LoRAContext()
+        self.shadow_slot = num_slots if shadow else None
+        num_slots += shadow
         self.num_slots = num_slots
+        # The merged (or merging) adapter's slot while the other tokens are corrected.
+        self.correcting_slot: int | None = None
         self.device = device
         self.backend = backend
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -310,14 +329,20 @@ class LoRAModel:
         """The slot a request's tokens use this step: none for the merged adapter's."""
         return -1 if slot == self.silent_slot else slot
 
-    def prepare(self, segments: Segments) -> None:
-        """Set this step's segments, and the backend's own view of them, for every layer."""
-        self.context.segments = segments
+    def prepare(self, segments: Segments, correction: Segments | None = None) -> None:
+        """Set this step's segments (and the correction pass's), and the backend's own view
+        of them, for every layer."""
+        context = self.context
+        context.segments, context.correction = segments, correction
         if self.backend == "triton":
             # The runner groups tokens by slot, so a slot is at most one segment.
-            self.context.meta = SGMVMeta.build(segments, self.num_slots, self.device)
+            context.meta = SGMVMeta.build(segments, self.num_slots, self.device)
+            context.correction_meta = (SGMVMeta.build(correction, self.num_slots, self.device)
+                                       if correction is not None else None)
         elif self.backend == "cpu-kernel":
-            self.context.table = SegmentTable(segments) if segments.has_lora else None
+            context.table = SegmentTable(segments) if segments.has_lora else None
+            context.correction_table = (SegmentTable(correction) if correction is not None
+                                        else None)
 
     @property
     def module_shapes(self) -> dict[str, tuple[int, int]]:

@@ -60,7 +60,8 @@ class ModelRunner:
         backend = resolve_backend(config.lora.backend, loaded.device, loaded.dtype,
                                   quantized=loaded.quantization != "none")
         self.lora = LoRAModel(model, config.lora.max_loras, config.lora.max_lora_rank,
-                              loaded.dtype, loaded.device, backend, config.lora.fuse)
+                              loaded.dtype, loaded.device, backend, config.lora.fuse,
+                              shadow=config.merge.others == "correct")
         geometry = KVGeometry.of(model.config.get_text_config())
         self.decode_attention = _decode_backend(config.cache.decode_attention, loaded,
                                                 geometry, self.block_size)
@@ -120,8 +121,12 @@ class ModelRunner:
                 if self.graphs is not None and not self.graphs_paused else None)
         if size is not None:
             return self.graphs.run(scheduled, size)
-        # Grouping sequences by adapter slot makes each adapter's tokens one segment.
-        order = sorted(range(len(scheduled)), key=lambda i: scheduled[i].request.lora_slot)
+        # Grouping sequences by adapter slot makes each adapter's tokens one segment. While
+        # the other tokens are corrected for a merged adapter, its tokens come last, so that
+        # the others form one segment of the correction pass.
+        fixed = self.lora.correcting_slot
+        order = sorted(range(len(scheduled)), key=lambda i: (
+            scheduled[i].request.lora_slot == fixed, scheduled[i].request.lora_slot))
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -159,7 +164,16 @@ class ModelRunner:
             decode_context_lens=self._tensor(decode_lens) if decode_rows else None,
             decode_backend=self.decode_attention,
         )
-        self.lora.prepare(Segments.from_token_slots(token_slots))
+        correction = None
+        if fixed is not None:
+            # Every token but the merged adapter's takes its delta negated: the base weights
+            # carry it now (rank 0 in the shadow slot for modules not merged yet).
+            others = sum(scheduled[i].num_new_tokens for i in order
+                         if scheduled[i].request.lora_slot != fixed)
+            if others:
+                correction = Segments.from_token_slots(
+                    [self.lora.shadow_slot] * others + [-1] * (len(token_slots) - others))
+        self.lora.prepare(Segments.from_token_slots(token_slots), correction)
         self.lora.await_loads()
         keep = [last_row[i] for i in range(len(scheduled)) if i in last_row]
         if not keep:
