@@ -74,10 +74,12 @@ def to_gguf(model_dir: str, adapters: dict[str, str], out: Path) -> tuple[Path, 
 
 def llama_server(port: int, base: Path, loras: list[Path], parallel: int,
                  timeout_s: float = 300):
-    """llama.cpp's server with every adapter loaded unapplied, 2 threads as the machine has,
-    one slot per concurrent request, each slot's context as long as loraplex's default."""
+    """llama.cpp's server with every adapter loaded unapplied, a thread per core (torch's
+    default for loraplex), one slot per concurrent request, each slot's context as long as
+    loraplex's default."""
+    threads = str(os.cpu_count() or 1)
     cmd = [str(LLAMA_SERVER), "-m", str(base), "--host", "127.0.0.1", "--port", str(port),
-           "-t", "2", "-tb", "2", "-np", str(parallel), "-c", str(parallel * 2048),
+           "-t", threads, "-tb", threads, "-np", str(parallel), "-c", str(parallel * 2048),
            "--alias", BASE_NAME, "--log-disable", "--lora-init-without-apply",
            *(arg for lora in loras for arg in ("--lora", str(lora)))]
     say("starting: llama-server " + " ".join(cmd[5:14]) + " ...")
@@ -132,6 +134,8 @@ def peers(spec: WorkloadSpec, opts: CompareOptions, model_dir: str, max_rank: in
                                            llama_lora_field(list(opts.adapters)))
         except subprocess.CalledProcessError as e:
             missing.append(f"llama.cpp: conversion failed: {e.stderr[-500:]}")
+        except (subprocess.TimeoutExpired, OSError) as e:  # a script missing or hanging
+            missing.append(f"llama.cpp: conversion failed: {e}")
         except (RuntimeError, TimeoutError) as e:
             missing.append(f"llama.cpp: did not start ({e})")
     else:

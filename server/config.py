@@ -163,6 +163,11 @@ class MergeConfig:
         if not 0.0 < self.keep_share <= self.threshold:
             raise ConfigError("keep_share must be in (0, threshold]")
 
+    def shadow_slot(self, quantization: str) -> bool:
+        """Whether the engine keeps the corrections' slot: with "correct", unless every
+        merge of this base is requantized (which drains)."""
+        return self.others == "correct" and (quantization == "none" or self.dense)
+
 
 @dataclass(frozen=True)
 class EngineConfig:

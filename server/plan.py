@@ -25,6 +25,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .config import MergeConfig
+
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 NF4_BLOCK = 64  # weights per absmax (bitsandbytes' default blocksize for 4-bit)
@@ -163,13 +165,14 @@ class PlanInputs:
     max_model_len: int | None = None
     max_num_seqs: int = 256
     backend: str = "auto"  # --lora-backend
-    # --merge-others correct (the default) keeps one more slot: a merged adapter's delta,
-    # negated, for the other requests' correction.
+    # --merge-others correct (the default) keeps one more slot on a dense base: a merged
+    # adapter's delta, negated, for the other requests' correction.
     merge_others: str = "correct"
 
     @property
     def num_slots(self) -> int:
-        return self.max_loras + (self.merge_others == "correct")
+        return self.max_loras + MergeConfig(others=self.merge_others).shadow_slot(
+            self.quantization)
 
 
 @dataclass

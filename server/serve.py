@@ -12,7 +12,7 @@ from pathlib import Path
 
 import uvicorn
 from loraplex.adapters.store import AdapterStore
-from loraplex.adapters.validate import Limits
+from loraplex.adapters.validate import MIX_NAME, Limits
 
 from .app import build_app
 from .auth import Keyring
@@ -51,6 +51,9 @@ def build_state(config: ServerConfig) -> ServerState:
         info[s.name] = AdapterInfo.of_stored(s)
         _say(f"stored adapter {i}/{len(stored)}: {s.name}")
     for i, (name, path) in enumerate(config.lora_modules, 1):
+        if MIX_NAME.match(name):
+            raise ConfigError(f"--lora-modules {name}: names of the shape [tenant/]mix-<16 hex "
+                              f"digits> are kept for per-request mixtures")
         engine.register_adapter(name, path)
         info[name] = AdapterInfo.of_dir(Path(path), "path")
         _say(f"adapter {i}/{len(config.lora_modules)}: {name} <- {path}")

@@ -88,10 +88,10 @@ class ServerState:
     # Store versions that failed to parse (sync_from_store): not tried again per request.
     _unservable: set[str] = field(default_factory=set)
     # Per-request mixtures (routes/compose.py): how many are kept, when each was last asked
-    # for (time.monotonic), and one lock per name so that a mixture is built once.
+    # for (time.monotonic), and the lock their builds and deletions take one at a time.
     max_mixes: int = 32
     mix_used: dict[str, float] = field(default_factory=dict)
-    mix_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    mix_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     # ---- the store ------------------------------------------------------------------
 

@@ -127,7 +127,7 @@ def test_dense_merge_of_a_quantized_base_keeps_the_sum_unrounded(tiny, quantizat
 PROMPTS = [[1, 5, 9, 33, 71, 12], [1, 40, 41, 42], [1, 200, 17, 3, 3, 90, 101, 7], [1, 8, 250]]
 
 
-def engine_for(model_dir, adapters, **merge):
+def engine_for(model_dir, adapters, max_loras=4, **merge):
     from loraplex.server.config import (
         CacheConfig,
         EngineConfig,
@@ -141,7 +141,7 @@ def engine_for(model_dir, adapters, **merge):
         model=ModelConfig(model=str(model_dir), quantization="none"),
         cache=CacheConfig(num_blocks=256, block_size=8),
         scheduler=SchedulerConfig(max_num_batched_tokens=64),
-        lora=LoRAConfig(max_loras=4, max_lora_rank=64),
+        lora=LoRAConfig(max_loras=max_loras, max_lora_rank=64),
         merge=MergeConfig(window_s=1e-3, **merge)))
     for name, path in adapters.items():
         engine.register_adapter(name, str(path))
@@ -313,6 +313,21 @@ def test_other_requests_run_corrected_while_merging_merged_and_unmerging(tiny, r
         assert tokens == unmerged[(adapter, int(rid[1:]))], rid
     assert merger.state == "unmerged" and engine.runner.lora.correcting_slot is None
     assert fingerprint(engine.runner.model) == before
+
+
+def test_a_single_slot_drains_instead(tiny, references):
+    """With one adapter slot, which the merged adapter holds, other adapters could never be
+    loaded beside it: the merge drains them instead of correcting."""
+    unmerged, _ = references
+    model_dir, adapters = tiny
+    engine = engine_for(model_dir, adapters, max_loras=1, others="correct", adapter="r16_all")
+    drain(engine, {})
+    assert engine.merger.state == "merged" and not engine.merger.correcting
+    got = {}
+    submit(engine, got, "b", PROMPTS[0], "rslora_patterns")
+    drain(engine, got)
+    assert got["b"] == unmerged[("rslora_patterns", 0)]
+    assert engine.merger.switches["unmerge"] == 1
 
 
 def test_nf4_merged_engine_serves_like_peft_s_nf4_merge(tiny):

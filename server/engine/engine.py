@@ -374,8 +374,9 @@ class LLMEngine:
             # The adapter slots are allocated after this: their bytes come off the budget.
             backend = resolve_backend(lora.backend, device, self.loaded.dtype,
                                       quantized=self.loaded.quantization != "none")
-            # One more slot with --merge-others correct (LoRAModel's shadow slot).
-            num_slots = lora.max_loras + (self.config.merge.others == "correct")
+            # LoRAModel's shadow slot, for merge corrections, is one more.
+            num_slots = lora.max_loras + self.config.merge.shadow_slot(
+                self.loaded.quantization)
             slots = lora_slot_bytes(shape, num_slots, lora.max_lora_rank, dtype, backend)
             budget = free - total * (1.0 - cache.gpu_memory_utilization) - slots
         else:

@@ -98,9 +98,10 @@ class Merger:
 
     @functools.cached_property
     def _can_correct(self) -> bool:
-        """Whether a merge would correct the other requests (read off the base as loaded:
-        a requantized merge cannot be corrected)."""
-        return self._lora.shadow_slot is not None and (
+        """Whether a merge would correct the other requests: not where a requantized merge
+        cannot be (read off the base as loaded), nor with a single adapter slot, which the
+        merged adapter holds: the others would never get one."""
+        return self._lora.shadow_slot is not None and self._manager.slots.num_slots > 1 and (
             self.config.dense or not any(
                 type(getattr(self._lora.base_of(n), "weight", None)).__name__
                 in ("Params4bit", "Int8Params") for n in self._lora.modules))
@@ -151,8 +152,8 @@ class Merger:
             return
         if self.state in ("merging", "merged") and want_key != self.key:
             log.info("unmerging %s (%s)", name_of(self.key),
-                     "its share fell" if self.correcting and keys
-                     else "other requests waiting" if keys else "asked")
+                     "other requests waiting" if keys and not self.correcting
+                     else "no longer wanted")
             self._lora.silent_slot = None
             self.state = "unmerging"
         # Merging: the merged adapter's waiting requests can run meanwhile (with a correction,
@@ -198,13 +199,23 @@ class Merger:
         # come after it.
         self._lora.await_loads()
         self._pending = None
-        self.correcting = self._can_correct
-        if self.correcting:
+        if self._can_correct:
             shadow = self._lora.shadow_slot
-            for name, weights in adapter.modules.items():
-                slots = self._lora.modules[name]
-                slots.write(shadow, weights)
-                slots.set(shadow, 0, 0.0)  # until the module is merged
+            try:
+                for name, weights in adapter.modules.items():
+                    slots = self._lora.modules[name]
+                    slots.write(shadow, weights)
+                    slots.set(shadow, 0, 0.0)  # until the module is merged
+            except Exception:  # noqa: BLE001 - e.g. out of memory: the server goes on unmerged
+                log.exception("cannot merge %s: its correction slot", adapter.name)
+                for slots in self._lora.modules.values():
+                    slots.set(shadow, 0, 0.0)
+                self._manager.slots.release(key)
+                self._manager.unbind(key)
+                self.policy.pin(None)
+                self._wanted = None
+                return False
+            self.correcting = True
             self._lora.correcting_slot = slot
         # Captured CUDA graphs hold neither a swapped module nor the correction pass.
         if self.correcting or any(type(getattr(self._lora.base_of(n), "weight", None)).__name__

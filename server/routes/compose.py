@@ -6,13 +6,13 @@ name by an operator (`POST /v1/adapters/{name}/compose`), or asked for per reque
 A per-request mixture is built once per content: its name, `[tenant/]mix-<16 hex>`, is a hash of
 its sources' file digests, weights and method, so a repeated mix finds the adapter already
 stored and served (by this server or, through a shared store, by another replica). Mixtures
-count against `--max-mixes`; past it the least recently used one is deleted. The name shape
-is reserved: no upload or compose may take it.
+count against `--max-mixes`; past it the least recently used one is deleted. A mixture is
+named under the caller's tenant (none for shared and admin keys). The name shape is reserved:
+no upload, compose or --lora-modules name may take it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
@@ -91,12 +91,17 @@ def parse_spec(state: ServerState, sources: Any, options: dict, param: str,
     density, rank = options.get("density"), options.get("rank")
     t = options.get("t", 0.5)
     sign = options.get("majority_sign_method", "total")
+    max_rank = state.engine.engine.config.lora.max_lora_rank
+    if method == "cat" and sum(served[s.name].max_rank for s in picked) > max_rank:
+        raise APIError(400, f"cat: the sources' ranks add up to "
+                            f"{sum(served[s.name].max_rank for s in picked)}, which exceeds "
+                            f"--max-lora-rank {max_rank}; choose a method with a rank",
+                       "method")
     if method in NEEDS_DENSITY:
         if not _number(density, 0, 1) or density == 0:
             raise APIError(400, f"{method} needs a density in (0, 1]", "density")
     elif density is not None:
         raise APIError(400, f"{method} takes no density", "density")
-    max_rank = state.engine.engine.config.lora.max_lora_rank
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)
                              or not 1 <= rank <= max_rank):
         raise APIError(400, f"rank must be an integer in [1, {max_rank}]", "rank")
@@ -195,11 +200,13 @@ async def mixture(state: ServerState, request: Request, body: dict) -> str | Non
     # the same body always means the same adapter (the compose route takes other seeds).
     spec = parse_spec(state, sources, body, "adapters", "cat")
     files = {n: info.sha256 for n, info in state.adapter_info.items()}
-    tenants = {s.name.split("/")[0] for s in spec.sources if "/" in s.name}
-    prefix = f"{tenants.pop()}/" if len(tenants) == 1 and all(
-        "/" in s.name for s in spec.sources) else ""
+    # Named under the caller's tenant: a mixture is the caller's, whoever owns its sources.
+    tenant = state.principal(request).tenant
+    prefix = f"{tenant}/" if tenant and MIX_NAME.match(f"{tenant}/mix-{'0' * 16}") else ""
     name = f"{prefix}mix-{spec.digest(files)[:16]}"
-    async with state.mix_locks.setdefault(name, asyncio.Lock()):  # one build per content
+    # One build at a time, server-wide: a repeated mix waits for the first build and finds
+    # it; builds cannot crowd the CPU or evict each other's results.
+    async with state.mix_lock:
         if name not in state.engine.engine.adapters:
             await state.sync_from_store(name)  # built earlier, or by another replica
         if name not in state.engine.engine.adapters:
@@ -208,19 +215,25 @@ async def mixture(state: ServerState, request: Request, body: dict) -> str | Non
             log.info("mixture %s built from %s (%s) in %.1fs", name,
                      ", ".join(f"{s.name}*{s.weight:g}" for s in spec.sources), spec.method,
                      time.monotonic() - t0)
-            await _evict(state, keep=name)
+        note_use(state, name)  # the newest: never the one evicted below
+        await _evict(state)
     return name
 
 
-async def _evict(state: ServerState, keep: str) -> None:
-    """Delete the least recently used mixtures past --max-mixes; requests running on one
-    finish first, as for any delete."""
-    mixes = [n for n in state.engine.engine.adapters if is_mixture(n) and n != keep]
-    excess = len(mixes) + 1 - state.max_mixes
+async def _evict(state: ServerState) -> None:
+    """Delete the least recently used mixtures past --max-mixes (with mix_lock held);
+    requests running on one finish first, as for any delete. A failure is logged, never the
+    caller's: its own mixture is served."""
+    mixes = [n for n in state.engine.engine.adapters if is_mixture(n)
+             and getattr(state.adapter_info.get(n), "source", None) == "mix"]
+    excess = len(mixes) - state.max_mixes
     for name in sorted(mixes, key=lambda n: state.mix_used.get(n, 0.0))[:max(excess, 0)]:
-        await remove(state, name)
+        try:
+            await remove(state, name)
+        except Exception:  # noqa: BLE001 - e.g. deleted meanwhile through the admin API
+            log.exception("mixture %s: could not delete it", name)
+            continue
         state.mix_used.pop(name, None)
-        state.mix_locks.pop(name, None)
         log.info("mixture %s deleted (--max-mixes %d)", name, state.max_mixes)
 
 

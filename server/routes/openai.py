@@ -139,9 +139,9 @@ async def _sse_stream(job: Job, events) -> AsyncIterator[bytes]:
 
 async def _prepare(state: ServerState, request: Request, body: dict, gen: GenerationRequest,
                    prompts: list, prefix: str, default_max_tokens: bool = False) -> Job:
+    state.check_capacity(len(prompts) * gen.n)  # before building a mixture or tokenizing
     adapter = await mixture(state, request, body) or _resolve_model(state, request, gen.model)
     note_use(state, adapter)
-    state.check_capacity(len(prompts) * gen.n)  # before the work of tokenizing
     param = "messages" if prefix == "chatcmpl" else "prompt"
     # Tokenizing is CPU work of up to a second per prompt: on a thread, so that every other
     # request and /health go on meanwhile.

@@ -107,6 +107,7 @@ class DecodeGraphs:
         # and rows without an adapter are simply absent from the segment table.
         lora.context.segments = Segments((0, size), (0,))
         lora.context.meta = SGMVMeta(self.seg_table, size)
+        lora.context.correction = None  # such steps run eagerly (ModelRunner.execute)
         meta = AttentionMetadata(
             cache=self.runner.kv, slot_mapping=self.slot_mapping[:size], prefills=[],
             decode_rows=self.rows[:size], decode_block_tables=self.block_tables[:size],

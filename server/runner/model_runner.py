@@ -32,10 +32,10 @@ def _decode_backend(wanted: str, loaded: LoadedModel, geometry: KVGeometry,
         return wanted
     if wanted == "torch":
         return wanted
-    if loaded.device.type == "cuda":
+    if loaded.device.type != "cpu":
         if wanted == "cpu-kernel":
             raise ConfigError("--decode-attention cpu-kernel runs on the CPU only")
-        return "triton"
+        return "triton" if loaded.device.type == "cuda" else "torch"
     fits = cpu_kernel_fits(geometry.num_heads, geometry.num_kv_heads, geometry.head_dim,
                            block_size, loaded.dtype)
     if fits and load_cpu() is not None:
@@ -61,7 +61,7 @@ class ModelRunner:
                                   quantized=loaded.quantization != "none")
         self.lora = LoRAModel(model, config.lora.max_loras, config.lora.max_lora_rank,
                               loaded.dtype, loaded.device, backend, config.lora.fuse,
-                              shadow=config.merge.others == "correct")
+                              shadow=config.merge.shadow_slot(loaded.quantization))
         geometry = KVGeometry.of(model.config.get_text_config())
         self.decode_attention = _decode_backend(config.cache.decode_attention, loaded,
                                                 geometry, self.block_size)
@@ -117,14 +117,17 @@ class ModelRunner:
         Returns fp32 logits `[num_sampling, vocab]` for the sequences with `samples` set, in
         the order they appear in `scheduled`.
         """
-        size = (self.graphs.size_for(scheduled)
-                if self.graphs is not None and not self.graphs_paused else None)
+        fixed = self.lora.correcting_slot
+        # Captured graphs hold no correction pass: a step that needs one runs eagerly (the
+        # merged adapter's own steps still replay).
+        corrected = fixed is not None and any(s.request.lora_slot != fixed for s in scheduled)
+        size = (self.graphs.size_for(scheduled) if self.graphs is not None
+                and not self.graphs_paused and not corrected else None)
         if size is not None:
             return self.graphs.run(scheduled, size)
         # Grouping sequences by adapter slot makes each adapter's tokens one segment. While
         # the other tokens are corrected for a merged adapter, its tokens come last, so that
         # the others form one segment of the correction pass.
-        fixed = self.lora.correcting_slot
         order = sorted(range(len(scheduled)), key=lambda i: (
             scheduled[i].request.lora_slot == fixed, scheduled[i].request.lora_slot))
         bs = self.block_size
@@ -165,7 +168,7 @@ class ModelRunner:
             decode_backend=self.decode_attention,
         )
         correction = None
-        if fixed is not None:
+        if corrected:
             # Every token but the merged adapter's takes its delta negated: the base weights
             # carry it now (rank 0 in the shadow slot for modules not merged yet).
             others = sum(scheduled[i].num_new_tokens for i in order
