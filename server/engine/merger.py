@@ -217,9 +217,10 @@ class Merger:
                 return False
             self.correcting = True
             self._lora.correcting_slot = slot
-        # Captured CUDA graphs hold neither a swapped module nor the correction pass.
-        if self.correcting or any(type(getattr(self._lora.base_of(n), "weight", None)).__name__
-                                  in ("Params4bit", "Int8Params") for n in adapter.modules):
+        # Captured CUDA graphs hold no swapped module (steps needing a correction pass decode
+        # eagerly on their own: ModelRunner.execute).
+        if any(type(getattr(self._lora.base_of(n), "weight", None)).__name__
+               in ("Params4bit", "Int8Params") for n in adapter.modules):
             self._pause_graphs(True)
         self.state, self.key, self.slot, self._adapter = "merging", key, slot, adapter
         by_layer: dict[str, list[str]] = {}
