@@ -237,6 +237,9 @@ MERGE_STATUS = _obj({
     "switches": _obj({"merge": {"type": "integer"}, "unmerge": {"type": "integer"}},
                      ("merge", "unmerge")),
     "kept_aside_bytes": {"type": "integer"}, "extra_device_bytes": {"type": "integer"},
+    "reading": {"type": "boolean", "description": "the adapter is being read for a merge"},
+    "correcting": {"type": "boolean", "description": "other requests run corrected during "
+                   "this merge (else they wait for the unmerge)"},
 }, ("object", "adapter", "state", "requested", "switches"))
 
 

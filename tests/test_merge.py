@@ -238,7 +238,8 @@ def test_mixed_traffic_and_switches_while_requests_run_stay_exact(tiny, referenc
     engine.step()  # the merger starts reading the adapter in fp32 on its worker thread
     # Waited for here, so that the merge starts at the next step whatever the machine's
     # load: its requests are then still running when the mixed traffic arrives.
-    merger._pending[1].result()
+    assert merger.status()["reading"]
+    merger.wait(60)
     while merger.state != "merged":
         check()
         engine.step()
@@ -290,11 +291,12 @@ def test_other_requests_run_corrected_while_merging_merged_and_unmerging(tiny, r
     engine.step()
     merger.request("r16_all")
     engine.step()  # the fp32 read starts on the merger's thread
-    merger._pending[1].result()
+    assert merger.status()["reading"]
+    merger.wait(60)
     for i, p in enumerate(PROMPTS):  # the base model, arriving as the merge begins
         submit(engine, got, f"b{i}", p, None)
     step_until(lambda: merger.state == "merged")
-    assert merger.correcting and engine.runner.lora.correcting_slot == merger.slot
+    assert merger.status()["correcting"] and engine.runner.lora.correcting_slot == merger.slot
     for i, p in enumerate(PROMPTS):  # another adapter, while merged
         submit(engine, got, f"c{i}", p, "rslora_patterns")
     step_until(lambda: not any(r.request_id.startswith("c") for r in sched.running)

@@ -123,6 +123,10 @@ class Merger:
                 "modules_merged": len(self._done), "modules": total,
                 "requested": self.policy.pinned, "auto": self.policy.auto,
                 "dense": self.config.dense, "switches": dict(self.switches),
+                # Reading the adapter's fp32 weights for a merge, before it begins.
+                "reading": self._pending is not None,
+                # Whether other requests run corrected during this merge (else drained).
+                "correcting": self.correcting,
                 "kept_aside_bytes": kept, "extra_device_bytes": extra}
 
     # ---- one step -----------------------------------------------------------------------
