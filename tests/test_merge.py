@@ -127,7 +127,7 @@ def test_dense_merge_of_a_quantized_base_keeps_the_sum_unrounded(tiny, quantizat
 PROMPTS = [[1, 5, 9, 33, 71, 12], [1, 40, 41, 42], [1, 200, 17, 3, 3, 90, 101, 7], [1, 8, 250]]
 
 
-def engine_for(model_dir, adapters, max_loras=4, **merge):
+def engine_for(model_dir, adapters, max_loras=4, backend="auto", **merge):
     from loraplex.server.config import (
         CacheConfig,
         EngineConfig,
@@ -141,7 +141,7 @@ def engine_for(model_dir, adapters, max_loras=4, **merge):
         model=ModelConfig(model=str(model_dir), quantization="none"),
         cache=CacheConfig(num_blocks=256, block_size=8),
         scheduler=SchedulerConfig(max_num_batched_tokens=64),
-        lora=LoRAConfig(max_loras=max_loras, max_lora_rank=64),
+        lora=LoRAConfig(max_loras=max_loras, max_lora_rank=64, backend=backend),
         merge=MergeConfig(window_s=1e-3, **merge)))
     for name, path in adapters.items():
         engine.register_adapter(name, str(path))
@@ -263,14 +263,20 @@ def test_mixed_traffic_and_switches_while_requests_run_stay_exact(tiny, referenc
     assert not engine.slots.refs(engine.adapter_manager.current_key("r16_all"))
 
 
-def test_other_requests_run_corrected_while_merging_merged_and_unmerging(tiny, references):
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+def test_other_requests_run_corrected_while_merging_merged_and_unmerging(tiny, references,
+                                                                         backend):
     """--merge-others correct: base and other-adapter requests are admitted beside the merged
     adapter's at every stage, each of their tokens taking the merged delta back out of the
     modules merged so far; all match PEFT unmerged token for token, with no unmerge forced
-    by them; the unmerge asked for restores every parameter."""
+    by them; the unmerge asked for restores every parameter. On every LoRA backend (auto is
+    the C kernel here; Triton runs in its interpreter off the GPU, q/k/v and gate/up fused)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
     unmerged, _ = references
     model_dir, adapters = tiny
-    engine = engine_for(model_dir, adapters, others="correct")
+    engine = engine_for(model_dir, adapters, backend=backend, others="correct")
+    assert engine.runner.lora.backend == ("cpu-kernel" if backend == "auto" else backend)
     assert engine.runner.lora.shadow_slot == engine.runner.lora.num_slots - 1
     before = fingerprint(engine.runner.model)
     merger, sched = engine.merger, engine.scheduler
