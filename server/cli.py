@@ -131,8 +131,8 @@ def _serve_args(serve: argparse.ArgumentParser) -> None:
                             "error shape (load shedding)")
     serve.add_argument("--max-mixes", type=int, default=ServerConfig.max_mixes,
                        help="per-request mixtures of adapters ('adapters' in a completions "
-                            "body) kept built, least recently used deleted first; 0 refuses "
-                            "them")
+                            "body) kept built per tenant, least recently used deleted first; "
+                            "0 refuses them")
     serve.add_argument("--max-body-mb", type=float, default=ServerConfig.max_body_mb,
                        help="largest request body, in MB (413 above it)")
     serve.add_argument("--max-connections", type=int, default=ServerConfig.max_connections,

@@ -196,7 +196,7 @@ class ServerConfig:
     drain_timeout: float = 30.0  # seconds requests in flight get to finish after SIGTERM
     max_body_mb: float = 8.0
     max_in_flight: int = 1024
-    # Per-request mixtures of adapters kept in the store (LRU past it); 0: none allowed.
+    # Per-request mixtures of adapters kept in the store per tenant (LRU past it); 0: none.
     max_mixes: int = 32
     # Seconds a connection has to deliver complete request headers, from its opening (or, on
     # a kept-alive connection, from a next request's first byte); slower ones are closed, as

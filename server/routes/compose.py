@@ -6,8 +6,9 @@ name by an operator (`POST /v1/adapters/{name}/compose`), or asked for per reque
 A per-request mixture is built once per content: its name, `[tenant/]mix-<16 hex>`, is a hash of
 its sources' file digests, weights and method, so a repeated mix finds the adapter already
 stored and served (by this server or, through a shared store, by another replica). Mixtures
-count against `--max-mixes`; past it the least recently used one is deleted. A mixture is
-named under the caller's tenant (none for shared and admin keys). The name shape is reserved:
+count against `--max-mixes` per tenant; past it the tenant's least recently used one is
+deleted. A mixture is named under the caller's tenant (none for shared and admin keys, which
+count as one tenant). The name shape is reserved:
 no upload, compose or --lora-modules name may take it.
 """
 
@@ -216,15 +217,17 @@ async def mixture(state: ServerState, request: Request, body: dict) -> str | Non
                      ", ".join(f"{s.name}*{s.weight:g}" for s in spec.sources), spec.method,
                      time.monotonic() - t0)
         note_use(state, name)  # the newest: never the one evicted below
-        await _evict(state)
+        await _evict(state, prefix)
     return name
 
 
-async def _evict(state: ServerState) -> None:
-    """Delete the least recently used mixtures past --max-mixes (with mix_lock held);
-    requests running on one finish first, as for any delete. A failure is logged, never the
+async def _evict(state: ServerState, prefix: str) -> None:
+    """Delete the least recently used mixtures under `prefix` (a tenant's, or none) past
+    --max-mixes, with mix_lock held: one tenant's mixtures never push out another's.
+    Requests running on one finish first, as for any delete. A failure is logged, never the
     caller's: its own mixture is served."""
     mixes = [n for n in state.engine.engine.adapters if is_mixture(n)
+             and n.startswith(prefix) and ("/" in n) == bool(prefix)
              and getattr(state.adapter_info.get(n), "source", None) == "mix"]
     excess = len(mixes) - state.max_mixes
     for name in sorted(mixes, key=lambda n: state.mix_used.get(n, 0.0))[:max(excess, 0)]:
