@@ -8,6 +8,7 @@ them would turn its output NaN. The reference runs on the clean cache."""
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -157,3 +158,14 @@ def test_cpu_refuses_what_its_arrays_do_not_hold():
     with pytest.raises(ValueError, match="paged_decode_cpu"):  # a context past its table
         paged_decode_cpu(q, cache, cache, table, table[:, 0] + 5, 0.25)
     assert paged_decode_cpu(q[:0], cache, cache, table[:0], table[:0, 0], 0.25).shape == (0, 4, 16)
+
+
+@needs_c
+def test_cpu_benchmark_runs_and_checks_the_kernel_against_torch(tmp_path, capsys):
+    from loraplex.kernels import bench_paged_attention
+
+    bench_paged_attention.main(["--cpu", "--batches", "1,3", "--contexts", "5,40", "--repeats",
+                                "1", "--out", str(tmp_path / "r.json")])
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert len(rows) == 8 and all(r["c_s"] > 0 and r["torch_s"] > 0 for r in rows)
+    assert "| torch.bfloat16 | 3 | 40 |" in capsys.readouterr().out
