@@ -10,11 +10,11 @@ where position p lives in slot p % block_size of block block_tables[b, p // bloc
 
 `paged_decode_ref` is the torch path the engine had: gather each sequence's blocks into a
 padded copy, mask, and call SDPA. `paged_decode_cpu` is the same walk as the Triton kernel's,
-in C (`paged_attention_cpu.c`), for the CPU: no padded copy. `paged_decode` is one Triton program per (sequence, KV
-head) that walks the sequence's pages with an online softmax (fp32), and serves the KV
-head's whole query group at once, so each cached key and value is read once per step. At
-small batches that is too few programs for the GPU, so each sequence's pages are split over
-several programs whose partial softmaxes a second kernel merges (flash-decoding).
+in C (`paged_attention_cpu.c`), for the CPU: no padded copy. `paged_decode` is one Triton
+program per (sequence, KV head) that walks the sequence's pages with an online softmax (fp32),
+and serves the KV head's whole query group at once, so each cached key and value is read once
+per step. At small batches that is too few programs for the GPU, so each sequence's pages are
+split over several programs whose partial softmaxes a second kernel merges (flash-decoding).
 Decode is memory-bound: the floor is reading the context's K and V once. Everything a launch
 reads per step is a device tensor of fixed shape, as a CUDA graph would need.
 """

@@ -8,8 +8,8 @@ its sources' file digests, weights and method, so a repeated mix finds the adapt
 stored and served (by this server or, through a shared store, by another replica). Mixtures
 count against `--max-mixes` per tenant; past it the tenant's least recently used one is
 deleted. A mixture is named under the caller's tenant (none for shared and admin keys, which
-count as one tenant). The name shape is reserved:
-no upload, compose or --lora-modules name may take it.
+count as one tenant). The name shape is reserved: no upload, compose or --lora-modules name
+may take it.
 """
 
 from __future__ import annotations

@@ -88,6 +88,14 @@ class LoRAContext:
     correction_meta: SGMVMeta | None = None
     correction_table: SegmentTable | None = None
 
+    def passes(self) -> list[tuple[Segments, SGMVMeta | None, SegmentTable | None]]:
+        """This step's SGMV passes, each with the backends' views: the adapters' (when a
+        token has one), then the correction's (when there is one)."""
+        passes = [(self.segments, self.meta, self.table)] if self.segments.has_lora else []
+        if self.correction is not None:
+            passes.append((self.correction, self.correction_meta, self.correction_table))
+        return passes
+
 
 class ModuleSlots:
     """One projection's adapter weights for every slot: PEFT's layout padded to the largest
@@ -200,16 +208,13 @@ class LoRAGroup:
     def _compute(self, x: torch.Tensor) -> list[torch.Tensor]:
         widths = self.slots.widths
         y = torch.cat([base(x) for base in self.bases], dim=-1)  # [1, T, sum(widths)]
-        segments = self.context.segments
-        passes = [self.context.meta] if segments.has_lora else []
-        if self.context.correction is not None:
-            passes.append(self.context.correction_meta)
+        passes = self.context.passes()
         if passes:
             x2 = x.reshape(-1, x.shape[-1])  # [T, in]
             if x2.dtype != self.slots.lora_a.dtype:
                 x2 = x2.to(self.slots.lora_a.dtype)
             x2 = x2.contiguous()
-            for meta in passes:
+            for _, meta, _ in passes:
                 sgmv_triton(y.view(-1, y.shape[-1]), x2, self.slots.lora_a, self.slots.lora_b,
                             meta, self.slots.ranks_dev, self.slots.scales_dev, widths)
         return list(y.split(widths, dim=-1))  # views [1, T, w]
@@ -226,13 +231,9 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [1, T, in]
         y = self.base_layer(x)  # [1, T, out]
-        context = self.context
-        if context.segments.has_lora:
-            sgmv(y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1]), self.slots,
-                 context.segments, context.meta, context.table)
-        if context.correction is not None:
-            sgmv(y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1]), self.slots,
-                 context.correction, context.correction_meta, context.correction_table)
+        for segments, meta, table in self.context.passes():
+            sgmv(y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1]), self.slots, segments, meta,
+                 table)
         return y
 
 
