@@ -100,12 +100,22 @@ def _merge_dense(module: nn.Module, weights: LoRAWeights,
     if workspace is not None:
         out = workspace.get(tuple(w.shape), weights.lora_a.dtype, w.device)
     w.data += delta_weight(weights, w.device, out)
+    _weight_changed(module)
 
     def undo() -> nn.Module:
         w.data.copy_(kept)
+        _weight_changed(module)
         return module
 
     return Merged(module, undo, _nbytes(kept), 0)
+
+
+def _weight_changed(module: nn.Module) -> None:
+    # A layer holding a copy derived from its weight (server/runner/cpu_gemm.py's oneDNN-packed
+    # PackedLinear) refreshes it after the in-place change.
+    repack = getattr(module, "repack", None)
+    if repack is not None:
+        repack()
 
 
 def _dense_linear(module: nn.Module, w_data: torch.Tensor, dtype: torch.dtype) -> nn.Linear:

@@ -1,5 +1,5 @@
 """`loraplex bench cpu-variants`: the same server under variants (allocator, torch threads,
-bf16, decode attention), one after another in one run on the same workload: 8 adapters mixed, then the
+bf16, decode attention, linear layers), one after another in one run on the same workload: 8 adapters mixed, then the
 base model only, per variant; ratios against the first variant."""
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ VARIANTS = {
     # Decode attention by padded gather and SDPA, as before the C kernel (the default now).
     "torch-attention": ({}, ["--decode-attention", "torch"]),
     "bf16-torch-attention": ({}, ["--dtype", "bfloat16", "--decode-attention", "torch"]),
+    # The base's linear layers through torch's F.linear, as before oneDNN-packed weights.
+    "torch-gemm": ({}, ["--cpu-gemm", "torch"]),
+    "bf16-torch-gemm": ({}, ["--dtype", "bfloat16", "--cpu-gemm", "torch"]),
 }
 
 

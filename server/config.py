@@ -45,9 +45,14 @@ class ModelConfig:
     # (server/runner/decode_graphs.py). None: on where it can run (CUDA, with both Triton
     # paths); True elsewhere runs the same static-buffer steps uncaptured (tests do).
     cuda_graphs: bool | None = None
+    # The dense base's linear layers on the CPU: "onednn" packs their weights once for
+    # oneDNN (server/runner/cpu_gemm.py), "torch" calls F.linear; "auto": onednn where this
+    # torch can (CPU, float32 or bfloat16, not quantized).
+    cpu_gemm: Literal["auto", "onednn", "torch"] = "auto"
 
     def __post_init__(self) -> None:
         assert self.quantization in (None, "nf4", "int8", "none"), self.quantization
+        assert self.cpu_gemm in ("auto", "onednn", "torch"), self.cpu_gemm
         assert self.dtype in ("auto", "float32", "bfloat16", "float16"), self.dtype
         assert self.max_model_len is None or self.max_model_len > 0
 

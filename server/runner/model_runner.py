@@ -18,6 +18,7 @@ from ..config import ConfigError, EngineConfig
 from ..engine.request import Request, SamplingParams
 from ..engine.scheduler import ScheduledRequest
 from .attention import ATTN_IMPLEMENTATION, AttentionMetadata, KVGeometry, PagedKVCache, PrefillSeq
+from .cpu_gemm import pack_linears, resolve_cpu_gemm
 from .decode_graphs import DEFAULT_SIZES, DecodeGraphs
 from .loader import LoadedModel
 from .lora_layers import LoRAModel, check_triton, resolve_backend
@@ -57,8 +58,12 @@ class ModelRunner:
         self.model = model
         self.device = loaded.device
         self.block_size = config.cache.block_size
-        backend = resolve_backend(config.lora.backend, loaded.device, loaded.dtype,
-                                  quantized=loaded.quantization != "none")
+        quantized = loaded.quantization != "none"
+        self.cpu_gemm = resolve_cpu_gemm(config.model.cpu_gemm, loaded.device, loaded.dtype,
+                                         quantized)
+        if self.cpu_gemm == "onednn":
+            pack_linears(model)  # before the LoRA wrappers take the layers as their bases
+        backend = resolve_backend(config.lora.backend, loaded.device, loaded.dtype, quantized)
         self.lora = LoRAModel(model, config.lora.max_loras, config.lora.max_lora_rank,
                               loaded.dtype, loaded.device, backend, config.lora.fuse,
                               shadow=config.merge.shadow_slot(loaded.quantization))
