@@ -214,15 +214,19 @@ TINY_PROMPTS = [[random.Random(i).randrange(3, 256) for _ in range(n)]
                 for i, n in enumerate([3, 5, 9, 17, 30, 41])]
 
 
-@pytest.mark.parametrize("arch,quantization", [
-    ("llama", "none"), ("qwen2", "none"), ("mistral", "none"), ("llama", "nf4"),
+@pytest.mark.parametrize("arch,quantization,gemm", [
+    ("llama", "none", "auto"), ("qwen2", "none", "auto"), ("mistral", "none", "auto"),
+    ("llama", "nf4", "auto"), ("llama", "none", "torch"),
 ])
-def test_tiny_mixed_batches_match_peft(tmp_path, arch, quantization):
+def test_tiny_mixed_batches_match_peft(tmp_path, arch, quantization, gemm):
     model_dir = save_tiny_model(arch, tmp_path / "model")
-    setup = Setup(ModelConfig(model=str(model_dir), quantization=quantization),
+    setup = Setup(ModelConfig(model=str(model_dir), quantization=quantization, cpu_gemm=gemm),
                   tmp_path / "adapters", TINY_PROMPTS, ADAPTER_SPECS)
     assert len(setup.adapters) >= 8
     _adapters_change_output(setup, TINY_PROMPTS)
+    # Dense bases on the CPU multiply through oneDNN-packed weights unless told otherwise.
+    packed = gemm == "auto" and quantization == "none"
+    assert setup.engine().runner.cpu_gemm == ("onednn" if packed else "torch")
     _run_scenarios(setup)
 
 

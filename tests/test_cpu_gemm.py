@@ -1,0 +1,90 @@
+"""The base's linear layers through oneDNN with packed weights (server/runner/cpu_gemm.py):
+the same products as F.linear, the same Parameters, refreshed after in-place changes, and
+chosen only where they run. The engine's PEFT equivalence and merge tests run through them."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from loraplex.server.cli import build_parser, config_from_args
+from loraplex.server.config import ConfigError
+from loraplex.server.runner.cpu_gemm import PackedLinear, pack_linears, resolve_cpu_gemm
+from torch import nn
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_computes_what_f_linear_does(dtype, tol, bias):
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 160, bias=bias).to(dtype)
+    packed = PackedLinear.of(linear)
+    assert packed.weight is linear.weight and packed.bias is linear.bias
+    for shape in [(1, 96), (1, 7, 96), (3, 33, 96)]:
+        x = torch.randn(shape).to(dtype)
+        got, want = packed(x), F.linear(x, linear.weight, linear.bias)
+        assert got.shape == want.shape and got.dtype == dtype
+        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+    # A strided input, as a column slice of a wider activation.
+    x = torch.randn(5, 192).to(dtype)[:, ::2]
+    torch.testing.assert_close(packed(x).float(), F.linear(x, linear.weight, linear.bias).float(),
+                               atol=tol, rtol=tol)
+
+
+def test_packed_linear_follows_its_weight_after_repack():
+    torch.manual_seed(0)
+    packed = PackedLinear.of(nn.Linear(64, 32, bias=False))
+    x = torch.randn(4, 64)
+    before = packed(x)
+    with torch.no_grad():
+        packed.weight.data += 1.0  # as a merge writes it
+    # The packed copy is derived: until repacked it still holds the old weight.
+    torch.testing.assert_close(packed(x), before)
+    packed.repack()
+    torch.testing.assert_close(packed(x), F.linear(x, packed.weight), atol=1e-4, rtol=1e-5)
+    assert not torch.allclose(packed(x), before)
+
+
+def test_pack_linears_keeps_names_ties_and_outputs():
+    """Every nn.Linear of a model is replaced in place; a tied lm_head stays tied to the
+    embedding, the state dict keeps its keys, and the model computes the same."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    keys = list(model.state_dict())
+    ids = torch.tensor([[5, 9, 17, 3, 60]])
+    with torch.no_grad():
+        want = model(ids).logits
+    linears = sum(type(m) is nn.Linear for m in model.modules())
+    assert linears == 2 * 7 + 1
+    total = pack_linears(model)
+    assert sum(isinstance(m, PackedLinear) for m in model.modules()) == linears
+    assert not any(type(m) is nn.Linear for m in model.modules())
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert list(model.state_dict()) == keys
+    assert total == sum(m.weight.numel() * 4 for m in model.modules()
+                        if isinstance(m, PackedLinear))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want, atol=1e-4, rtol=1e-4)
+
+
+def test_cpu_gemm_is_chosen_where_it_runs_and_refused_elsewhere():
+    assert config_from_args(build_parser().parse_args(["serve"])).engine.model.cpu_gemm == "auto"
+    assert config_from_args(build_parser().parse_args(
+        ["serve", "--cpu-gemm", "torch"])).engine.model.cpu_gemm == "torch"
+    assert resolve_cpu_gemm("auto", CPU, torch.float32, quantized=False) == "onednn"
+    assert resolve_cpu_gemm("auto", CPU, torch.bfloat16, quantized=False) == "onednn"
+    assert resolve_cpu_gemm("onednn", CPU, torch.float32, quantized=False) == "onednn"
+    assert resolve_cpu_gemm("torch", CPU, torch.float32, quantized=False) == "torch"
+    # bitsandbytes layers, fp16 and CUDA keep torch's calls.
+    assert resolve_cpu_gemm("auto", CPU, torch.float32, quantized=True) == "torch"
+    assert resolve_cpu_gemm("auto", CPU, torch.float16, quantized=False) == "torch"
+    assert resolve_cpu_gemm("auto", torch.device("cuda"), torch.bfloat16,
+                            quantized=False) == "torch"
+    for dtype, quantized in ((torch.float16, False), (torch.float32, True)):
+        with pytest.raises(ConfigError, match="--cpu-gemm onednn"):
+            resolve_cpu_gemm("onednn", CPU, dtype, quantized=quantized)
