@@ -250,6 +250,9 @@ def _plan_parser(sub) -> None:
                       default="auto")
     plan.add_argument("--merge-others", choices=["correct", "drain"], default=MergeConfig.others,
                       help="as serve's: correct keeps one more adapter slot")
+    plan.add_argument("--cpu-gemm", choices=["auto", "onednn", "torch"], default="auto",
+                      help="as serve's: on the CPU, onednn keeps a packed copy of the linear "
+                           "layers' weights")
     plan.add_argument("--adapter-rank", type=int, default=16,
                       help="a typical adapter's rank, for the host cache")
     plan.add_argument("--adapter-targets", default=",".join(PROJECTIONS),
@@ -286,7 +289,8 @@ def plan_main(args: argparse.Namespace) -> int:
         args.dtype or ("bfloat16" if cuda else "float32"), args.device, args.gpu_memory_gb,
         args.gpu_memory_utilization, args.kv_cache_memory_gb, args.max_loras,
         args.max_lora_rank, args.max_cpu_loras, args.adapter_rank, targets, args.block_size,
-        args.max_model_len, args.max_num_seqs, args.lora_backend, args.merge_others))
+        args.max_model_len, args.max_num_seqs, args.lora_backend, args.merge_others,
+        args.cpu_gemm))
     if args.json:
         figures = {k: v for k, v in asdict(result).items() if k not in ("inputs", "lines")}
         print(json.dumps({"model": shape.name, **figures}, indent=2))

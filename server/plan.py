@@ -168,6 +168,7 @@ class PlanInputs:
     # --merge-others correct (the default) keeps one more slot on a dense base: a merged
     # adapter's delta, negated, for the other requests' correction.
     merge_others: str = "correct"
+    cpu_gemm: str = "auto"  # --cpu-gemm
 
     @property
     def num_slots(self) -> int:
@@ -201,9 +202,21 @@ def resolve_backend(backend: str, device: str, dtype: str, quantization: str) ->
     return "cpu-kernel" if quantization == "none" else "torch"
 
 
+def packs_linears(p: PlanInputs) -> bool:
+    """Whether the server packs the linear layers' weights for oneDNN (server/runner/
+    cpu_gemm.py's resolve_cpu_gemm, assuming this torch can)."""
+    return (p.cpu_gemm != "torch" and p.device == "cpu" and p.quantization == "none"
+            and p.dtype in ("float32", "bfloat16"))
+
+
 def plan(p: PlanInputs) -> Plan:
     s = p.shape
     weights = weight_bytes(s, p.dtype, p.quantization)
+    if packs_linears(p):  # a copy of every linear layer's weight (not bias), lm_head's too
+        d = DTYPE_BYTES[p.dtype]
+        weights["oneDNN packed copies"] = d * (
+            s.num_layers * sum(i * o for i, o in s.projections().values())
+            + s.vocab_size * s.hidden_size)
     backend = resolve_backend(p.backend, p.device, p.dtype, p.quantization)
     slots = lora_slot_bytes(s, p.num_slots, p.max_lora_rank, p.dtype, backend)
     block = kv_block_bytes(s, p.block_size, p.dtype)
@@ -245,6 +258,8 @@ def _explain(pl: Plan) -> list[str]:
     lines += [f"  linear       {s.num_layers} layers x 7 projections, each {per}"
               f" = {_gib(w['decoder linear layers'])}",
               f"  norms        {2 * s.num_layers + 1} x {s.hidden_size} x {d} B = {_gib(w['norms'])}",
+              *([f"  packed       linear layers and lm_head once more, for oneDNN (--cpu-gemm)"
+                 f" = {_gib(w['oneDNN packed copies'])}"] if "oneDNN packed copies" in w else []),
               f"  total        {_gib(sum(w.values()))}",
               "",
               f"adapter slots ({pl.backend} backend)"]

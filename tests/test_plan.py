@@ -90,6 +90,15 @@ def _weights(model) -> list[torch.Tensor]:
     return out
 
 
+def _packed_bytes(model) -> int:
+    """The oneDNN copies of the linear layers' weights (--cpu-gemm): opaque tensors without a
+    storage to ask, counted at their logical size."""
+    from loraplex.server.runner.cpu_gemm import PackedLinear
+
+    return sum(m.packed.numel() * m.packed.element_size() for m in model.modules()
+               if isinstance(m, PackedLinear))
+
+
 def _slots(lora) -> list[torch.Tensor]:
     out = []
     for s in lora.modules.values():
@@ -114,7 +123,9 @@ def test_the_plan_is_what_the_engine_allocates(tmp_path, arch, quantization, bac
     p = plan(PlanInputs(shape, quantization, "float32", "cpu", kv_cache_memory_gb=0.001,
                         max_loras=3, max_lora_rank=8, block_size=4, backend=backend))
     assert p.backend == engine.runner.lora.backend
-    assert sum(p.weights.values()) == _storage_bytes(_weights(engine.loaded.model))
+    model = engine.loaded.model
+    assert ("oneDNN packed copies" in p.weights) == (engine.runner.cpu_gemm == "onednn")
+    assert sum(p.weights.values()) == _storage_bytes(_weights(model)) + _packed_bytes(model)
     assert p.lora_slots == _storage_bytes(_slots(engine.runner.lora))
     kv = engine.runner.kv
     assert p.num_blocks == engine.blocks.num_blocks == kv.k.shape[1]
@@ -129,7 +140,9 @@ def test_the_plan_of_the_embedded_model_is_what_the_server_allocates(embedded_di
     assert shape == KNOWN_SHAPES["smollm2-135m"].__class__(**{
         **KNOWN_SHAPES["smollm2-135m"].__dict__, "name": shape.name})
     p = plan(PlanInputs(shape, "none", "float32", "cpu"))
-    assert sum(p.weights.values()) == _storage_bytes(_weights(engine.loaded.model))
+    model = engine.loaded.model
+    assert engine.runner.cpu_gemm == "onednn" and p.weights["oneDNN packed copies"] > 0
+    assert sum(p.weights.values()) == _storage_bytes(_weights(model)) + _packed_bytes(model)
     assert p.lora_slots == _storage_bytes(_slots(engine.runner.lora))
     assert p.num_blocks == engine.blocks.num_blocks
     assert p.num_blocks * p.block_bytes == engine.runner.kv.k.nbytes * 2
