@@ -11,10 +11,13 @@
  * slot's capacity (a rank-8 adapter in a rank-64 slot then reads 8 rows, not 8 of every 64):
  *   x  [T, in]  rows ldx apart;  y [T, out] rows ldy apart
  *   slot s starts at w + s * slot_stride and holds
- *     A^T    [in, lda]          lda = r rounded up to 16: row k holds A[:r, k]
+ *     A^T    [in, r]            row k holds A[:r, k], rows r apart (not padded: a rank-4
+ *            adapter reads 4 floats per row, not 16)
  *     B^T panels, from b_offset: [ceil(out / 64), r, 64]: panel p row j holds
  *            B[64p : 64p + 64, j], so expanding 64 columns reads one contiguous run
- * Shrink computes whole 16-lane vectors of h, so it reads A^T's columns r..lda-1 too, and
+ * Shrink computes whole 16-lane vectors of h, so where r is not a multiple of 16 each row's
+ * vector runs on into the next rows of A^T (and the last one up to 15 floats past A^T: the
+ * slot's A^T region is sized for the slot's capacity padded to 16, and B^T follows it), and
  * expand computes the last panel's columns past `out`. Lanes never mix: whatever those hold
  * lands in lanes of h (>= r) and y (>= out) that are never read or stored.
  *
@@ -123,18 +126,18 @@ static void tile(float *const yr[MB], int mb, const float *const xr[MB], const f
                  int64_t slot_stride, int64_t b_offset, int64_t rank_cap, int64_t in,
                  int64_t out, const int32_t *ranks, const float *scales, int64_t s) {
   const int64_t r = ranks[s] < rank_cap ? ranks[s] : rank_cap;
-  const int64_t lda = (r + 15) / 16 * 16;
+  const int64_t ldh = (r + 15) / 16 * 16;  /* h's rows hold whole vectors */
   const float *a = w + s * slot_stride;
-  float h[MB * lda];
+  float h[MB * ldh];
   for (int64_t c0 = 0; c0 < r; c0 += 64) {
     switch ((r - c0 + 15) / 16) {
-      case 1: shrink1(h + c0, lda, xr, a + c0, in, lda); break;
-      case 2: shrink2(h + c0, lda, xr, a + c0, in, lda); break;
-      case 3: shrink3(h + c0, lda, xr, a + c0, in, lda); break;
-      default: shrink4(h + c0, lda, xr, a + c0, in, lda); break;
+      case 1: shrink1(h + c0, ldh, xr, a + c0, in, r); break;
+      case 2: shrink2(h + c0, ldh, xr, a + c0, in, r); break;
+      case 3: shrink3(h + c0, ldh, xr, a + c0, in, r); break;
+      default: shrink4(h + c0, ldh, xr, a + c0, in, r); break;
     }
   }
-  expand(yr, mb, h, lda, a + b_offset, r, out, scales[s]);
+  expand(yr, mb, h, ldh, a + b_offset, r, out, scales[s]);
 }
 
 /* The tiles run in parallel on torch's OpenMP threads (torch ships libgomp.so.1, which this

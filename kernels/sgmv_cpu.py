@@ -20,12 +20,14 @@ from .cpu_build import build_and_load
 from .segments import Segments
 
 SOURCE = pathlib.Path(__file__).with_name("sgmv_cpu.c")
-LANES = 16  # floats per vector in the kernel; A^T's rows are padded to a multiple of it
+LANES = 16  # floats per vector in the kernel; a slot's A^T region has room for rows this wide
 TILE_ROWS = 4  # token rows per tile (MB in the C file)
 PANEL = 64  # output columns per panel of B^T
 
 
 def row_width(rank: int) -> int:
+    """A^T's row width a slot of capacity `rank` is sized for: room for the kernel's whole
+    vectors past an adapter's own rows, which are its rank apart."""
     return -(-rank // LANES) * LANES
 
 
@@ -45,8 +47,9 @@ def load() -> ctypes.CDLL | None:
 
 class PackedSlots:
     """One projection's adapter weights for every slot, in the kernel's layout: slot s is row s
-    of `data [num_slots, slot_stride]`, A^T `[in, row_width(r)]` first, then from `b_offset`
-    B^T in `[ceil(out / 64), r, 64]` panels, r being the adapter's own rank."""
+    of `data [num_slots, slot_stride]`, A^T `[in, r]` first (in a region sized for
+    `[in, row_width(rank_cap)]`), then from `b_offset` B^T in `[ceil(out / 64), r, 64]`
+    panels, r being the adapter's own rank."""
 
     def __init__(self, lib: ctypes.CDLL, num_slots: int, rank_cap: int, in_features: int,
                  out_features: int, ranks: torch.Tensor, scales: torch.Tensor):
@@ -78,7 +81,7 @@ class PackedSlots:
               ) -> None:
         """Pack one adapter's weights into `slot` and record its rank, which says how the
         kernel reads the slot (the scale is the caller's to set). What the slot held past the
-        new rank's extent is left as it was: never read."""
+        new rank's extent is left as it was: it only ever reaches lanes never stored."""
         r = lora_a.shape[0]
         if not 0 <= slot < self.num_slots:
             raise ValueError(f"slot {slot} out of range for {self.num_slots} slots")
@@ -88,8 +91,7 @@ class PackedSlots:
                              f"a slot of rank {self.rank_cap}, {self.in_features} -> "
                              f"{self.out_features}")
         region = self.data[slot]
-        at = region[: self.in_features * row_width(r)].view(self.in_features, row_width(r))
-        at[:, :r].copy_(lora_a.T)
+        region[: self.in_features * r].view(self.in_features, r).copy_(lora_a.T)
         panels = region[self.b_offset: self.b_offset + self.num_panels * r * PANEL]
         panels = panels.view(self.num_panels, r, PANEL)  # panel p row j: B[64p:64p+64, j]
         full = self.out_features // PANEL

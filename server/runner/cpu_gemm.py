@@ -16,6 +16,7 @@ weights' bytes once more in host memory.
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import torch
@@ -27,6 +28,12 @@ from ..config import ConfigError
 log = logging.getLogger(__name__)
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
+
+# oneDNN builds a primitive per input shape, and a step's row count changes from step to step:
+# each new one costs about 0.5 ms per weight shape (measured here), and its cache holds 1024
+# by default, which steps of 1 to 2048 rows over 6 weight shapes outgrow, to rebuild them
+# over and over. oneDNN reads this when it first builds one, after this import.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16384")
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:
