@@ -127,8 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     ray = _server_bench(sub, "ray", "one `loraplex serve` vs `loraplex serve-ray`, adapter "
                         "affinity on and off, one report")
     ray.add_argument("--num-replicas", type=int, default=2)
-    _server_bench(sub, "peers", "loraplex fp32 and bf16, and the CPU peers present (vLLM's "
-                  "CPU build in peers/vllm-venv), 8 adapters mixed and base only")
+    peers = _server_bench(sub, "peers", "loraplex fp32 and bf16, and the CPU peers present "
+                          "(vLLM's CPU build in peers/vllm-venv, llama.cpp's server in "
+                          "peers/llama.cpp), 8 adapters mixed and base only")
+    peers.add_argument("--systems", default="loraplex-fp32,loraplex-bf16,vllm,llama.cpp",
+                       help="comma list of: loraplex-fp32, loraplex-bf16, vllm, llama.cpp")
+    peers.add_argument("--rounds", type=int, default=1,
+                       help="runs of mixed then base-only per system, on one warm server; "
+                            "the ratios take each system's median")
     var = _server_bench(sub, "cpu-variants", "the server under allocators and thread "
                         "settings, 8 adapters mixed and base only each, one report")
     var.add_argument("--variants", default="glibc,tcmalloc,jemalloc,threads1",
@@ -265,11 +271,16 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "peers":
                 from loraplex.server.runner.loader import convert_gguf, embedded_gguf_path
 
-                from .peers import peers
+                from .peers import SYSTEMS, peers
 
                 model_dir = args.model or str(convert_gguf(embedded_gguf_path()))
                 max_rank = max(int(r) for r in args.ranks.split(","))
-                return _finish(*peers(spec, opts, model_dir, max_rank, args.out, desc))
+                systems = tuple(v.strip() for v in args.systems.split(",") if v.strip())
+                if not systems or set(systems) - set(SYSTEMS) or args.rounds < 1:
+                    raise ValueError(f"--systems: choose among {', '.join(SYSTEMS)}; "
+                                     "--rounds: at least 1")
+                return _finish(*peers(spec, opts, model_dir, max_rank, args.out, desc,
+                                      systems, args.rounds))
             if args.command == "cpu-variants":
                 from .cpu_variants import VARIANTS, cpu_variants
 

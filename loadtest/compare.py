@@ -84,13 +84,19 @@ def warm_up(spec: WorkloadSpec, target: Target) -> None:
 
 
 def mixed_and_base(spec: WorkloadSpec, url: str, name: str, concurrency: int | None,
-                   extra: Callable[[str | None], dict] | None = None) -> list[Run]:
+                   extra: Callable[[str | None], dict] | None = None,
+                   rounds: int = 1) -> list[Run]:
     """A warmed-up server's runs: the workload over its adapters, then on the base model
-    (`extra`: see Target)."""
+    (`extra`: see Target); `rounds` times in turn, each run named with its round."""
     target = Target(url, BASE_NAME, extra=extra)
     warm_up(spec, target)
-    return [run_http(spec, target, f"{name}, 8 adapters mixed", concurrency),
-            run_http(replace(spec, adapters=()), target, f"{name}, base only", concurrency)]
+    runs = []
+    for k in range(1, rounds + 1):
+        tag = f" #{k}" if rounds > 1 else ""
+        runs += [run_http(spec, target, f"{name}, 8 adapters mixed{tag}", concurrency),
+                 run_http(replace(spec, adapters=()), target, f"{name}, base only{tag}",
+                          concurrency)]
+    return runs
 
 
 @contextmanager

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -109,37 +110,47 @@ def vllm_server(python: Path, port: int, model_dir: str, adapters: dict[str, str
                   {"VLLM_CPU_KVCACHE_SPACE": "4", "PYTHONUNBUFFERED": "1"})
 
 
+SYSTEMS = ("loraplex-fp32", "loraplex-bf16", "vllm", "llama.cpp")
+
+
 def peers(spec: WorkloadSpec, opts: CompareOptions, model_dir: str, max_rank: int,
-          out_dir: str | Path, workload_desc: dict) -> tuple[Path, list[str]]:
+          out_dir: str | Path, workload_desc: dict, systems: tuple[str, ...] = SYSTEMS,
+          rounds: int = 1) -> tuple[Path, list[str]]:
+    """Each system in `systems` in turn (the peers where present), `rounds` rounds of its 8
+    adapters mixed and its base model alone on one warm server."""
     runs: list[Run] = []
     missing = []
-    for name, flags in (("loraplex fp32", []), ("loraplex bf16", ["--dtype", "bfloat16"])):
+    for system, name, flags in (("loraplex-fp32", "loraplex fp32", []),
+                                ("loraplex-bf16", "loraplex bf16", ["--dtype", "bfloat16"])):
+        if system not in systems:
+            continue
         args = ["--quantization", "none", *opts.server_args, *flags]
         with loraplex_server(opts.port, opts.adapters, opts.model, args) as url:
-            runs += mixed_and_base(spec, url, name, opts.concurrency)
-    if VLLM_PYTHON.exists():
+            runs += mixed_and_base(spec, url, name, opts.concurrency, rounds=rounds)
+    if "vllm" in systems and not VLLM_PYTHON.exists():
+        missing.append(f"vLLM: no {VLLM_PYTHON}")
+    elif "vllm" in systems:
         try:
             with vllm_server(VLLM_PYTHON, opts.port, model_dir, opts.adapters, max_rank) as url:
-                runs += mixed_and_base(spec, url, "vLLM CPU fp32", opts.concurrency)
+                runs += mixed_and_base(spec, url, "vLLM CPU fp32", opts.concurrency,
+                                       rounds=rounds)
         except (RuntimeError, TimeoutError) as e:  # its log is above
             missing.append(f"vLLM: did not start ({e})")
-    else:
-        missing.append(f"vLLM: no {VLLM_PYTHON}")
-    if LLAMA_SERVER.exists() and LLAMA_PYTHON.exists():
+    if "llama.cpp" in systems and not (LLAMA_SERVER.exists() and LLAMA_PYTHON.exists()):
+        missing.append(f"llama.cpp: no {LLAMA_SERVER} or {LLAMA_PYTHON}")
+    elif "llama.cpp" in systems:
         try:
             with tempfile.TemporaryDirectory(prefix="loraplex-gguf-") as tmp:
                 base, loras = to_gguf(model_dir, opts.adapters, Path(tmp))
                 with llama_server(opts.port, base, loras, opts.concurrency or 32) as url:
                     runs += mixed_and_base(spec, url, "llama.cpp F32", opts.concurrency,
-                                           llama_lora_field(list(opts.adapters)))
+                                           llama_lora_field(list(opts.adapters)), rounds)
         except subprocess.CalledProcessError as e:
             missing.append(f"llama.cpp: conversion failed: {e.stderr[-500:]}")
         except (subprocess.TimeoutExpired, OSError) as e:  # a script missing or hanging
             missing.append(f"llama.cpp: conversion failed: {e}")
         except (RuntimeError, TimeoutError) as e:
             missing.append(f"llama.cpp: did not start ({e})")
-    else:
-        missing.append(f"llama.cpp: no {LLAMA_SERVER} or {LLAMA_PYTHON}")
     path = write_report(out_dir, runs, "loraplex and its CPU peers", workload_desc, opts.slo,
                         baseline=runs[0].name)
     lines = ratio_lines(runs) + [f"not measured: {m}" for m in missing]
@@ -149,12 +160,37 @@ def peers(spec: WorkloadSpec, opts: CompareOptions, model_dir: str, max_rank: in
 
 
 def ratio_lines(runs: list[Run]) -> list[str]:
-    tok = {run.name: summarize(run)["output_tok_per_s"] for run in runs}
-    ok = {run.name: sum(r.ok for r in run.records) for run in runs}
-    first = runs[0].name
-    return [f"{name}: {t:.1f} output tok/s, {t / tok[first]:.2f}x {first} "
-            f"({ok[name]}/{len(run.records)} completed)"
-            for run, (name, t) in zip(runs, tok.items())]
+    """Per system: the median over rounds of its mixed and base-only rates, its LoRA overhead
+    (1 - mixed / base), and each loraplex mixed rate against the fastest peer's base-only."""
+    rates: dict[str, dict[str, list[float]]] = {}
+    incomplete = []
+    for run in runs:
+        system, kind = run.name.split(" #")[0].rsplit(", ", 1)
+        rates.setdefault(system, {}).setdefault(kind, []).append(
+            summarize(run)["output_tok_per_s"])
+        if not all(r.ok for r in run.records):
+            incomplete.append(f"{run.name}: {sum(r.ok for r in run.records)}/"
+                              f"{len(run.records)} completed")
+    median = {system: {kind: statistics.median(v) for kind, v in kinds.items()}
+              for system, kinds in rates.items()}
+    lines = []
+    for system, kinds in rates.items():
+        m = median[system]
+        mixed, base = m.get("8 adapters mixed"), m.get("base only")
+        each = "; ".join(f"{kind} {m[kind]:.1f} tok/s" + (
+            f" (rounds: {', '.join(f'{v:.1f}' for v in values)})" if len(values) > 1 else "")
+            for kind, values in kinds.items())
+        overhead = f", LoRA overhead {1 - mixed / base:.1%}" if mixed and base else ""
+        lines.append(f"{system}: {each}{overhead}")
+    peer_base = {s: m["base only"] for s, m in median.items()
+                 if not s.startswith("loraplex") and "base only" in m}
+    if peer_base:
+        fastest = max(peer_base, key=peer_base.get)
+        for system, m in median.items():
+            if system.startswith("loraplex") and "8 adapters mixed" in m:
+                lines.append(f"{system} mixed / {fastest} base only: "
+                             f"{m['8 adapters mixed'] / peer_base[fastest]:.2f}x")
+    return lines + incomplete
 
 
 if __name__ == "__main__":

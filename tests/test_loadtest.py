@@ -371,3 +371,31 @@ def test_llama_cpp_requests_name_every_adapter_scale():
     assert field("b") == {"lora": [{"id": 0, "scale": 0.0}, {"id": 1, "scale": 1.0},
                                    {"id": 2, "scale": 0.0}]}
     assert field(None) == {"lora": [{"id": i, "scale": 0.0} for i in range(3)]}
+
+
+def test_peers_ratios_take_each_systems_median_over_rounds():
+    """`bench peers --rounds 3`: per system, the median rate of each kind over its rounds, its
+    LoRA overhead from those, and loraplex's mixed rate against the fastest peer's base only."""
+    from loraplex.loadtest.peers import ratio_lines
+
+    def run(name: str, tok_per_s: float) -> Run:  # 10 requests of 10 tokens
+        return Run(name, [rec(i, 0.1, 1.0, 10) for i in range(10)], 100 / tok_per_s)
+
+    runs = []
+    for system, mixed, base in (("loraplex fp32", (150, 180, 90), (200, 190, 210)),
+                                ("llama.cpp F32", (60, 70, 65), (140, 160, 150))):
+        for k in range(3):
+            runs += [run(f"{system}, 8 adapters mixed #{k + 1}", mixed[k]),
+                     run(f"{system}, base only #{k + 1}", base[k])]
+    runs.append(Run("vLLM CPU fp32, base only", [rec(0, 0.1, 1.0, 10), rec(1, 0, 0, 0, 503)],
+                    10 / 90))
+    lines = ratio_lines(runs)
+    assert lines[0] == ("loraplex fp32: 8 adapters mixed 150.0 tok/s (rounds: 150.0, 180.0, "
+                        "90.0); base only 200.0 tok/s (rounds: 200.0, 190.0, 210.0), LoRA "
+                        "overhead 25.0%")
+    assert lines[1].startswith("llama.cpp F32: 8 adapters mixed 65.0 tok/s") and \
+        lines[1].endswith("LoRA overhead 56.7%")
+    assert lines[2] == "vLLM CPU fp32: base only 90.0 tok/s"
+    # The fastest peer's base-only median: llama.cpp's 150 (vLLM's 90 is slower).
+    assert lines[3] == "loraplex fp32 mixed / llama.cpp F32 base only: 1.00x"
+    assert lines[4] == "vLLM CPU fp32, base only: 1/2 completed"
