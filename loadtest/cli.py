@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     var = _server_bench(sub, "cpu-variants", "the server under allocators and thread "
                         "settings, 8 adapters mixed and base only each, one report")
     var.add_argument("--variants", default="glibc,tcmalloc,jemalloc,threads1",
-                     help="comma list of: glibc, tcmalloc, jemalloc, threads1, bf16")
+                     help="comma list of: glibc, tcmalloc, jemalloc, threads1, bf16, "
+                          "torch-attention, bf16-torch-attention, torch-gemm, bf16-torch-gemm")
     return parser
 
 

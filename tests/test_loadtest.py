@@ -399,3 +399,15 @@ def test_peers_ratios_take_each_systems_median_over_rounds():
     # The fastest peer's base-only median: llama.cpp's 150 (vLLM's 90 is slower).
     assert lines[3] == "loraplex fp32 mixed / llama.cpp F32 base only: 1.00x"
     assert lines[4] == "vLLM CPU fp32, base only: 1/2 completed"
+
+
+def test_cpu_variants_help_names_every_variant_and_peers_its_systems(capsys):
+    from loraplex.loadtest.cli import build_parser
+    from loraplex.loadtest.cpu_variants import VARIANTS
+    from loraplex.loadtest.peers import SYSTEMS
+
+    for command, names in (("cpu-variants", VARIANTS), ("peers", SYSTEMS)):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert all(name in text for name in names), (command, text)
