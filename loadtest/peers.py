@@ -151,6 +151,8 @@ def peers(spec: WorkloadSpec, opts: CompareOptions, model_dir: str, max_rank: in
             missing.append(f"llama.cpp: conversion failed: {e}")
         except (RuntimeError, TimeoutError) as e:
             missing.append(f"llama.cpp: did not start ({e})")
+    if not runs:
+        raise RuntimeError("no system ran: " + "; ".join(missing))
     path = write_report(out_dir, runs, "loraplex and its CPU peers", workload_desc, opts.slo,
                         baseline=runs[0].name)
     lines = ratio_lines(runs) + [f"not measured: {m}" for m in missing]
@@ -161,7 +163,8 @@ def peers(spec: WorkloadSpec, opts: CompareOptions, model_dir: str, max_rank: in
 
 def ratio_lines(runs: list[Run]) -> list[str]:
     """Per system: the median over rounds of its mixed and base-only rates, its LoRA overhead
-    (1 - mixed / base), and each loraplex mixed rate against the fastest peer's base-only."""
+    (base / mixed - 1: the time the adapters add per token, as `cpu-variants` reports it), and
+    each loraplex mixed rate against the fastest peer's base-only."""
     rates: dict[str, dict[str, list[float]]] = {}
     incomplete = []
     for run in runs:
@@ -180,10 +183,10 @@ def ratio_lines(runs: list[Run]) -> list[str]:
         each = "; ".join(f"{kind} {m[kind]:.1f} tok/s" + (
             f" (rounds: {', '.join(f'{v:.1f}' for v in values)})" if len(values) > 1 else "")
             for kind, values in kinds.items())
-        overhead = f", LoRA overhead {1 - mixed / base:.1%}" if mixed and base else ""
+        overhead = f", LoRA overhead {base / mixed - 1:.1%}" if mixed and base else ""
         lines.append(f"{system}: {each}{overhead}")
     peer_base = {s: m["base only"] for s, m in median.items()
-                 if not s.startswith("loraplex") and "base only" in m}
+                 if not s.startswith("loraplex") and m.get("base only")}
     if peer_base:
         fastest = max(peer_base, key=peer_base.get)
         for system, m in median.items():

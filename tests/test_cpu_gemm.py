@@ -7,20 +7,42 @@ import torch
 import torch.nn.functional as F
 from loraplex.server.cli import build_parser, config_from_args
 from loraplex.server.config import ConfigError
-from loraplex.server.runner.cpu_gemm import PackedLinear, pack_linears, resolve_cpu_gemm
+from loraplex.server.runner.cpu_gemm import (
+    PackedLinear,
+    _works,
+    bucket,
+    pack_linears,
+    resolve_cpu_gemm,
+)
 from torch import nn
 
 CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+# bf16 packing needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT, or an Arm CPU with bf16.
+BF16 = pytest.param(torch.bfloat16, 2e-2, marks=pytest.mark.skipif(
+    not _works(torch.bfloat16), reason="this CPU has no oneDNN bf16 path"))
+
+
+def test_row_counts_run_at_a_bounded_set_of_sizes():
+    """Each size oneDNN sees costs it memory for good: the row counts of steps up to 2048
+    come down to 72 sizes, none more than 12.5% above the count."""
+    sizes = {bucket(rows) for rows in range(1, 2049)}
+    assert len(sizes) == 72
+    assert [bucket(r) for r in (1, 16, 17, 31, 32, 33, 64, 65, 129, 2047)] == \
+        [1, 16, 18, 32, 32, 36, 64, 72, 144, 2048]
+    assert all(rows <= bucket(rows) <= 1.125 * rows for rows in range(1, 5000))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), BF16])
 @pytest.mark.parametrize("bias", [False, True])
 def test_packed_linear_computes_what_f_linear_does(dtype, tol, bias):
     torch.manual_seed(0)
     linear = nn.Linear(96, 160, bias=bias).to(dtype)
     packed = PackedLinear.of(linear)
     assert packed.weight is linear.weight and packed.bias is linear.bias
-    for shape in [(1, 96), (1, 7, 96), (3, 33, 96)]:
+    # Row counts on and off the sizes oneDNN runs at (17 and 99 rows are padded).
+    for shape in [(1, 96), (1, 7, 96), (3, 33, 96), (17, 96), (1, 99, 96)]:
         x = torch.randn(shape).to(dtype)
         got, want = packed(x), F.linear(x, linear.weight, linear.bias)
         assert got.shape == want.shape and got.dtype == dtype
@@ -43,6 +65,45 @@ def test_packed_linear_follows_its_weight_after_repack():
     packed.repack()
     torch.testing.assert_close(packed(x), F.linear(x, packed.weight), atol=1e-4, rtol=1e-5)
     assert not torch.allclose(packed(x), before)
+
+
+def test_a_failed_repack_falls_back_to_the_weight_itself(monkeypatch):
+    """Out of memory while packing again (after a merge changed the weight): the layer
+    multiplies by the new weight with F.linear, never by the stale packed copy."""
+    import loraplex.server.runner.cpu_gemm as cpu_gemm
+
+    torch.manual_seed(0)
+    packed = PackedLinear.of(nn.Linear(64, 32))
+    with torch.no_grad():
+        packed.weight.data *= 2.0
+
+    def out_of_memory(weight):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(cpu_gemm, "_pack", out_of_memory)
+    packed.repack()
+    assert packed.packed is None
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(packed(x), F.linear(x, packed.weight, packed.bias))
+
+
+def test_merge_and_its_undo_repack_the_layer():
+    """adapters/merge.py adds the delta to the weight in place and repacks; the undo copies
+    the weight back and repacks again."""
+    from loraplex.adapters.merge import delta_weight, merge_module
+    from loraplex.adapters.peft_format import LoRAWeights
+
+    torch.manual_seed(0)
+    packed = PackedLinear.of(nn.Linear(64, 48, bias=False))
+    weights = LoRAWeights(lora_a=torch.randn(4, 64), lora_b=torch.randn(48, 4), scale=0.5)
+    original = packed.weight.detach().clone()
+    x = torch.randn(6, 64)
+    merged = merge_module(packed, weights)
+    want = F.linear(x, original + delta_weight(weights, torch.device("cpu")))
+    torch.testing.assert_close(packed(x), want, atol=1e-4, rtol=1e-4)
+    assert merged.undo() is packed
+    assert torch.equal(packed.weight, original)
+    torch.testing.assert_close(packed(x), F.linear(x, original), atol=1e-4, rtol=1e-4)
 
 
 def test_pack_linears_keeps_names_ties_and_outputs():
@@ -77,7 +138,8 @@ def test_cpu_gemm_is_chosen_where_it_runs_and_refused_elsewhere():
     assert config_from_args(build_parser().parse_args(
         ["serve", "--cpu-gemm", "torch"])).engine.model.cpu_gemm == "torch"
     assert resolve_cpu_gemm("auto", CPU, torch.float32, quantized=False) == "onednn"
-    assert resolve_cpu_gemm("auto", CPU, torch.bfloat16, quantized=False) == "onednn"
+    assert resolve_cpu_gemm("auto", CPU, torch.bfloat16, quantized=False) == (
+        "onednn" if _works(torch.bfloat16) else "torch")
     assert resolve_cpu_gemm("onednn", CPU, torch.float32, quantized=False) == "onednn"
     assert resolve_cpu_gemm("torch", CPU, torch.float32, quantized=False) == "torch"
     # bitsandbytes layers, fp16 and CUDA keep torch's calls.

@@ -392,9 +392,9 @@ def test_peers_ratios_take_each_systems_median_over_rounds():
     lines = ratio_lines(runs)
     assert lines[0] == ("loraplex fp32: 8 adapters mixed 150.0 tok/s (rounds: 150.0, 180.0, "
                         "90.0); base only 200.0 tok/s (rounds: 200.0, 190.0, 210.0), LoRA "
-                        "overhead 25.0%")
+                        "overhead 33.3%")
     assert lines[1].startswith("llama.cpp F32: 8 adapters mixed 65.0 tok/s") and \
-        lines[1].endswith("LoRA overhead 56.7%")
+        lines[1].endswith("LoRA overhead 130.8%")
     assert lines[2] == "vLLM CPU fp32: base only 90.0 tok/s"
     # The fastest peer's base-only median: llama.cpp's 150 (vLLM's 90 is slower).
     assert lines[3] == "loraplex fp32 mixed / llama.cpp F32 base only: 1.00x"
