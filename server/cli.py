@@ -152,8 +152,8 @@ def _serve_args(serve: argparse.ArgumentParser) -> None:
                        help="vLLM's name for --no-cuda-graphs")
     model.add_argument("--cpu-gemm", choices=["auto", "onednn", "torch"], default="auto",
                        help="the dense base's linear layers on the CPU: weights packed once "
-                            "for oneDNN (2-5x faster fp32 matmuls here; their bytes once more "
-                            "in memory) or torch's F.linear (auto: onednn where it runs)")
+                            "for oneDNN (1.3-4.7x faster fp32 matmuls here; their bytes once "
+                            "more in memory) or torch's F.linear (auto: onednn where it runs)")
     model.add_argument("--model-cache", default=None,
                        help="where GGUF conversions are cached (default ~/.cache/loraplex)")
     lora = serve.add_argument_group("adapters")
