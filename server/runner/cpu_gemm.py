@@ -1,23 +1,23 @@
 """The base model's linear layers on the CPU through oneDNN, with weights packed once.
 
-On the CPU, `F.linear` in fp32 goes to MKL's sgemm. oneDNN's matmul with the weight reordered once at start-up
-(`torch.ops.mkldnn._reorder_linear_weight`, what inductor's freezing pass does) measured
-1.3-4.7x faster in fp32 on the 2-core AVX-512 VM at SmolLM2's shapes from 8 to 256 rows
-(slower only for the smallest projections at one row, 6 against 15 us), and 1.2-4x in bf16
-(`python -m loraplex.server.runner.cpu_gemm` prints the table). vLLM's CPU build packs its
-linear weights for oneDNN likewise.
+On the CPU, `F.linear` in fp32 goes to MKL's sgemm. oneDNN's matmul with the weight
+reordered once at start-up (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's
+freezing pass does) measured 1.3-4.7x faster in fp32 on the 2-core AVX-512 VM at SmolLM2's
+shapes from 8 to 256 rows (slower only for the smallest projections at one row, 6 against 15
+us), and 1.2-4x in bf16 (`python -m loraplex.server.runner.cpu_gemm` prints the table).
+vLLM's CPU build packs its linear weights for oneDNN likewise.
 
 oneDNN builds a primitive for each input shape: about 0.5 ms the first time and about 0.6 MB
 of memory that stays (measured: 1 GB after 400 row counts x 4 weight shapes, half of that
 even with its primitive cache off). A step's row count changes from step to step, so rows
 are padded up to one of `bucket`'s 72 sizes up to 2048 (exact to 16, then 8 per octave: at
-most 12.4% more rows): every size is built once and the memory stays bounded (301 MB for SmolLM2's five
-weight shapes at all 72 sizes).
+most 12.4% more rows): every size is built once and the memory stays bounded (301 MB for
+SmolLM2's five weight shapes at all 72 sizes).
 
 The packed weight is a copy derived from `weight`, which stays the source of truth: the
 embedding tied to `lm_head`, merges (adapters/merge.py) and state dicts read and write
-`weight`; whoever changes it in place calls `repack()`. The copy costs the linear
-weights' bytes once more in host memory.
+`weight`; whoever changes it in place calls `repack()`. The copy costs the linear weights'
+bytes once more in host memory.
 """
 
 from __future__ import annotations
