@@ -31,6 +31,14 @@ typedef float v16 __attribute__((vector_size(64), aligned(4)));
 #define MB 4  /* token rows per tile: each weight row loaded is used 4 times */
 #define OV 4  /* expand tile: 4 vectors = 64 output columns, one panel */
 #define PW (16 * OV)
+/* Weights are streamed once per step: each loop asks for what it reads 1 KB (A^T) and 2 KB
+ * (B^T) ahead, without keeping it in cache (prefetchnta). Measured on the 2-core EPYC VM, 8
+ * adapters over SmolLM2's 210 projections: the kernel alone 6.9-8.7 ms per decode step
+ * before, 6.0-7.1 after; in the engine 7.2-7.6 before, 7.0-7.2 after. Farther ahead (8-32
+ * KB) or with the default cache hint it gained nothing. A prefetch past the end of the
+ * weights never faults. */
+#define AHEAD_A (1024 / 4)
+#define AHEAD_B (2048 / 4)
 
 static inline v16 ld(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
 static inline void st(float *p, v16 v) { memcpy(p, &v, sizeof v); }
@@ -47,6 +55,7 @@ static inline v16 bc(float f) { return (v16){f, f, f, f, f, f, f, f, f, f, f, f,
     for (int64_t k = 0; k < in; k++) {                                                    \
       v16 a[NV];                                                                          \
       for (int v = 0; v < NV; v++) a[v] = ld(at + k * lda + 16 * v);                      \
+      if ((k & 3) == 0) __builtin_prefetch(at + k * lda + AHEAD_A, 0, 0);                 \
       for (int i = 0; i < MB; i++) {                                                      \
         v16 xv = bc(xr[i][k]);                                                            \
         for (int v = 0; v < NV; v++) acc[i][v] += xv * a[v];                              \
@@ -73,6 +82,7 @@ static void expand(float *const yr[MB], int mb, const float *h, int64_t ldh,
     for (int64_t j = 0; j < r; j++) {
       v16 b[OV];
       for (int v = 0; v < OV; v++) b[v] = ld(bp + j * PW + 16 * v);
+      for (int v = 0; v < OV; v++) __builtin_prefetch(bp + j * PW + 16 * v + AHEAD_B, 0, 0);
       for (int i = 0; i < MB; i++) {
         v16 hv = bc(h[i * ldh + j]);
         for (int v = 0; v < OV; v++) acc[i][v] += hv * b[v];
