@@ -49,6 +49,11 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
 
 
+def _matmul(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ W^T + bias with W packed by `_pack`: x [..., in] -> [..., out]."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
 class PackedLinear(nn.Linear):
     """An nn.Linear whose forward multiplies by a oneDNN-packed copy of its weight. It holds
     the very Parameters of the layer it replaces, so ties and names are unchanged."""
@@ -79,11 +84,11 @@ class PackedLinear(nn.Linear):
         rows = x.numel() // self.in_features
         padded = bucket(rows)
         if padded == rows:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            return _matmul(x, self.packed, self.bias)
         xp = x.new_empty(padded, self.in_features)  # [padded, in]; rows past `rows` zero
         xp[:rows].copy_(x.reshape(rows, self.in_features))
         xp[rows:].zero_()
-        y = torch.ops.mkldnn._linear_pointwise(xp, self.packed, self.bias, "none", [], "")
+        y = _matmul(xp, self.packed, self.bias)
         return y[:rows].view(*x.shape[:-1], self.out_features)
 
 
@@ -93,7 +98,7 @@ def _works(dtype: torch.dtype) -> bool:
         gen = torch.Generator().manual_seed(0)
         w = torch.randn(48, 32, generator=gen).to(dtype)
         x = torch.randn(3, 32, generator=gen).to(dtype)
-        got = torch.ops.mkldnn._linear_pointwise(x, _pack(w), None, "none", [], "")
+        got = _matmul(x, _pack(w), None)
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
     tol = 1e-4 if dtype == torch.float32 else 1e-1
@@ -155,8 +160,7 @@ def _bench() -> None:
                 x = torch.randn(rows, in_f).to(dtype)
                 packed = _pack(w)
                 plain = median_us(lambda: F.linear(x, w))
-                fast = median_us(
-                    lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
+                fast = median_us(lambda: _matmul(x, packed, None))
                 print(f"| {str(dtype).removeprefix('torch.')} | {rows} | {out_f}x{in_f} | "
                       f"{plain:.0f} | {fast:.0f} | {plain / fast:.2f}x |", flush=True)
 
