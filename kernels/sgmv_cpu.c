@@ -8,18 +8,16 @@
  *
  * At decode the work is bound by streaming the adapters' weights from memory, so each slot
  * is laid out for the order the loops read it, packed to the adapter's own rank r, not the
- * slot's capacity (a rank-8 adapter in a rank-64 slot then reads 8 rows, not 8 of every 64):
+ * slot's capacity (a rank-8 adapter in a rank-64 slot then reads 8 ranks' bytes, not 64's):
  *   x  [T, in]  rows ldx apart;  y [T, out] rows ldy apart
  *   slot s starts at w + s * slot_stride and holds
- *     A^T    [in, r]            row k holds A[:r, k], rows r apart (not padded: a rank-4
- *            adapter reads 4 floats per row, not 16)
+ *     A in blocks of 4 ranks, [ceil(r / 4), ceil(in / 16), 4, 16]: block b, chunk c holds
+ *            A[4b : 4b + 4, 16c : 16c + 16], zeros past r and past in; the region is sized
+ *            for the slot's capacity
  *     B^T panels, from b_offset: [ceil(out / 64), r, 64]: panel p row j holds
  *            B[64p : 64p + 64, j], so expanding 64 columns reads one contiguous run
- * Shrink computes whole 16-lane vectors of h, so where r is not a multiple of 16 each row's
- * vector runs on into the next rows of A^T (and the last one up to 15 floats past A^T: the
- * slot's A^T region is sized for the slot's capacity padded to 16, and B^T follows it), and
- * expand computes the last panel's columns past `out`. Lanes never mix: whatever those hold
- * lands in lanes of h (>= r) and y (>= out) that are never read or stored.
+ * Each loop reads its weights as one sequential stream and uses every byte it loads. Expand
+ * computes the last panel's columns past `out`, whose lanes are never stored.
  *
  * Vectors are GCC/Clang vector extensions: 16 floats, one AVX-512 register or two AVX2
  * registers, whichever the flags the loader picks allow. */
@@ -31,7 +29,7 @@ typedef float v16 __attribute__((vector_size(64), aligned(4)));
 #define MB 4  /* token rows per tile: each weight row loaded is used 4 times */
 #define OV 4  /* expand tile: 4 vectors = 64 output columns, one panel */
 #define PW (16 * OV)
-/* Weights are streamed once per step: each loop asks for what it reads 1 KB (A^T) and 2 KB
+/* Weights are streamed once per step: each loop asks for what it reads 1 KB (A) and 2 KB
  * (B^T) ahead, without keeping it in cache (prefetchnta). Measured on the 2-core EPYC VM, 8
  * adapters over SmolLM2's 210 projections: the kernel alone 6.9-8.7 ms per decode step
  * before, 6.0-7.1 after; in the engine 7.2-7.6 before, 7.0-7.2 after. Farther ahead (8-32
@@ -44,30 +42,62 @@ static inline v16 ld(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v;
 static inline void st(float *p, v16 v) { memcpy(p, &v, sizeof v); }
 static inline v16 bc(float f) { return (v16){f, f, f, f, f, f, f, f, f, f, f, f, f, f, f, f}; }
 
-/* h[i][0:16*NV] = xr[i] @ at[:, 0:16*NV] for MB rows; NV is a constant so the
- * accumulators stay in registers. */
-#define SHRINK(NV)                                                                        \
-  static void shrink##NV(float *h, int64_t ldh, const float *const xr[MB],               \
-                         const float *at, int64_t in, int64_t lda) {                      \
-    v16 acc[MB][NV];                                                                      \
-    for (int i = 0; i < MB; i++)                                                          \
-      for (int v = 0; v < NV; v++) acc[i][v] = bc(0.0f);                                  \
-    for (int64_t k = 0; k < in; k++) {                                                    \
-      v16 a[NV];                                                                          \
-      for (int v = 0; v < NV; v++) a[v] = ld(at + k * lda + 16 * v);                      \
-      if ((k & 3) == 0) __builtin_prefetch(at + k * lda + AHEAD_A, 0, 0);                 \
-      for (int i = 0; i < MB; i++) {                                                      \
-        v16 xv = bc(xr[i][k]);                                                            \
-        for (int v = 0; v < NV; v++) acc[i][v] += xv * a[v];                              \
-      }                                                                                   \
-    }                                                                                     \
-    for (int i = 0; i < MB; i++)                                                          \
-      for (int v = 0; v < NV; v++) st(h + i * ldh + 16 * v, acc[i][v]);                   \
+typedef float v8 __attribute__((vector_size(32), aligned(4)));
+typedef float v4 __attribute__((vector_size(16), aligned(4)));
+
+static inline float hsum(v16 v) {
+  v8 lo, hi;
+  memcpy(&lo, &v, sizeof lo);
+  memcpy(&hi, (const char *)&v + sizeof lo, sizeof hi);
+  const v8 s8 = lo + hi;
+  v4 a, b;
+  memcpy(&a, &s8, sizeof a);
+  memcpy(&b, (const char *)&s8 + sizeof a, sizeof b);
+  const v4 s4 = a + b;
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+#define JB 4 /* ranks per shrink block: MB x JB accumulators, each an independent chain */
+
+/* h[i][0:r] = xr[i] @ A[0:r].T for MB rows. A is stored in blocks of JB ranks, each block
+ * [ceil(in / 16), JB, 16]: chunk c of the block holds A[j0 + jj, 16c : 16c + 16] for its JB
+ * ranks (zeros past r and past in). Each rank's row is a dot product along `in`, 16 lanes at a
+ * time, so every byte loaded is used whatever the rank; JB ranks x MB rows keep 16 independent
+ * accumulators busy, and the whole of A is one sequential stream. */
+static void shrink(float *h, int64_t ldh, const float *const xr[MB], const float *a, int64_t r,
+                   int64_t in) {
+  const int64_t kv = in / 16 * 16, chunks = (in + 15) / 16;
+  for (int64_t j0 = 0; j0 < r; j0 += JB) {
+    const int nj = r - j0 < JB ? (int)(r - j0) : JB;
+    const float *ab = a + j0 * chunks * 16;  /* this block: [chunks, JB, 16] */
+    v16 acc[MB][JB];
+    for (int i = 0; i < MB; i++)
+      for (int jj = 0; jj < JB; jj++) acc[i][jj] = bc(0.0f);
+    for (int64_t k = 0; k < in; k += 16) {
+      v16 xv[MB];
+      if (k < kv) {
+        for (int i = 0; i < MB; i++) xv[i] = ld(xr[i] + k);
+      } else {  /* the last chunk of an `in` that is not a multiple of 16 */
+        for (int i = 0; i < MB; i++) {
+          float t[16] = {0};
+          memcpy(t, xr[i] + k, (size_t)(in - k) * sizeof(float));
+          xv[i] = ld(t);
+        }
+      }
+      const float *ak = ab + k * JB;
+      __builtin_prefetch(ak + AHEAD_A, 0, 0);
+      __builtin_prefetch(ak + AHEAD_A + 16, 0, 0);
+      __builtin_prefetch(ak + AHEAD_A + 32, 0, 0);
+      __builtin_prefetch(ak + AHEAD_A + 48, 0, 0);
+      for (int jj = 0; jj < JB; jj++) {
+        const v16 av = ld(ak + 16 * jj);
+        for (int i = 0; i < MB; i++) acc[i][jj] += xv[i] * av;
+      }
+    }
+    for (int i = 0; i < MB; i++)
+      for (int jj = 0; jj < nj; jj++) h[i * ldh + j0 + jj] = hsum(acc[i][jj]);
   }
-SHRINK(1)
-SHRINK(2)
-SHRINK(3)
-SHRINK(4)
+}
 
 /* y[row i] += scale * h[i][0:r] @ B^T[0:r, :] for the first mb of MB rows, one 64-column
  * panel at a time. */
@@ -131,7 +161,7 @@ static int64_t order_tiles(const int32_t *ranks, const int64_t *starts, const in
   return num_tiles;
 }
 
-/* One tile: yr[i] += scale * (xr[i] @ A^T) @ B^T for its mb rows, in fp32. */
+/* One tile: yr[i] += scale * (xr[i] @ A.T) @ B.T for its mb rows, in fp32. */
 static void tile(float *const yr[MB], int mb, const float *const xr[MB], const float *w,
                  int64_t slot_stride, int64_t b_offset, int64_t rank_cap, int64_t in,
                  int64_t out, const int32_t *ranks, const float *scales, int64_t s) {
@@ -139,14 +169,7 @@ static void tile(float *const yr[MB], int mb, const float *const xr[MB], const f
   const int64_t ldh = (r + 15) / 16 * 16;  /* h's rows hold whole vectors */
   const float *a = w + s * slot_stride;
   float h[MB * ldh];
-  for (int64_t c0 = 0; c0 < r; c0 += 64) {
-    switch ((r - c0 + 15) / 16) {
-      case 1: shrink1(h + c0, ldh, xr, a + c0, in, r); break;
-      case 2: shrink2(h + c0, ldh, xr, a + c0, in, r); break;
-      case 3: shrink3(h + c0, ldh, xr, a + c0, in, r); break;
-      default: shrink4(h + c0, ldh, xr, a + c0, in, r); break;
-    }
-  }
+  shrink(h, ldh, xr, a, r, in);
   expand(yr, mb, h, ldh, a + b_offset, r, out, scales[s]);
 }
 

@@ -20,15 +20,15 @@ from .cpu_build import build_and_load
 from .segments import Segments
 
 SOURCE = pathlib.Path(__file__).with_name("sgmv_cpu.c")
-LANES = 16  # floats per vector in the kernel; a slot's A^T region has room for rows this wide
+LANES = 16  # floats per vector in the kernel: A's chunks along `in`
+RANK_BLOCK = 4  # ranks per block of A (JB in the C file)
 TILE_ROWS = 4  # token rows per tile (MB in the C file)
 PANEL = 64  # output columns per panel of B^T
 
 
-def row_width(rank: int) -> int:
-    """A^T's row width a slot of capacity `rank` is sized for: room for the kernel's whole
-    vectors past an adapter's own rows, which are its rank apart."""
-    return -(-rank // LANES) * LANES
+def a_region(rank: int, in_features: int) -> int:
+    """Floats of A's blocks for `rank` ranks: [ceil(rank / 4), ceil(in / 16), 4, 16]."""
+    return -(-rank // RANK_BLOCK) * RANK_BLOCK * -(-in_features // LANES) * LANES
 
 
 @functools.cache
@@ -47,9 +47,9 @@ def load() -> ctypes.CDLL | None:
 
 class PackedSlots:
     """One projection's adapter weights for every slot, in the kernel's layout: slot s is row s
-    of `data [num_slots, slot_stride]`, A^T `[in, r]` first (in a region sized for
-    `[in, row_width(rank_cap)]`), then from `b_offset` B^T in `[ceil(out / 64), r, 64]`
-    panels, r being the adapter's own rank."""
+    of `data [num_slots, slot_stride]`, A first in blocks of 4 ranks `[ceil(r / 4),
+    ceil(in / 16), 4, 16]` (zero-padded; the region sized for `rank_cap`), then from
+    `b_offset` B^T in `[ceil(out / 64), r, 64]` panels, r being the adapter's own rank."""
 
     def __init__(self, lib: ctypes.CDLL, num_slots: int, rank_cap: int, in_features: int,
                  out_features: int, ranks: torch.Tensor, scales: torch.Tensor):
@@ -65,7 +65,7 @@ class PackedSlots:
         self.num_slots, self.rank_cap = num_slots, rank_cap
         self.in_features, self.out_features = in_features, out_features
         self.num_panels = -(-out_features // PANEL)
-        self.b_offset = in_features * row_width(rank_cap)
+        self.b_offset = a_region(rank_cap, in_features)
         slot_stride = self.b_offset + self.num_panels * rank_cap * PANEL
         # [num_slots, slot_stride]; dtype and device explicit: C assumes them, whatever the
         # caller's torch defaults
@@ -91,7 +91,11 @@ class PackedSlots:
                              f"a slot of rank {self.rank_cap}, {self.in_features} -> "
                              f"{self.out_features}")
         region = self.data[slot]
-        region[: self.in_features * r].view(self.in_features, r).copy_(lora_a.T)
+        rb, chunks = -(-r // RANK_BLOCK), -(-self.in_features // LANES)
+        padded = torch.zeros(rb * RANK_BLOCK, chunks * LANES, dtype=torch.float32)
+        padded[:r, : self.in_features] = lora_a
+        region[: a_region(r, self.in_features)].view(rb, chunks, RANK_BLOCK, LANES).copy_(
+            padded.view(rb, RANK_BLOCK, chunks, LANES).transpose(1, 2))
         panels = region[self.b_offset: self.b_offset + self.num_panels * r * PANEL]
         panels = panels.view(self.num_panels, r, PANEL)  # panel p row j: B[64p:64p+64, j]
         full = self.out_features // PANEL

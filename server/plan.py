@@ -30,7 +30,7 @@ from .config import MergeConfig
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 NF4_BLOCK = 64  # weights per absmax (bitsandbytes' default blocksize for 4-bit)
-CPU_LANES, CPU_PANEL = 16, 64  # kernels/sgmv_cpu.py's layout
+CPU_LANES, CPU_RANK_BLOCK, CPU_PANEL = 16, 4, 64  # kernels/sgmv_cpu.py's layout
 GiB = 2**30
 
 
@@ -120,8 +120,9 @@ def lora_slot_bytes(shape: ModelShape, max_loras: int, max_rank: int, dtype: str
     """Device memory of the adapter slots (server/runner/lora_layers.py's LoRAModel)."""
     total = 0
     for n_in, n_out in shape.projections().values():
-        if backend == "cpu-kernel":  # fp32, A^T rows padded, B^T in 64-wide panels
-            per_slot = (n_in * _cdiv(max_rank, CPU_LANES) * CPU_LANES
+        if backend == "cpu-kernel":  # fp32, A in padded blocks, B^T in 64-wide panels
+            per_slot = (_cdiv(n_in, CPU_LANES) * CPU_LANES
+                        * _cdiv(max_rank, CPU_RANK_BLOCK) * CPU_RANK_BLOCK
                         + _cdiv(n_out, CPU_PANEL) * max_rank * CPU_PANEL) * 4
         else:
             per_slot = max_rank * (n_in + n_out) * DTYPE_BYTES[dtype]
