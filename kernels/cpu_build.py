@@ -56,19 +56,22 @@ def build(source: pathlib.Path, compiler: str, flags: list[str],
     return target
 
 
-def build_and_load(source: pathlib.Path, fallback: str) -> ctypes.CDLL | None:
-    """The compiled `source`, or None (logged, saying `fallback` is used instead)."""
+def build_and_load(source: pathlib.Path, fallback: str,
+                   defines: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """The compiled `source` (with `-D` of each of `defines`), or None (logged, saying
+    `fallback` is used instead)."""
     if os.environ.get("LORAPLEX_CPU_KERNEL", "1") == "0":
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         log.warning("no C compiler for %s: using %s", source.name, fallback)
         return None
+    options = [*flags(), *(f"-D{d}" for d in defines)]
     try:
         try:
-            return ctypes.CDLL(str(build(source, compiler, flags())))
+            return ctypes.CDLL(str(build(source, compiler, options)))
         except OSError:  # a damaged file in the cache: build it again, once
-            return ctypes.CDLL(str(build(source, compiler, flags(), fresh=True)))
+            return ctypes.CDLL(str(build(source, compiler, options, fresh=True)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
         # RuntimeError: no home directory to cache in
         detail = getattr(err, "stderr", "") or err

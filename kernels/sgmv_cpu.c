@@ -26,6 +26,26 @@
 
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
 
+/* The adapters' weights are fp32, or bf16 where the library is built with LP_WEIGHTS_BF16
+ * (`--lora-dtype bfloat16`: half the bytes to stream); either way they are widened to fp32
+ * as loaded and every product and sum is fp32. */
+#ifdef LP_WEIGHTS_BF16
+typedef uint16_t wt;
+typedef uint16_t u16x16 __attribute__((vector_size(32), aligned(2)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+static inline v16 ldw(const wt *p) {
+  u16x16 h;
+  memcpy(&h, p, sizeof h);
+  const u32x16 u = __builtin_convertvector(h, u32x16) << 16;  /* bf16 -> fp32, exact */
+  v16 v;
+  memcpy(&v, &u, sizeof v);
+  return v;
+}
+#else
+typedef float wt;
+static inline v16 ldw(const wt *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
+#endif
+
 #define MB 4  /* token rows per tile: each weight row loaded is used 4 times */
 #define OV 4  /* expand tile: 4 vectors = 64 output columns, one panel */
 #define PW (16 * OV)
@@ -35,8 +55,9 @@ typedef float v16 __attribute__((vector_size(64), aligned(4)));
  * before, 6.0-7.1 after; in the engine 7.2-7.6 before, 7.0-7.2 after. Farther ahead (8-32
  * KB) or with the default cache hint it gained nothing. A prefetch past the end of the
  * weights never faults. */
-#define AHEAD_A (1024 / 4)
-#define AHEAD_B (2048 / 4)
+#define AHEAD_A (1024 / (int)sizeof(wt))
+#define AHEAD_B (2048 / (int)sizeof(wt))
+#define LINE (64 / (int)sizeof(wt)) /* weights per cache line */
 
 static inline v16 ld(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
 static inline void st(float *p, v16 v) { memcpy(p, &v, sizeof v); }
@@ -64,12 +85,12 @@ static inline float hsum(v16 v) {
  * ranks (zeros past r and past in). Each rank's row is a dot product along `in`, 16 lanes at a
  * time, so every byte loaded is used whatever the rank; JB ranks x MB rows keep 16 independent
  * accumulators busy, and the whole of A is one sequential stream. */
-static void shrink(float *h, int64_t ldh, const float *const xr[MB], const float *a, int64_t r,
+static void shrink(float *h, int64_t ldh, const float *const xr[MB], const wt *a, int64_t r,
                    int64_t in) {
   const int64_t kv = in / 16 * 16, chunks = (in + 15) / 16;
   for (int64_t j0 = 0; j0 < r; j0 += JB) {
     const int nj = r - j0 < JB ? (int)(r - j0) : JB;
-    const float *ab = a + j0 * chunks * 16;  /* this block: [chunks, JB, 16] */
+    const wt *ab = a + j0 * chunks * 16;  /* this block: [chunks, JB, 16] */
     v16 acc[MB][JB];
     for (int i = 0; i < MB; i++)
       for (int jj = 0; jj < JB; jj++) acc[i][jj] = bc(0.0f);
@@ -84,13 +105,10 @@ static void shrink(float *h, int64_t ldh, const float *const xr[MB], const float
           xv[i] = ld(t);
         }
       }
-      const float *ak = ab + k * JB;
-      __builtin_prefetch(ak + AHEAD_A, 0, 0);
-      __builtin_prefetch(ak + AHEAD_A + 16, 0, 0);
-      __builtin_prefetch(ak + AHEAD_A + 32, 0, 0);
-      __builtin_prefetch(ak + AHEAD_A + 48, 0, 0);
+      const wt *ak = ab + k * JB;
+      for (int l = 0; l < JB * 16; l += LINE) __builtin_prefetch(ak + AHEAD_A + l, 0, 0);
       for (int jj = 0; jj < JB; jj++) {
-        const v16 av = ld(ak + 16 * jj);
+        const v16 av = ldw(ak + 16 * jj);
         for (int i = 0; i < MB; i++) acc[i][jj] += xv[i] * av;
       }
     }
@@ -102,17 +120,17 @@ static void shrink(float *h, int64_t ldh, const float *const xr[MB], const float
 /* y[row i] += scale * h[i][0:r] @ B^T[0:r, :] for the first mb of MB rows, one 64-column
  * panel at a time. */
 static void expand(float *const yr[MB], int mb, const float *h, int64_t ldh,
-                   const float *panels, int64_t r, int64_t out, float scale) {
+                   const wt *panels, int64_t r, int64_t out, float scale) {
   const v16 sv = bc(scale);
   for (int64_t o0 = 0; o0 < out; o0 += PW) {
-    const float *bp = panels + o0 * r;  /* panel o0 / PW: [r, PW] */
+    const wt *bp = panels + o0 * r;  /* panel o0 / PW: [r, PW] */
     v16 acc[MB][OV];
     for (int i = 0; i < MB; i++)
       for (int v = 0; v < OV; v++) acc[i][v] = bc(0.0f);
     for (int64_t j = 0; j < r; j++) {
       v16 b[OV];
-      for (int v = 0; v < OV; v++) b[v] = ld(bp + j * PW + 16 * v);
-      for (int v = 0; v < OV; v++) __builtin_prefetch(bp + j * PW + 16 * v + AHEAD_B, 0, 0);
+      for (int v = 0; v < OV; v++) b[v] = ldw(bp + j * PW + 16 * v);
+      for (int l = 0; l < PW; l += LINE) __builtin_prefetch(bp + j * PW + l + AHEAD_B, 0, 0);
       for (int i = 0; i < MB; i++) {
         v16 hv = bc(h[i * ldh + j]);
         for (int v = 0; v < OV; v++) acc[i][v] += hv * b[v];
@@ -162,12 +180,12 @@ static int64_t order_tiles(const int32_t *ranks, const int64_t *starts, const in
 }
 
 /* One tile: yr[i] += scale * (xr[i] @ A.T) @ B.T for its mb rows, in fp32. */
-static void tile(float *const yr[MB], int mb, const float *const xr[MB], const float *w,
+static void tile(float *const yr[MB], int mb, const float *const xr[MB], const wt *w,
                  int64_t slot_stride, int64_t b_offset, int64_t rank_cap, int64_t in,
                  int64_t out, const int32_t *ranks, const float *scales, int64_t s) {
   const int64_t r = ranks[s] < rank_cap ? ranks[s] : rank_cap;
   const int64_t ldh = (r + 15) / 16 * 16;  /* h's rows hold whole vectors */
-  const float *a = w + s * slot_stride;
+  const wt *a = w + s * slot_stride;
   float h[MB * ldh];
   shrink(h, ldh, xr, a, r, in);
   expand(yr, mb, h, ldh, a + b_offset, r, out, scales[s]);
@@ -176,7 +194,7 @@ static void tile(float *const yr[MB], int mb, const float *const xr[MB], const f
 /* The tiles run in parallel on torch's OpenMP threads (torch ships libgomp.so.1, which this
  * library then shares: one thread pool). */
 void lp_sgmv_f32(float *y, int64_t ldy, const float *x, int64_t ldx,
-                 const float *w, int64_t slot_stride, int64_t b_offset, int64_t rank_cap,
+                 const wt *w, int64_t slot_stride, int64_t b_offset, int64_t rank_cap,
                  int64_t in, int64_t out, const int32_t *ranks, const float *scales,
                  const int64_t *starts, const int64_t *slots, int64_t num_segments,
                  int64_t *tiles /* [2 * (T / MB + num_segments)] scratch */) {
@@ -220,7 +238,7 @@ static inline uint16_t f2bf(float f) {
  * added in fp32 and each sum rounded once, as PEFT computes with its adapters in fp32. Rows
  * of tokens without an adapter are never touched. */
 void lp_sgmv_bf16(uint16_t *y, int64_t ldy, const uint16_t *x, int64_t ldx,
-                  const float *w, int64_t slot_stride, int64_t b_offset, int64_t rank_cap,
+                  const wt *w, int64_t slot_stride, int64_t b_offset, int64_t rank_cap,
                   int64_t in, int64_t out, const int32_t *ranks, const float *scales,
                   const int64_t *starts, const int64_t *slots, int64_t num_segments,
                   int64_t *tiles, float *scratch /* [threads, MB * (in + out)] */,

@@ -31,12 +31,22 @@ def a_region(rank: int, in_features: int) -> int:
     return -(-rank // RANK_BLOCK) * RANK_BLOCK * -(-in_features // LANES) * LANES
 
 
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
+
+
 @functools.cache
-def load() -> ctypes.CDLL | None:
-    """The compiled kernel, or None (logged once) where it cannot be built."""
-    lib = build_and_load(SOURCE, "the torch reference for LoRA")
+def load(weight_dtype: torch.dtype = torch.float32) -> ctypes.CDLL | None:
+    """The compiled kernel for adapter weights stored in `weight_dtype` (fp32, or bf16: half
+    the bytes to stream, widened to fp32 as read), or None (logged once) where it cannot be
+    built. `lib.weight_dtype` says which."""
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"the CPU kernel stores adapters in fp32 or bf16, not {weight_dtype}")
+    bf16 = weight_dtype == torch.bfloat16
+    lib = build_and_load(SOURCE, "the torch reference for LoRA",
+                         ("LP_WEIGHTS_BF16",) if bf16 else ())
     if lib is None:
         return None
+    lib.weight_dtype = weight_dtype
     p, i = ctypes.c_void_p, ctypes.c_int64
     lib.lp_sgmv_f32.argtypes = [p, i, p, i, p, i, i, i, i, i, p, p, p, p, i, p]
     lib.lp_sgmv_f32.restype = None
@@ -69,7 +79,7 @@ class PackedSlots:
         slot_stride = self.b_offset + self.num_panels * rank_cap * PANEL
         # [num_slots, slot_stride]; dtype and device explicit: C assumes them, whatever the
         # caller's torch defaults
-        self.data = torch.zeros(num_slots, slot_stride, dtype=torch.float32, device="cpu")
+        self.data = torch.zeros(num_slots, slot_stride, dtype=lib.weight_dtype, device="cpu")
         self._ranks, self._scales = ranks, scales  # kept alive: C holds their addresses
         # Everything the kernel needs from this projection, fixed for its lifetime.
         self.args = (self.data.data_ptr(), slot_stride, self.b_offset, rank_cap, in_features,
@@ -92,7 +102,7 @@ class PackedSlots:
                              f"{self.out_features}")
         region = self.data[slot]
         rb, chunks = -(-r // RANK_BLOCK), -(-self.in_features // LANES)
-        padded = torch.zeros(rb * RANK_BLOCK, chunks * LANES, dtype=torch.float32)
+        padded = torch.zeros(rb * RANK_BLOCK, chunks * LANES, dtype=self.data.dtype)
         padded[:r, : self.in_features] = lora_a
         region[: a_region(r, self.in_features)].view(rb, chunks, RANK_BLOCK, LANES).copy_(
             padded.view(rb, RANK_BLOCK, chunks, LANES).transpose(1, 2))

@@ -12,6 +12,7 @@ from .config import (
     CacheConfig,
     ConfigError,
     EngineConfig,
+    LORA_DTYPES,
     LoRAConfig,
     MergeConfig,
     ModelConfig,
@@ -171,6 +172,11 @@ def _serve_args(serve: argparse.ArgumentParser) -> None:
                            "the CPU with TRITON_INTERPRET=1), the C kernel (the CPU; in fp32 "
                            "whatever the model's dtype), or PEFT's own torch calls; auto: "
                            "triton on CUDA, else the C kernel for a dense model, else torch")
+    lora.add_argument("--lora-dtype", choices=LORA_DTYPES, default="auto",
+                      help="what the C kernel's slots store adapters in: auto is float32 (PEFT "
+                           "computes adapters in fp32); bfloat16 streams half the bytes per "
+                           "step, exact for adapters saved in bf16 and rounded for others; "
+                           "other backends keep the model's dtype")
     lora.add_argument("--lora-fuse", action=argparse.BooleanOptionalAction, default=True,
                       help="with the triton backend, one launch pair for each layer's q/k/v "
                            "and one for gate/up (default: on)")
@@ -248,6 +254,8 @@ def _plan_parser(sub) -> None:
     plan.add_argument("--max-cpu-loras", type=int, default=None)
     plan.add_argument("--lora-backend", choices=["auto", "triton", "cpu-kernel", "torch"],
                       default="auto")
+    plan.add_argument("--lora-dtype", choices=LORA_DTYPES, default="auto",
+                      help="as serve's: bfloat16 halves the C kernel's slots")
     plan.add_argument("--merge-others", choices=["correct", "drain"], default=MergeConfig.others,
                       help="as serve's: correct keeps one more adapter slot")
     plan.add_argument("--cpu-gemm", choices=["auto", "onednn", "torch"], default="auto",
@@ -290,7 +298,7 @@ def plan_main(args: argparse.Namespace) -> int:
         args.gpu_memory_utilization, args.kv_cache_memory_gb, args.max_loras,
         args.max_lora_rank, args.max_cpu_loras, args.adapter_rank, targets, args.block_size,
         args.max_model_len, args.max_num_seqs, args.lora_backend, args.merge_others,
-        args.cpu_gemm))
+        args.cpu_gemm, args.lora_dtype))
     if args.json:
         figures = {k: v for k, v in asdict(result).items() if k not in ("inputs", "lines")}
         print(json.dumps({"model": shape.name, **figures}, indent=2))
@@ -323,7 +331,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             lora=LoRAConfig(max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
                             max_cpu_loras=args.max_cpu_loras,
                             allow_base_mismatch=args.allow_base_mismatch,
-                            backend=args.lora_backend, fuse=args.lora_fuse),
+                            backend=args.lora_backend, fuse=args.lora_fuse,
+                            dtype=args.lora_dtype),
             merge=MergeConfig(adapter=args.merge, auto=args.auto_merge,
                               threshold=args.merge_threshold, window_s=args.merge_window,
                               dense=args.merge_dense, others=args.merge_others),

@@ -98,6 +98,9 @@ class SchedulerConfig:
         assert self.max_overtakes >= 0
 
 
+LORA_DTYPES = ("auto", "float32", "bfloat16")  # --lora-dtype
+
+
 @dataclass(frozen=True)
 class LoRAConfig:
     """Adapter slots held next to the model (vLLM's flag names)."""
@@ -114,9 +117,14 @@ class LoRAConfig:
     # pair for gate/up, instead of a pair per projection (the other backends have no fused
     # launch: there it changes nothing).
     fuse: bool = True
+    # What the C kernel's slots store adapters in (vLLM's --lora-dtype): auto is fp32, in which
+    # PEFT computes adapters; bfloat16 halves the bytes each decode step streams, exactly for
+    # adapters saved in bf16 and rounded for others. Other backends keep the model's dtype.
+    dtype: str = "auto"
 
     def __post_init__(self) -> None:
         assert self.backend in ("auto", "triton", "cpu-kernel", "torch"), self.backend
+        assert self.dtype in LORA_DTYPES, self.dtype
         assert self.max_loras > 0
         assert self.max_lora_rank > 0
         assert self.max_cpu_loras is None or self.max_cpu_loras >= self.max_loras, (

@@ -116,14 +116,15 @@ def weight_bytes(shape: ModelShape, dtype: str, quantization: str) -> dict[str, 
 
 
 def lora_slot_bytes(shape: ModelShape, max_loras: int, max_rank: int, dtype: str,
-                    backend: str) -> int:
+                    backend: str, lora_dtype: str = "auto") -> int:
     """Device memory of the adapter slots (server/runner/lora_layers.py's LoRAModel)."""
+    cpu_bytes = DTYPE_BYTES["float32" if lora_dtype == "auto" else lora_dtype]
     total = 0
     for n_in, n_out in shape.projections().values():
-        if backend == "cpu-kernel":  # fp32, A in padded blocks, B^T in 64-wide panels
+        if backend == "cpu-kernel":  # A in padded blocks, B^T in 64-wide panels
             per_slot = (_cdiv(n_in, CPU_LANES) * CPU_LANES
                         * _cdiv(max_rank, CPU_RANK_BLOCK) * CPU_RANK_BLOCK
-                        + _cdiv(n_out, CPU_PANEL) * max_rank * CPU_PANEL) * 4
+                        + _cdiv(n_out, CPU_PANEL) * max_rank * CPU_PANEL) * cpu_bytes
         else:
             per_slot = max_rank * (n_in + n_out) * DTYPE_BYTES[dtype]
         total += max_loras * (per_slot + 4 + 4)  # int32 rank and fp32 scale per slot
@@ -170,6 +171,7 @@ class PlanInputs:
     # adapter's delta, negated, for the other requests' correction.
     merge_others: str = "correct"
     cpu_gemm: str = "auto"  # --cpu-gemm
+    lora_dtype: str = "auto"  # --lora-dtype
 
     @property
     def num_slots(self) -> int:
@@ -219,7 +221,7 @@ def plan(p: PlanInputs) -> Plan:
             s.num_layers * sum(i * o for i, o in s.projections().values())
             + s.vocab_size * s.hidden_size)
     backend = resolve_backend(p.backend, p.device, p.dtype, p.quantization)
-    slots = lora_slot_bytes(s, p.num_slots, p.max_lora_rank, p.dtype, backend)
+    slots = lora_slot_bytes(s, p.num_slots, p.max_lora_rank, p.dtype, backend, p.lora_dtype)
     block = kv_block_bytes(s, p.block_size, p.dtype)
     if p.device == "cuda":
         budget = p.gpu_memory_gb * GiB * p.gpu_memory_utilization - sum(weights.values()) - slots

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,13 +91,13 @@ SCENARIOS = {
 
 def engine_config(model: ModelConfig, num_blocks=512, block_size=16, max_loras=16, budget=2048,
                   max_seqs=256, backend="auto", fuse=True, decode_attention="auto",
-                  cuda_graphs=None):
+                  cuda_graphs=None, lora_dtype="auto"):
     return EngineConfig(model=replace(model, cuda_graphs=cuda_graphs), cache=CacheConfig(num_blocks=num_blocks, block_size=block_size,
                                                        decode_attention=decode_attention),
                         scheduler=SchedulerConfig(max_num_batched_tokens=budget,
                                                   max_num_seqs=max_seqs),
                         lora=LoRAConfig(max_loras=max_loras, max_lora_rank=64, backend=backend,
-                                        fuse=fuse))
+                                        fuse=fuse, dtype=lora_dtype))
 
 
 class Setup:
@@ -246,6 +247,34 @@ def test_tiny_bf16_mixed_batches_match_peft_with_the_cpu_kernel(tmp_path):
     _run_scenarios(setup)
 
 
+@pytest.mark.skipif(sgmv_cpu.load(torch.bfloat16) is None, reason="no C compiler")
+def test_tiny_adapters_saved_in_bf16_match_peft_from_bf16_slots(tmp_path, monkeypatch):
+    """--lora-dtype bfloat16 on an fp32 base: adapters saved in bf16 (their values bf16
+    already) are served from bf16 slots, half the bytes, with PEFT's results (which widens
+    them to fp32)."""
+    from safetensors.torch import load_file, save_file
+
+    saved_fp32 = make_adapters
+
+    def saved_bf16(*args):
+        adapters = saved_fp32(*args)
+        for path in adapters.values():
+            weights = Path(path) / "adapter_model.safetensors"
+            save_file({k: v.to(torch.bfloat16) for k, v in load_file(weights).items()},
+                      weights)
+        return adapters
+
+    monkeypatch.setitem(globals(), "make_adapters", saved_bf16)
+    model_dir = save_tiny_model("llama", tmp_path / "model")
+    setup = Setup(ModelConfig(model=str(model_dir), quantization="none"),
+                  tmp_path / "adapters", TINY_PROMPTS, ADAPTER_SPECS)
+    _adapters_change_output(setup, TINY_PROMPTS)
+    engine = setup.engine(lora_dtype="bfloat16")
+    assert engine.runner.lora.backend == "cpu-kernel"
+    assert {s.packed.data.dtype for s in engine.runner.lora.modules.values()} == {torch.bfloat16}
+    _run_scenarios(setup, lora_dtype="bfloat16")
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_tiny_mixed_batches_match_peft_on_cuda(tmp_path, monkeypatch):
@@ -363,6 +392,24 @@ def test_lora_backend_is_chosen_once_and_refused_where_it_cannot_run(monkeypatch
     assert resolve_backend("auto", cpu, torch.float32, quantized=False) == "torch"
     with pytest.raises(ConfigError, match="C compiler"):
         resolve_backend("cpu-kernel", cpu, torch.float32, quantized=False)
+
+
+def test_lora_dtype_is_the_c_kernels_alone():
+    from loraplex.server.cli import build_parser, config_from_args
+    from loraplex.server.config import ConfigError
+    from loraplex.server.runner.lora_layers import lora_weight_dtype
+
+    assert config_from_args(build_parser().parse_args(["serve"])).engine.lora.dtype == "auto"
+    assert config_from_args(build_parser().parse_args(
+        ["serve", "--lora-dtype", "bfloat16"])).engine.lora.dtype == "bfloat16"
+    fp32, bf16 = torch.float32, torch.bfloat16
+    assert lora_weight_dtype("auto", "cpu-kernel", bf16) == fp32  # PEFT's adapters: fp32
+    assert lora_weight_dtype("bfloat16", "cpu-kernel", fp32) == bf16
+    assert lora_weight_dtype("auto", "triton", bf16) == bf16
+    assert lora_weight_dtype("bfloat16", "torch", bf16) == bf16  # the model's: nothing to do
+    for backend in ("torch", "triton"):
+        with pytest.raises(ConfigError, match="needs the C kernel"):
+            lora_weight_dtype("bfloat16", backend, fp32)
 
 
 @pytest.mark.parametrize("decode", ["torch", "triton", "cpu-kernel"])

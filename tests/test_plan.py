@@ -108,20 +108,23 @@ def _slots(lora) -> list[torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("arch,quantization,backend", [
-    ("llama", "none", "cpu-kernel"), ("qwen2", "none", "torch"), ("llama", "nf4", "torch"),
-    ("llama", "int8", "torch")])
-def test_the_plan_is_what_the_engine_allocates(tmp_path, arch, quantization, backend):
+@pytest.mark.parametrize("arch,quantization,backend,lora_dtype", [
+    ("llama", "none", "cpu-kernel", "auto"), ("llama", "none", "cpu-kernel", "bfloat16"),
+    ("qwen2", "none", "torch", "auto"), ("llama", "nf4", "torch", "auto"),
+    ("llama", "int8", "torch", "auto")])
+def test_the_plan_is_what_the_engine_allocates(tmp_path, arch, quantization, backend,
+                                               lora_dtype):
     from loraplex.server.engine.engine import LLMEngine
 
     model_dir = save_tiny_model(arch, tmp_path / "model", num_hidden_layers=2)
     engine = LLMEngine(EngineConfig(
         model=ModelConfig(model=str(model_dir), quantization=quantization),
         cache=CacheConfig(kv_cache_memory_gb=0.001, block_size=4),
-        lora=LoRAConfig(max_loras=3, max_lora_rank=8, backend=backend)))
+        lora=LoRAConfig(max_loras=3, max_lora_rank=8, backend=backend, dtype=lora_dtype)))
     shape = ModelShape.from_directory(model_dir)
     p = plan(PlanInputs(shape, quantization, "float32", "cpu", kv_cache_memory_gb=0.001,
-                        max_loras=3, max_lora_rank=8, block_size=4, backend=backend))
+                        max_loras=3, max_lora_rank=8, block_size=4, backend=backend,
+                        lora_dtype=lora_dtype))
     assert p.backend == engine.runner.lora.backend
     model = engine.loaded.model
     assert ("oneDNN packed copies" in p.weights) == (engine.runner.cpu_gemm == "onednn")

@@ -181,6 +181,35 @@ def test_packed_storage_is_fp32_on_the_cpu_and_write_records_the_rank():
     assert ranks.tolist() == [0, 5, 3]
 
 
+@pytest.mark.parametrize("in_features,out", [(7, 63), (130, 65), (576, 1536)])
+def test_bf16_slots_give_the_fp32_slots_results_for_bf16_weights(in_features, out):
+    """--lora-dtype bfloat16: weights that are bf16 already (an adapter saved in bf16) give
+    the same bits as from fp32 slots; others are rounded to nearest once, when written."""
+    lib16 = sgmv_cpu.load(torch.bfloat16)
+    case = Case(token_slots("zipf", 19, random.Random(4)), [8, 16, 33, 64, 5, 0], in_features,
+                out)
+    ranks, scales = torch.tensor(case.ranks, dtype=torch.int32), torch.tensor(case.scales)
+    half = sgmv_cpu.PackedSlots(lib16, NUM_SLOTS, 64, in_features, out, ranks, scales)
+    assert half.data.dtype == torch.bfloat16 and half.data.nbytes * 2 == case.packed.data.nbytes
+    for slot, r in enumerate(case.ranks):
+        if r:
+            a, b = case.lora_a[slot, :r].bfloat16().float(), case.lora_b[slot, :, :r].bfloat16()
+            case.packed.write(slot, a, b.float())
+            half.write(slot, a, b.float())
+    table = sgmv_cpu.SegmentTable(case.segments)
+    want = sgmv_cpu.sgmv_cpu(case.y.clone(), case.x, case.packed, table)
+    assert torch.equal(sgmv_cpu.sgmv_cpu(case.y.clone(), case.x, half, table), want)
+    for slot, r in enumerate(case.ranks):  # fp32 weights: rounded to nearest when written
+        if r:
+            a, b = case.lora_a[slot, :r] * 1.001, case.lora_b[slot, :, :r] * 1.001
+            half.write(slot, a, b)
+            case.packed.write(slot, a.bfloat16().float(), b.bfloat16().float())
+    want = sgmv_cpu.sgmv_cpu(case.y.clone(), case.x, case.packed, table)
+    assert torch.equal(sgmv_cpu.sgmv_cpu(case.y.clone(), case.x, half, table), want)
+    with pytest.raises(ValueError, match="fp32 or bf16"):
+        sgmv_cpu.load(torch.float16)
+
+
 def test_close_to_the_torch_reference():
     """The engine switched from the reference to this kernel: same results within fp32
     rounding on a decode-shaped step."""

@@ -75,6 +75,20 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype,
     return requested
 
 
+def lora_weight_dtype(requested: str, backend: str, model_dtype: torch.dtype) -> torch.dtype:
+    """What the slots store adapters in (--lora-dtype): auto is fp32 for the C kernel (PEFT
+    computes adapters in fp32) and the model's dtype for the others; only the C kernel stores
+    them in another dtype than that."""
+    if requested == "auto":
+        return torch.float32 if backend == "cpu-kernel" else model_dtype
+    dtype = getattr(torch, requested)
+    if backend == "cpu-kernel" or dtype == model_dtype:
+        return dtype
+    raise ConfigError(f"--lora-dtype {requested} needs the C kernel (--lora-backend cpu-kernel, "
+                      f"the CPU's default for a dense model); the {backend} backend keeps "
+                      f"adapters in the model's dtype ({str(model_dtype).removeprefix('torch.')})")
+
+
 @dataclass
 class LoRAContext:
     """Per-step LoRA metadata, written by the model runner before each forward."""
@@ -255,9 +269,10 @@ class LoRAModel:
 
     def __init__(self, model: nn.Module, num_slots: int, max_rank: int, dtype: torch.dtype,
                  device: torch.device, backend: str = "torch", fuse: bool = True,
-                 shadow: bool = False):
+                 shadow: bool = False, cpu_weight_dtype: torch.dtype = torch.float32):
         """`backend` is resolved already (`resolve_backend`); `fuse` groups the projections
-        of FUSED_GROUPS when the backend is Triton. `shadow`: one more slot, past the
+        of FUSED_GROUPS when the backend is Triton. `cpu_weight_dtype`: what the C kernel's
+        slots store adapters in (`lora_weight_dtype`). `shadow`: one more slot, past the
         adapter manager's `num_slots`, where the merger keeps a merged adapter's weights
         with its scale negated, for the other tokens' correction."""
         assert backend in ("triton", "cpu-kernel", "torch"), backend
@@ -281,7 +296,10 @@ class LoRAModel:
                    if name.rsplit(".", 1)[-1] in TARGET_NAMES}
         # Building the C kernel (first use on a machine) happens in resolve_backend, at
         # start-up; here it is already cached.
-        lib = sgmv_cpu.load() if backend == "cpu-kernel" else None
+        lib = sgmv_cpu.load(cpu_weight_dtype) if backend == "cpu-kernel" else None
+        if backend == "cpu-kernel" and lib is None:
+            raise ConfigError(f"the CPU kernel for {cpu_weight_dtype} adapters did not build; "
+                              "see the log")
         if backend == "triton" and fuse:
             for parent_name in sorted({name.rsplit(".", 1)[0] for name in targets}):
                 for group in FUSED_GROUPS:

@@ -21,7 +21,7 @@ from .attention import ATTN_IMPLEMENTATION, AttentionMetadata, KVGeometry, Paged
 from .cpu_gemm import pack_linears, resolve_cpu_gemm
 from .decode_graphs import DEFAULT_SIZES, DecodeGraphs
 from .loader import LoadedModel
-from .lora_layers import LoRAModel, check_triton, resolve_backend
+from .lora_layers import LoRAModel, check_triton, lora_weight_dtype, resolve_backend
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,9 @@ class ModelRunner:
         backend = resolve_backend(config.lora.backend, loaded.device, loaded.dtype, quantized)
         self.lora = LoRAModel(model, config.lora.max_loras, config.lora.max_lora_rank,
                               loaded.dtype, loaded.device, backend, config.lora.fuse,
-                              shadow=config.merge.shadow_slot(loaded.quantization))
+                              shadow=config.merge.shadow_slot(loaded.quantization),
+                              cpu_weight_dtype=lora_weight_dtype(config.lora.dtype, backend,
+                                                                 loaded.dtype))
         geometry = KVGeometry.of(model.config.get_text_config())
         self.decode_attention = _decode_backend(config.cache.decode_attention, loaded,
                                                 geometry, self.block_size)
