@@ -26,6 +26,9 @@ VARIANTS = {
     # The base's linear layers through torch's F.linear, as before oneDNN-packed weights.
     "torch-gemm": ({}, ["--cpu-gemm", "torch"]),
     "bf16-torch-gemm": ({}, ["--dtype", "bfloat16", "--cpu-gemm", "torch"]),
+    # Adapters stored in bf16 in the C kernel's slots: half the bytes each step streams.
+    "lora-bf16": ({}, ["--lora-dtype", "bfloat16"]),
+    "bf16-lora-bf16": ({}, ["--dtype", "bfloat16", "--lora-dtype", "bfloat16"]),
 }
 
 
