@@ -50,11 +50,11 @@ static inline v16 ldw(const wt *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
 #define OV 4  /* expand tile: 4 vectors = 64 output columns, one panel */
 #define PW (16 * OV)
 /* Weights are streamed once per step: each loop asks for what it reads 1 KB (A) and 2 KB
- * (B^T) ahead, without keeping it in cache (prefetchnta). Measured on the 2-core EPYC VM, 8
- * adapters over SmolLM2's 210 projections: the kernel alone 6.9-8.7 ms per decode step
- * before, 6.0-7.1 after; in the engine 7.2-7.6 before, 7.0-7.2 after. Farther ahead (8-32
- * KB) or with the default cache hint it gained nothing. A prefetch past the end of the
- * weights never faults. */
+ * (B^T) ahead, without keeping it in cache (prefetchnta). Measured on the 2-core EPYC VM with
+ * the earlier A^T [in, r] layout, 8 adapters over SmolLM2's 210 projections: the kernel alone
+ * 6.9-8.7 ms per decode step before, 6.0-7.1 after; in the engine 7.2-7.6 before, 7.0-7.2
+ * after. Farther ahead (8-32 KB) or with the default cache hint it gained nothing. A prefetch
+ * past the end of the weights never faults. */
 #define AHEAD_A (1024 / (int)sizeof(wt))
 #define AHEAD_B (2048 / (int)sizeof(wt))
 #define LINE (64 / (int)sizeof(wt)) /* weights per cache line */
