@@ -85,6 +85,12 @@ class PackedSlots:
         self.args = (self.data.data_ptr(), slot_stride, self.b_offset, rank_cap, in_features,
                      out_features, ranks.data_ptr(), scales.data_ptr())
 
+    def slot_bytes(self, rank: int) -> int:
+        """Bytes the kernel reads of a slot holding a rank-`rank` adapter: A's blocks and B^T's
+        panels at that rank."""
+        return (a_region(rank, self.in_features)
+                + self.num_panels * rank * PANEL) * self.data.element_size()
+
     def write(self, slot: int,
               lora_a: torch.Tensor,  # [r, in]
               lora_b: torch.Tensor,  # [out, r]

@@ -6,6 +6,7 @@
     loraplex bench compare --adapters 8 --popularity zipf:1.0 --rate 4
     loraplex bench random-model --out llama3-8b-random   # then --model llama3-8b-random
     loraplex bench ray --adapters 8 --num-replicas 2    # one server vs Ray Serve replicas
+    loraplex bench engine-overhead --adapters 8 --ranks 4,8,16,32,64 --kernel-stats
 
 Every command takes the same workload flags, so `run`, `peft` and `compare` with the same
 flags and seed send exactly the same requests.
@@ -29,6 +30,7 @@ from .compare import (
     say,
     wait_ready,
 )
+from .cpu_variants import VARIANTS as CPU_VARIANTS
 from .report import SLO, write_report
 from .workload import WorkloadSpec, parse_arrivals, parse_lengths, parse_popularity
 
@@ -135,11 +137,21 @@ def build_parser() -> argparse.ArgumentParser:
     peers.add_argument("--rounds", type=int, default=1,
                        help="runs of mixed then base-only per system, on one warm server; "
                             "the ratios take each system's median")
+    eo = sub.add_parser("engine-overhead", help="the engine alone, in process: adapters "
+                        "mixed against the base model only, in rounds, without HTTP's noise")
+    _model_args(eo)
+    _adapter_args(eo, make=True)
+    _workload_args(eo)
+    eo.add_argument("--rounds", type=int, default=3, help="medians over this many rounds")
+    eo.add_argument("--variants", default="fp32-slots",
+                    help="comma list of: fp32-slots, bf16-slots (--lora-dtype bfloat16)")
+    eo.add_argument("--kernel-stats", action="store_true",
+                    help="time the C kernel's calls, count the adapter bytes they read, and "
+                         "measure this machine's read rate beside them")
     var = _server_bench(sub, "cpu-variants", "the server under allocators and thread "
                         "settings, 8 adapters mixed and base only each, one report")
     var.add_argument("--variants", default="glibc,tcmalloc,jemalloc,threads1",
-                     help="comma list of: glibc, tcmalloc, jemalloc, threads1, bf16, "
-                          "torch-attention, bf16-torch-attention, torch-gemm, bf16-torch-gemm")
+                     help=f"comma list of: {', '.join(CPU_VARIANTS)}")
     return parser
 
 
@@ -282,12 +294,23 @@ def main(argv: list[str] | None = None) -> int:
                                      "--rounds: at least 1")
                 return _finish(*peers(spec, opts, model_dir, max_rank, args.out, desc,
                                       systems, args.rounds))
-            if args.command == "cpu-variants":
-                from .cpu_variants import VARIANTS, cpu_variants
+            if args.command == "engine-overhead":
+                from .engine_overhead import VARIANTS, engine_overhead
 
                 names = [v.strip() for v in args.variants.split(",") if v.strip()]
-                if not names or set(names) - set(VARIANTS):
-                    raise ValueError(f"--variants: choose among {', '.join(VARIANTS)}")
+                if not names or set(names) - set(VARIANTS) or args.rounds < 1:
+                    raise ValueError(f"--variants: choose among {', '.join(VARIANTS)}; "
+                                     "--rounds: at least 1")
+                desc["arrivals"] = "in process, every request at once"
+                return _finish(*engine_overhead(spec, args.model, args.quantization, adapters,
+                                                names, args.rounds, args.kernel_stats,
+                                                args.out, desc))
+            if args.command == "cpu-variants":
+                from .cpu_variants import cpu_variants
+
+                names = [v.strip() for v in args.variants.split(",") if v.strip()]
+                if not names or set(names) - set(CPU_VARIANTS):
+                    raise ValueError(f"--variants: choose among {', '.join(CPU_VARIANTS)}")
                 return _finish(*cpu_variants(spec, opts, names, args.out, desc))
             if args.command == "ray":
                 from .ray_bench import ray_bench

@@ -404,10 +404,38 @@ def test_peers_ratios_take_each_systems_median_over_rounds():
 def test_cpu_variants_help_names_every_variant_and_peers_its_systems(capsys):
     from loraplex.loadtest.cli import build_parser
     from loraplex.loadtest.cpu_variants import VARIANTS
+    from loraplex.loadtest.engine_overhead import VARIANTS as ENGINE_VARIANTS
     from loraplex.loadtest.peers import SYSTEMS
 
-    for command, names in (("cpu-variants", VARIANTS), ("peers", SYSTEMS)):
+    for command, names in (("cpu-variants", VARIANTS), ("peers", SYSTEMS),
+                           ("engine-overhead", ENGINE_VARIANTS)):
         with pytest.raises(SystemExit):
             build_parser().parse_args([command, "--help"])
         text = " ".join(capsys.readouterr().out.split())
         assert all(name in text for name in names), (command, text)
+
+
+def test_engine_overhead_runs_every_variant_and_counts_the_kernels_bytes(tmp_path, embedded_dir,
+                                                                          capsys):
+    """In process, one round: both slot dtypes mixed, then the base only. The kernel's calls
+    are timed and its bytes counted: bf16 slots read exactly half of fp32's on the same
+    steps, and the base-only run calls it not at all."""
+    from loraplex.loadtest.cli import main
+
+    out = tmp_path / "overhead"
+    assert main(["engine-overhead", "--model", str(embedded_dir), "--adapters", "2",
+                 "--ranks", "4,8", "--num-requests", "4", "--popularity", "distinct",
+                 "--prompt-len", "uniform:4:8", "--output-len", "fixed:3", "--rounds", "1",
+                 "--variants", "fp32-slots,bf16-slots", "--kernel-stats",
+                 "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    runs = report["runs"]
+    assert list(runs) == ["fp32-slots, mixed", "bf16-slots, mixed", "base only"]
+    fp32, bf16, base = runs.values()
+    assert report["output_tokens"] == 12 and len(fp32["seconds"]) == 1
+    assert fp32["kernel_calls"] > 0 and fp32["kernel_gb"] > 0
+    assert bf16["kernel_calls"] == fp32["kernel_calls"]
+    assert base["kernel_calls"] == 0 and base["lora_overhead"] == 0
+    assert report["read_gb_per_s"][0] > 0
+    printed = capsys.readouterr().out
+    assert "| fp32-slots, mixed |" in printed and "overhead floor" in printed

@@ -1,0 +1,178 @@
+"""`loraplex bench engine-overhead`: the LoRA overhead of the engine alone, in one process.
+
+The served benchmarks (`cpu-variants`, `peers`) measure through HTTP, where on a 2-core VM one
+run of the same build varies by 10-20%: more than the adapters' share of a step. Here the
+same workload (`WorkloadSpec`: the prompts, adapters and lengths the served commands send) is
+submitted straight to engines built in this process, greedy, EOS ignored, in rounds: each
+round runs every variant's engine with the adapters mixed, then the first engine on the base
+model only, one after another. The ratios take each run's median over the rounds.
+
+`--kernel-stats` also times the C kernel's calls (monkeypatched in, so the engine runs as
+served otherwise) and counts the adapter bytes each call has to read: the rank-sized regions
+of the slots its tokens use. Beside it, a plain `torch.sum` over 256 MB, at the same threads,
+measures what this machine reads per second at that moment: bytes divided by that is the
+kernel's floor.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .compare import say
+from .workload import WorkloadSpec
+
+# variant name -> LoRAConfig.dtype (--lora-dtype)
+VARIANTS = {"fp32-slots": "auto", "bf16-slots": "bfloat16"}
+
+
+@dataclass
+class KernelStats:
+    """The C kernel's calls during one run: count, seconds, adapter bytes to read."""
+
+    calls: int = 0
+    seconds: float = 0.0
+    bytes: int = 0
+    _slots: dict = field(default_factory=dict)  # id(table) -> (table, its distinct slots)
+
+    def wrap(self, kernel: Callable) -> Callable:
+        def timed(y, x, weights, table):
+            key = id(table)
+            if key not in self._slots:  # one table per step, shared by every projection
+                self._slots = {key: (table, sorted({s for s in table.slots.tolist() if s >= 0}))}
+            start = time.perf_counter()
+            out = kernel(y, x, weights, table)
+            self.seconds += time.perf_counter() - start
+            self.calls += 1
+            ranks = weights._ranks.tolist()
+            self.bytes += sum(weights.slot_bytes(ranks[s]) for s in self._slots[key][1])
+            return out
+        return timed
+
+
+def read_bandwidth(mb: int = 256, repeats: int = 5) -> float:
+    """GB/s of a plain `torch.sum` over `mb` MB at torch's threads: the best of `repeats`."""
+    data = torch.ones(mb * 2**20 // 4, dtype=torch.float32)
+    data.sum()
+    best = min(_timed(data.sum) for _ in range(repeats))
+    return data.nbytes / best / 1e9
+
+
+def _timed(fn: Callable) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _run(engine, requests: list[tuple[list[int], str | None, int]], base_only: bool) -> float:
+    from loraplex.server.engine.request import SamplingParams
+
+    start = time.perf_counter()
+    for i, (prompt, adapter, max_tokens) in enumerate(requests):
+        engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=max_tokens,
+                                                           temperature=0.0, ignore_eos=True),
+                           None if base_only else adapter)
+    while engine.has_unfinished():
+        engine.step()
+    return time.perf_counter() - start
+
+
+def engine_overhead(spec: WorkloadSpec, model: str | None, quantization: str,
+                    adapters: dict[str, str], variants: list[str], rounds: int,
+                    kernel_stats: bool, out_dir: str | Path,
+                    workload_desc: dict) -> tuple[Path, list[str]]:
+    from loraplex.kernels import sgmv_cpu
+    from loraplex.server.config import EngineConfig, LoRAConfig, ModelConfig
+    from loraplex.server.engine.engine import LLMEngine
+
+    max_rank = max(json.loads((Path(p) / "adapter_config.json").read_text())["r"]
+                   for p in adapters.values())
+    engines = {}
+    for name in variants:
+        say(f"engine {name} ...")
+        engine = LLMEngine(EngineConfig(
+            model=ModelConfig(model=model, quantization=quantization),
+            lora=LoRAConfig(max_loras=max(len(adapters), 1), max_lora_rank=max_rank,
+                            dtype=VARIANTS[name])))
+        for adapter, path in adapters.items():
+            engine.register_adapter(adapter, path)
+        engines[name] = engine
+    tokenizer = next(iter(engines.values())).tokenizer
+    requests = [(tokenizer.encode(item.prompt), item.adapter, item.max_tokens)
+                for item in spec.items()]
+    tokens = sum(r[2] for r in requests)
+    for engine in engines.values():  # first forwards build kernels and oneDNN primitives
+        _run(engine, requests[:4], base_only=False)
+
+    runs = [f"{name}, mixed" for name in variants] + ["base only"]
+    seconds: dict[str, list[float]] = {run: [] for run in runs}
+    stats: dict[str, list[KernelStats]] = {run: [] for run in runs}
+    bandwidth: list[float] = []
+    original = sgmv_cpu.sgmv_cpu
+    try:
+        for r in range(rounds):
+            if kernel_stats:
+                bandwidth.append(read_bandwidth())
+            for run in runs:
+                engine = engines[variants[0] if run == "base only" else run.split(",")[0]]
+                ks = KernelStats()
+                if kernel_stats:
+                    sgmv_cpu.sgmv_cpu = ks.wrap(original)
+                seconds[run].append(_run(engine, requests, base_only=run == "base only"))
+                sgmv_cpu.sgmv_cpu = original
+                stats[run].append(ks)
+                say(f"round {r + 1}/{rounds}: {run}: {seconds[run][-1]:.2f} s "
+                    f"({tokens / seconds[run][-1]:.1f} output tok/s)")
+    finally:
+        sgmv_cpu.sgmv_cpu = original
+
+    base = statistics.median(seconds["base only"])
+    rows, results = [], {}
+    for run in runs:
+        med = statistics.median(seconds[run])
+        result = {"seconds": seconds[run], "median_s": round(med, 3),
+                  "output_tok_per_s": round(tokens / med, 1),
+                  "lora_overhead": round(med / base - 1, 4)}
+        cells = [run, f"{med:.2f} ({', '.join(f'{s:.2f}' for s in seconds[run])})",
+                 f"{tokens / med:.1f}", "-" if run == "base only" else f"{med / base - 1:.1%}"]
+        if kernel_stats:
+            kernel_s = statistics.median(k.seconds for k in stats[run])
+            gb = statistics.median(k.bytes for k in stats[run]) / 1e9
+            result.update(kernel_s=round(kernel_s, 3), kernel_gb=round(gb, 2),
+                          kernel_calls=stats[run][0].calls)
+            cells += ["-", "-"] if not gb else [f"{kernel_s:.2f}", f"{gb / kernel_s:.1f}"]
+        results[run] = result
+        rows.append("| " + " | ".join(cells) + " |")
+    head = "| run | seconds (rounds) | output tok/s | LoRA overhead (run / base - 1) |"
+    if kernel_stats:
+        head += " C kernel s | kernel GB/s |"
+    lines = [f"{run}: LoRA overhead {results[run]['lora_overhead']:.1%}" for run in runs[:-1]]
+    if kernel_stats:
+        bw = statistics.median(bandwidth)
+        lines.append(f"plain read (torch.sum, {torch.get_num_threads()} threads): {bw:.1f} GB/s "
+                     f"(rounds {', '.join(f'{b:.1f}' for b in bandwidth)})")
+        for run in (run for run in runs[:-1] if results[run]["kernel_gb"]):
+            floor = results[run]["kernel_gb"] / bw
+            lines.append(f"{run}: {results[run]['kernel_gb']:.1f} GB of adapter weights to read "
+                         f"take {floor:.2f} s at that rate: an overhead floor of "
+                         f"{floor / base:.1%}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "report.md"
+    path.write_text(
+        "# The engine's LoRA overhead, in process\n\n"
+        f"Workload: {json.dumps(workload_desc)}; {len(requests)} requests, {tokens} output "
+        f"tokens; {rounds} rounds, medians.\n\n" + head + "\n"
+        + "|---" * (head.count("|") - 1) + "|\n" + "\n".join(rows) + "\n\n"
+        + "\n".join(f"- {line}" for line in lines) + "\n")
+    path.with_name("report.json").write_text(json.dumps(
+        {"workload": workload_desc, "output_tokens": tokens, "rounds": rounds,
+         "threads": torch.get_num_threads(), "runs": results,
+         "read_gb_per_s": bandwidth}, indent=2))
+    return path, lines
