@@ -18,6 +18,9 @@ VARIANTS = {
     "tcmalloc": ({"LD_PRELOAD": f"{_LIB}/libtcmalloc_minimal.so.4"}, []),
     "jemalloc": ({"LD_PRELOAD": f"{_LIB}/libjemalloc.so.2"}, []),
     "threads1": ({"OMP_NUM_THREADS": "1"}, []),
+    # glibc's malloc asks for transparent huge pages on its mmaps (glibc 2.35+): fewer TLB
+    # misses over the weights, slots and KV cache, which are streamed every step.
+    "hugepages": ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, []),
     # bf16 weights and activations: oneDNN's AVX512-BF16 / AMX paths where the CPU has them.
     "bf16": ({}, ["--dtype", "bfloat16"]),
     # Decode attention by padded gather and SDPA, as before the C kernel (the default now).
