@@ -7,11 +7,11 @@ submitted straight to engines built in this process, greedy, EOS ignored, in rou
 round runs every variant's engine with the adapters mixed, then the first engine on the base
 model only, one after another. The ratios take each run's median over the rounds.
 
-`--kernel-stats` also times the C kernel's calls (monkeypatched in, so the engine runs as
-served otherwise) and counts the adapter bytes each call has to read: the rank-sized regions
-of the slots its tokens use. Beside it, a plain `torch.sum` over 256 MB, at the same threads,
-measures what this machine reads per second at that moment: bytes divided by that is the
-kernel's floor.
+`--kernel-stats` then runs each variant once more with the C kernel's calls timed
+(monkeypatched in; these runs are not among the timed rounds, whose engines run as served)
+and counts the adapter bytes each call has to read: the rank-sized regions of the slots its
+tokens use. Beside each, a plain `torch.sum` over 256 MB, at the same threads, measures what
+this machine reads per second at that moment: bytes divided by that is the kernel's floor.
 """
 
 from __future__ import annotations
@@ -34,26 +34,31 @@ VARIANTS = {"fp32-slots": "auto", "bf16-slots": "bfloat16"}
 
 @dataclass
 class KernelStats:
-    """The C kernel's calls during one run: count, seconds, adapter bytes to read."""
+    """The C kernel's calls during one run: count, seconds, and each call's weights and step
+    table, whose adapter bytes are summed after the run (`gigabytes`)."""
 
-    calls: int = 0
+    calls: list = field(default_factory=list)  # (weights, table) per call
     seconds: float = 0.0
-    bytes: int = 0
-    _slots: dict = field(default_factory=dict)  # id(table) -> (table, its distinct slots)
 
     def wrap(self, kernel: Callable) -> Callable:
         def timed(y, x, weights, table):
-            key = id(table)
-            if key not in self._slots:  # one table per step, shared by every projection
-                self._slots = {key: (table, sorted({s for s in table.slots.tolist() if s >= 0}))}
             start = time.perf_counter()
             out = kernel(y, x, weights, table)
             self.seconds += time.perf_counter() - start
-            self.calls += 1
-            ranks = weights._ranks.tolist()
-            self.bytes += sum(weights.slot_bytes(ranks[s]) for s in self._slots[key][1])
+            self.calls.append((weights, table))
             return out
         return timed
+
+    def gigabytes(self) -> float:
+        """Adapter bytes the calls had to read: each call's slots in use, at their ranks."""
+        slots: dict[int, list[int]] = {}
+        total = 0
+        for weights, table in self.calls:
+            used = slots.setdefault(id(table), sorted({s for s in table.slots.tolist()
+                                                       if s >= 0}))
+            ranks = weights._ranks.tolist()
+            total += sum(weights.slot_bytes(ranks[s]) for s in used)
+        return total / 1e9
 
 
 def read_bandwidth(mb: int = 256, repeats: int = 5) -> float:
@@ -112,23 +117,23 @@ def engine_overhead(spec: WorkloadSpec, model: str | None, quantization: str,
 
     runs = [f"{name}, mixed" for name in variants] + ["base only"]
     seconds: dict[str, list[float]] = {run: [] for run in runs}
-    stats: dict[str, list[KernelStats]] = {run: [] for run in runs}
+    for r in range(rounds):
+        for run in runs:
+            engine = engines[variants[0] if run == "base only" else run.split(",")[0]]
+            seconds[run].append(_run(engine, requests, base_only=run == "base only"))
+            say(f"round {r + 1}/{rounds}: {run}: {seconds[run][-1]:.2f} s "
+                f"({tokens / seconds[run][-1]:.1f} output tok/s)")
+    stats: dict[str, KernelStats] = {}
     bandwidth: list[float] = []
     original = sgmv_cpu.sgmv_cpu
     try:
-        for r in range(rounds):
-            if kernel_stats:
-                bandwidth.append(read_bandwidth())
-            for run in runs:
-                engine = engines[variants[0] if run == "base only" else run.split(",")[0]]
-                ks = KernelStats()
-                if kernel_stats:
-                    sgmv_cpu.sgmv_cpu = ks.wrap(original)
-                seconds[run].append(_run(engine, requests, base_only=run == "base only"))
-                sgmv_cpu.sgmv_cpu = original
-                stats[run].append(ks)
-                say(f"round {r + 1}/{rounds}: {run}: {seconds[run][-1]:.2f} s "
-                    f"({tokens / seconds[run][-1]:.1f} output tok/s)")
+        for name in variants if kernel_stats else ():
+            bandwidth.append(read_bandwidth())
+            stats[f"{name}, mixed"] = ks = KernelStats()
+            sgmv_cpu.sgmv_cpu = ks.wrap(original)
+            _run(engines[name], requests, base_only=False)
+            sgmv_cpu.sgmv_cpu = original
+            say(f"{name}, mixed, kernel timed: {ks.seconds:.2f} s in {len(ks.calls)} calls")
     finally:
         sgmv_cpu.sgmv_cpu = original
 
@@ -141,23 +146,24 @@ def engine_overhead(spec: WorkloadSpec, model: str | None, quantization: str,
                   "lora_overhead": round(med / base - 1, 4)}
         cells = [run, f"{med:.2f} ({', '.join(f'{s:.2f}' for s in seconds[run])})",
                  f"{tokens / med:.1f}", "-" if run == "base only" else f"{med / base - 1:.1%}"]
-        if kernel_stats:
-            kernel_s = statistics.median(k.seconds for k in stats[run])
-            gb = statistics.median(k.bytes for k in stats[run]) / 1e9
+        if run in stats:
+            kernel_s, gb = stats[run].seconds, stats[run].gigabytes()
             result.update(kernel_s=round(kernel_s, 3), kernel_gb=round(gb, 2),
-                          kernel_calls=stats[run][0].calls)
-            cells += ["-", "-"] if not gb else [f"{kernel_s:.2f}", f"{gb / kernel_s:.1f}"]
+                          kernel_calls=len(stats[run].calls))
+            cells += [f"{kernel_s:.2f}", f"{gb / kernel_s:.1f}" if kernel_s else "-"]
+        elif kernel_stats:
+            cells += ["-", "-"]
         results[run] = result
         rows.append("| " + " | ".join(cells) + " |")
     head = "| run | seconds (rounds) | output tok/s | LoRA overhead (run / base - 1) |"
     if kernel_stats:
-        head += " C kernel s | kernel GB/s |"
+        head += " C kernel s (a run of its own) | kernel GB/s |"
     lines = [f"{run}: LoRA overhead {results[run]['lora_overhead']:.1%}" for run in runs[:-1]]
     if kernel_stats:
         bw = statistics.median(bandwidth)
         lines.append(f"plain read (torch.sum, {torch.get_num_threads()} threads): {bw:.1f} GB/s "
                      f"(rounds {', '.join(f'{b:.1f}' for b in bandwidth)})")
-        for run in (run for run in runs[:-1] if results[run]["kernel_gb"]):
+        for run in (run for run in runs[:-1] if results[run].get("kernel_gb")):
             floor = results[run]["kernel_gb"] / bw
             lines.append(f"{run}: {results[run]['kernel_gb']:.1f} GB of adapter weights to read "
                          f"take {floor:.2f} s at that rate: an overhead floor of "
