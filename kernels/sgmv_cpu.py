@@ -85,6 +85,10 @@ class PackedSlots:
         self.args = (self.data.data_ptr(), slot_stride, self.b_offset, rank_cap, in_features,
                      out_features, ranks.data_ptr(), scales.data_ptr())
 
+    def ranks(self) -> list[int]:
+        """Each slot's rank as the kernel reads it (0: empty, or not targeting this module)."""
+        return self._ranks.tolist()
+
     def slot_bytes(self, rank: int) -> int:
         """Bytes the kernel reads of a slot holding a rank-`rank` adapter: A's blocks and B^T's
         panels at that rank."""

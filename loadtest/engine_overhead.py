@@ -56,7 +56,7 @@ class KernelStats:
         for weights, table in self.calls:
             used = slots.setdefault(id(table), sorted({s for s in table.slots.tolist()
                                                        if s >= 0}))
-            ranks = weights._ranks.tolist()
+            ranks = weights.ranks()
             total += sum(weights.slot_bytes(ranks[s]) for s in used)
         return total / 1e9
 
