@@ -137,11 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     peers.add_argument("--rounds", type=int, default=1,
                        help="runs of mixed then base-only per system, on one warm server; "
                             "the ratios take each system's median")
-    eo = sub.add_parser("engine-overhead", help="the engine alone, in process: adapters "
-                        "mixed against the base model only, in rounds, without HTTP's noise")
-    _model_args(eo)
-    _adapter_args(eo, make=True)
-    _workload_args(eo)
+    eo = _bench(sub, "engine-overhead", "the engine alone, in process: adapters mixed "
+                "against the base model only, in rounds, without HTTP's noise")
     eo.add_argument("--rounds", type=int, default=3, help="medians over this many rounds")
     eo.add_argument("--variants", default="fp32-slots",
                     help="comma list of: fp32-slots, bf16-slots (--lora-dtype bfloat16)")
@@ -155,12 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _server_bench(sub, name: str, help: str) -> argparse.ArgumentParser:
-    """A command that starts servers itself on the same workload."""
+def _bench(sub, name: str, help: str) -> argparse.ArgumentParser:
+    """A command that runs the model itself on the workload, with adapters it can make."""
     p = sub.add_parser(name, help=help)
     _model_args(p)
     _adapter_args(p, make=True)
     _workload_args(p)
+    return p
+
+
+def _server_bench(sub, name: str, help: str) -> argparse.ArgumentParser:
+    """A command that starts servers itself on the same workload."""
+    p = _bench(sub, name, help)
     p.add_argument("--port", type=int, default=0, help="default: a free loopback port")
     p.add_argument("--server-args", default="",
                    help="extra `loraplex serve` flags, e.g. \"--max-loras 4\"")
