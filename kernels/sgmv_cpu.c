@@ -46,7 +46,11 @@ typedef float wt;
 static inline v16 ldw(const wt *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
 #endif
 
-#define MB 4  /* token rows per tile: each weight row loaded is used 4 times */
+/* Token rows per tile: each weight loaded is used by up to 4 rows. A tile of fewer rows (a
+ * segment's last, or a decode segment of one token) runs loops specialised for its count
+ * (`tile`), which do only its rows' arithmetic: at 4 rows a core spends about as long on the
+ * FMAs as on reading the weights. */
+#define MB 4
 #define OV 4  /* expand tile: 4 vectors = 64 output columns, one panel */
 #define PW (16 * OV)
 /* Weights are streamed once per step: each loop asks for what it reads 1 KB (A) and 2 KB
@@ -80,26 +84,28 @@ static inline float hsum(v16 v) {
 
 #define JB 4 /* ranks per shrink block: MB x JB accumulators, each an independent chain */
 
-/* h[i][0:r] = xr[i] @ A[0:r].T for MB rows. A is stored in blocks of JB ranks, each block
+/* h[i][0:r] = xr[i] @ A[0:r].T for mb rows. A is stored in blocks of JB ranks, each block
  * [ceil(in / 16), JB, 16]: chunk c of the block holds A[j0 + jj, 16c : 16c + 16] for its JB
  * ranks (zeros past r and past in). Each rank's row is a dot product along `in`, 16 lanes at a
- * time, so every byte loaded is used whatever the rank; JB ranks x MB rows keep 16 independent
- * accumulators busy, and the whole of A is one sequential stream. */
-static void shrink(float *h, int64_t ldh, const float *const xr[MB], const wt *a, int64_t r,
-                   int64_t in) {
+ * time, so every byte loaded is used whatever the rank; JB ranks x mb rows keep up to 16
+ * independent accumulators busy, and the whole of A is one sequential stream. Inlined into
+ * `tile` with a constant mb, so that its loops over rows unroll. */
+static inline __attribute__((always_inline)) void shrink(
+    float *h, int64_t ldh, const float *const xr[MB], int mb, const wt *a, int64_t r,
+    int64_t in) {
   const int64_t kv = in / 16 * 16, chunks = (in + 15) / 16;
   for (int64_t j0 = 0; j0 < r; j0 += JB) {
     const int nj = r - j0 < JB ? (int)(r - j0) : JB;
     const wt *ab = a + j0 * chunks * 16;  /* this block: [chunks, JB, 16] */
     v16 acc[MB][JB];
-    for (int i = 0; i < MB; i++)
+    for (int i = 0; i < mb; i++)
       for (int jj = 0; jj < JB; jj++) acc[i][jj] = bc(0.0f);
     for (int64_t k = 0; k < in; k += 16) {
       v16 xv[MB];
       if (k < kv) {
-        for (int i = 0; i < MB; i++) xv[i] = ld(xr[i] + k);
+        for (int i = 0; i < mb; i++) xv[i] = ld(xr[i] + k);
       } else {  /* the last chunk of an `in` that is not a multiple of 16 */
-        for (int i = 0; i < MB; i++) {
+        for (int i = 0; i < mb; i++) {
           float t[16] = {0};
           memcpy(t, xr[i] + k, (size_t)(in - k) * sizeof(float));
           xv[i] = ld(t);
@@ -109,29 +115,29 @@ static void shrink(float *h, int64_t ldh, const float *const xr[MB], const wt *a
       for (int l = 0; l < JB * 16; l += LINE) __builtin_prefetch(ak + AHEAD_A + l, 0, 0);
       for (int jj = 0; jj < JB; jj++) {
         const v16 av = ldw(ak + 16 * jj);
-        for (int i = 0; i < MB; i++) acc[i][jj] += xv[i] * av;
+        for (int i = 0; i < mb; i++) acc[i][jj] += xv[i] * av;
       }
     }
-    for (int i = 0; i < MB; i++)
+    for (int i = 0; i < mb; i++)
       for (int jj = 0; jj < nj; jj++) h[i * ldh + j0 + jj] = hsum(acc[i][jj]);
   }
 }
 
-/* y[row i] += scale * h[i][0:r] @ B^T[0:r, :] for the first mb of MB rows, one 64-column
- * panel at a time. */
-static void expand(float *const yr[MB], int mb, const float *h, int64_t ldh,
-                   const wt *panels, int64_t r, int64_t out, float scale) {
+/* y[row i] += scale * h[i][0:r] @ B^T[0:r, :] for mb rows, one 64-column panel at a time. */
+static inline __attribute__((always_inline)) void expand(
+    float *const yr[MB], int mb, const float *h, int64_t ldh, const wt *panels, int64_t r,
+    int64_t out, float scale) {
   const v16 sv = bc(scale);
   for (int64_t o0 = 0; o0 < out; o0 += PW) {
     const wt *bp = panels + o0 * r;  /* panel o0 / PW: [r, PW] */
     v16 acc[MB][OV];
-    for (int i = 0; i < MB; i++)
+    for (int i = 0; i < mb; i++)
       for (int v = 0; v < OV; v++) acc[i][v] = bc(0.0f);
     for (int64_t j = 0; j < r; j++) {
       v16 b[OV];
       for (int v = 0; v < OV; v++) b[v] = ldw(bp + j * PW + 16 * v);
       for (int l = 0; l < PW; l += LINE) __builtin_prefetch(bp + j * PW + l + AHEAD_B, 0, 0);
-      for (int i = 0; i < MB; i++) {
+      for (int i = 0; i < mb; i++) {
         v16 hv = bc(h[i * ldh + j]);
         for (int v = 0; v < OV; v++) acc[i][v] += hv * b[v];
       }
@@ -179,16 +185,28 @@ static int64_t order_tiles(const int32_t *ranks, const int64_t *starts, const in
   return num_tiles;
 }
 
-/* One tile: yr[i] += scale * (xr[i] @ A.T) @ B.T for its mb rows, in fp32. */
+/* yr[i] += scale * (xr[i] @ A.T) @ B.T for mb rows, in fp32. */
+static inline __attribute__((always_inline)) void tile_rows(
+    float *const yr[MB], int mb, const float *const xr[MB], const wt *a, int64_t b_offset,
+    int64_t r, int64_t in, int64_t out, float scale) {
+  const int64_t ldh = (r + 15) / 16 * 16;  /* h's rows hold whole vectors */
+  float h[MB * ldh];
+  shrink(h, ldh, xr, mb, a, r, in);
+  expand(yr, mb, h, ldh, a + b_offset, r, out, scale);
+}
+
+/* One tile of 1 to MB rows, by the loops compiled for its row count. */
 static void tile(float *const yr[MB], int mb, const float *const xr[MB], const wt *w,
                  int64_t slot_stride, int64_t b_offset, int64_t rank_cap, int64_t in,
                  int64_t out, const int32_t *ranks, const float *scales, int64_t s) {
   const int64_t r = ranks[s] < rank_cap ? ranks[s] : rank_cap;
-  const int64_t ldh = (r + 15) / 16 * 16;  /* h's rows hold whole vectors */
   const wt *a = w + s * slot_stride;
-  float h[MB * ldh];
-  shrink(h, ldh, xr, a, r, in);
-  expand(yr, mb, h, ldh, a + b_offset, r, out, scales[s]);
+  switch (mb) {
+    case 1: tile_rows(yr, 1, xr, a, b_offset, r, in, out, scales[s]); break;
+    case 2: tile_rows(yr, 2, xr, a, b_offset, r, in, out, scales[s]); break;
+    case 3: tile_rows(yr, 3, xr, a, b_offset, r, in, out, scales[s]); break;
+    default: tile_rows(yr, MB, xr, a, b_offset, r, in, out, scales[s]); break;
+  }
 }
 
 /* The tiles run in parallel on torch's OpenMP threads (torch ships libgomp.so.1, which this
@@ -205,9 +223,9 @@ void lp_sgmv_f32(float *y, int64_t ldy, const float *x, int64_t ldx,
     const int mb = starts[g + 1] - m0 < MB ? (int)(starts[g + 1] - m0) : MB;
     const float *xr[MB];
     float *yr[MB];
-    for (int i = 0; i < MB; i++) {  /* a short tile repeats its first row; unused */
-      xr[i] = x + (m0 + (i < mb ? i : 0)) * ldx;
-      yr[i] = y + (m0 + (i < mb ? i : 0)) * ldy;
+    for (int i = 0; i < mb; i++) {
+      xr[i] = x + (m0 + i) * ldx;
+      yr[i] = y + (m0 + i) * ldy;
     }
     tile(yr, mb, xr, w, slot_stride, b_offset, rank_cap, in, out, ranks, scales, slots[g]);
   }
@@ -251,9 +269,9 @@ void lp_sgmv_bf16(uint16_t *y, int64_t ldy, const uint16_t *x, int64_t ldx,
     float *xs = scratch + (int64_t)omp_get_thread_num() * MB * (in + out), *ys = xs + MB * in;
     const float *xr[MB];
     float *yr[MB];
-    for (int i = 0; i < MB; i++) {  /* a short tile repeats its first row; unused */
-      xr[i] = xs + (i < mb ? i : 0) * in;
-      yr[i] = ys + (i < mb ? i : 0) * out;
+    for (int i = 0; i < mb; i++) {
+      xr[i] = xs + i * in;
+      yr[i] = ys + i * out;
     }
     for (int i = 0; i < mb; i++) {
       for (int64_t k = 0; k < in; k++) xs[i * in + k] = bf2f(x[(m0 + i) * ldx + k]);

@@ -39,10 +39,16 @@ def load(weight_dtype: torch.dtype = torch.float32) -> ctypes.CDLL | None:
     """The compiled kernel for adapter weights stored in `weight_dtype` (fp32, or bf16: half
     the bytes to stream, widened to fp32 as read), or None (logged once) where it cannot be
     built. `lib.weight_dtype` says which."""
+    return load_source(SOURCE, weight_dtype)
+
+
+def load_source(source: pathlib.Path,
+                weight_dtype: torch.dtype = torch.float32) -> ctypes.CDLL | None:
+    """`load` from another version of sgmv_cpu.c (the benchmark's `--against`), uncached."""
     if weight_dtype not in WEIGHT_DTYPES:
         raise ValueError(f"the CPU kernel stores adapters in fp32 or bf16, not {weight_dtype}")
     bf16 = weight_dtype == torch.bfloat16
-    lib = build_and_load(SOURCE, "the torch reference for LoRA",
+    lib = build_and_load(source, "the torch reference for LoRA",
                          ("LP_WEIGHTS_BF16",) if bf16 else ())
     if lib is None:
         return None

@@ -286,6 +286,22 @@ def test_benchmark_runs_and_checks_its_two_paths_agree(capsys):
     assert "| torch reference |" in out and "kernel speed-up:" in out
 
 
+def test_benchmark_times_another_version_of_the_kernel_beside_this_one(capsys, tmp_path):
+    """`--against`: another source with the same entry points, its results checked against
+    this one's (one token per adapter: the tail's one-row tiles)."""
+    from loraplex.kernels import bench_sgmv_cpu
+
+    other = tmp_path / "other.c"
+    other.write_text(sgmv_cpu.SOURCE.read_text() + "\n/* another version */\n")
+    assert bench_sgmv_cpu.main(["--adapters", "3", "--tokens", "2", "--layers", "1",
+                                "--ranks", "4,64", "--repeats", "1", "--against",
+                                str(other)]) == 0
+    out = capsys.readouterr().out
+    assert "7 projections, 3 adapters (ranks 4/64), 2 tokens" in out
+    assert f"| C kernel from {other} |" in out
+    assert f"this kernel against {other}:" in out
+
+
 def test_lora_model_runs_the_kernel_for_its_backend_and_peft_calls_for_torch(monkeypatch):
     """The cpu-kernel backend stores slots in the kernel's layout, the torch backend (used for
     bitsandbytes bases) in the reference's; slots loaded, reloaded with a smaller rank and
