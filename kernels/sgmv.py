@@ -121,14 +121,8 @@ def sgmv(
     if weights.packed is not None:
         if table is None:
             raise ValueError("weights packed for the CPU kernel need the step's SegmentTable")
-        if y.dtype in (torch.float32, torch.bfloat16):  # bf16: widened to fp32 in C
-            return sgmv_cpu.sgmv_cpu(y, x if x.stride(-1) == 1 else x.contiguous(),
-                                     weights.packed, table)
-        # An fp16 model: the delta in fp32 and one rounding of base + delta, as PEFT
-        # computes with its adapters kept in fp32 (autocast_adapter_dtype, its default).
-        y32 = y.float()  # [T, out]
-        sgmv_cpu.sgmv_cpu(y32, x.float().contiguous(), weights.packed, table)
-        return y.copy_(y32)
+        return sgmv_cpu.sgmv_cpu(y, x if x.stride(-1) == 1 else x.contiguous(),
+                                 weights.packed, table)
     if meta is None:
         return sgmv_ref(y, x, weights.lora_a, weights.lora_b, segments, weights.ranks,
                         weights.scales)

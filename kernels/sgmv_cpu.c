@@ -46,6 +46,24 @@ typedef float wt;
 static inline v16 ldw(const wt *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
 #endif
 
+/* One projection's slots, fixed for their lifetime: PackedSlots fills this once, and each
+ * call passes its address (a ctypes call costs about 70 ns per argument, and there are 210
+ * calls per decode step). */
+typedef struct {
+  const wt *w;  /* [num_slots, slot_stride] */
+  int64_t slot_stride, b_offset, rank_cap, in, out;
+  const int32_t *ranks;  /* [num_slots] */
+  const float *scales;  /* [num_slots] */
+} lp_slots;
+
+/* One step's segments, filled once per step by SegmentTable. */
+typedef struct {
+  const int64_t *starts;  /* [num_segments + 1] */
+  const int64_t *slots;  /* [num_segments] */
+  int64_t num_segments;
+  int64_t *tiles;  /* [2 * (T / MB + num_segments)] scratch */
+} lp_step;
+
 /* Token rows per tile: each weight loaded is used by up to 4 rows. A tile of fewer rows (a
  * segment's last, or a decode segment of one token) runs loops specialised for its count
  * (`tile`), which do only its rows' arithmetic: at 4 rows a core spends about as long on the
@@ -195,40 +213,48 @@ static inline __attribute__((always_inline)) void tile_rows(
   expand(yr, mb, h, ldh, a + b_offset, r, out, scale);
 }
 
-/* One tile of 1 to MB rows, by the loops compiled for its row count. */
-static void tile(float *const yr[MB], int mb, const float *const xr[MB], const wt *w,
-                 int64_t slot_stride, int64_t b_offset, int64_t rank_cap, int64_t in,
-                 int64_t out, const int32_t *ranks, const float *scales, int64_t s) {
-  const int64_t r = ranks[s] < rank_cap ? ranks[s] : rank_cap;
-  const wt *a = w + s * slot_stride;
+/* One tile of 1 to MB rows of slot s, by the loops compiled for its row count. */
+static void tile(float *const yr[MB], int mb, const float *const xr[MB], const lp_slots *p,
+                 int64_t s) {
+  const int64_t r = p->ranks[s] < p->rank_cap ? p->ranks[s] : p->rank_cap;
+  const wt *a = p->w + s * p->slot_stride;
+  const int64_t bo = p->b_offset, in = p->in, out = p->out;
+  const float scale = p->scales[s];
   switch (mb) {
-    case 1: tile_rows(yr, 1, xr, a, b_offset, r, in, out, scales[s]); break;
-    case 2: tile_rows(yr, 2, xr, a, b_offset, r, in, out, scales[s]); break;
-    case 3: tile_rows(yr, 3, xr, a, b_offset, r, in, out, scales[s]); break;
-    default: tile_rows(yr, MB, xr, a, b_offset, r, in, out, scales[s]); break;
+    case 1: tile_rows(yr, 1, xr, a, bo, r, in, out, scale); break;
+    case 2: tile_rows(yr, 2, xr, a, bo, r, in, out, scale); break;
+    case 3: tile_rows(yr, 3, xr, a, bo, r, in, out, scale); break;
+    default: tile_rows(yr, MB, xr, a, bo, r, in, out, scale); break;
   }
 }
 
-/* The tiles run in parallel on torch's OpenMP threads (torch ships libgomp.so.1, which this
- * library then shares: one thread pool). */
-void lp_sgmv_f32(float *y, int64_t ldy, const float *x, int64_t ldx,
-                 const wt *w, int64_t slot_stride, int64_t b_offset, int64_t rank_cap,
-                 int64_t in, int64_t out, const int32_t *ranks, const float *scales,
-                 const int64_t *starts, const int64_t *slots, int64_t num_segments,
-                 int64_t *tiles /* [2 * (T / MB + num_segments)] scratch */) {
-  const int64_t num_tiles = order_tiles(ranks, starts, slots, num_segments, tiles);
-#pragma omp parallel for schedule(dynamic, 1) if (num_tiles > 1)
-  for (int64_t t = 0; t < num_tiles; t++) {
-    const int64_t g = tiles[2 * t], m0 = tiles[2 * t + 1];
-    const int mb = starts[g + 1] - m0 < MB ? (int)(starts[g + 1] - m0) : MB;
-    const float *xr[MB];
-    float *yr[MB];
-    for (int i = 0; i < mb; i++) {
-      xr[i] = x + (m0 + i) * ldx;
-      yr[i] = y + (m0 + i) * ldy;
-    }
-    tile(yr, mb, xr, w, slot_stride, b_offset, rank_cap, in, out, ranks, scales, slots[g]);
+static inline void f32_tile(float *y, int64_t ldy, const float *x, int64_t ldx,
+                            const lp_slots *p, const lp_step *st, int64_t t) {
+  const int64_t g = st->tiles[2 * t], m0 = st->tiles[2 * t + 1];
+  const int mb = st->starts[g + 1] - m0 < MB ? (int)(st->starts[g + 1] - m0) : MB;
+  const float *xr[MB] = {0};  /* rows past mb are never read */
+  float *yr[MB] = {0};
+  for (int i = 0; i < mb; i++) {
+    xr[i] = x + (m0 + i) * ldx;
+    yr[i] = y + (m0 + i) * ldy;
   }
+  tile(yr, mb, xr, p, st->slots[g]);
+}
+
+/* The tiles run in parallel on torch's OpenMP threads (torch ships libgomp.so.1, which this
+ * library then shares: one thread pool). A single tile (a decode step with one adapter's
+ * token) runs here without entering a parallel region: even one with a false `if` costs
+ * libgomp about 0.5 us. */
+void lp_sgmv_f32(float *y, int64_t ldy, const float *x, int64_t ldx, const lp_slots *p,
+                 const lp_step *st) {
+  const int64_t num_tiles = order_tiles(p->ranks, st->starts, st->slots, st->num_segments,
+                                        st->tiles);
+  if (num_tiles <= 1) {
+    if (num_tiles == 1) f32_tile(y, ldy, x, ldx, p, st, 0);
+    return;
+  }
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t t = 0; t < num_tiles; t++) f32_tile(y, ldy, x, ldx, p, st, t);
 }
 
 #ifdef _OPENMP
@@ -252,33 +278,39 @@ static inline uint16_t f2bf(float f) {
   return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
 }
 
+static inline void bf16_tile(uint16_t *y, int64_t ldy, const uint16_t *x, int64_t ldx,
+                             const lp_slots *p, const lp_step *st, float *scratch, int64_t t) {
+  const int64_t in = p->in, out = p->out;
+  const int64_t g = st->tiles[2 * t], m0 = st->tiles[2 * t + 1];
+  const int mb = st->starts[g + 1] - m0 < MB ? (int)(st->starts[g + 1] - m0) : MB;
+  float *xs = scratch + (int64_t)omp_get_thread_num() * MB * (in + out), *ys = xs + MB * in;
+  const float *xr[MB] = {0};  /* rows past mb are never read */
+  float *yr[MB] = {0};
+  for (int i = 0; i < mb; i++) {
+    xr[i] = xs + i * in;
+    yr[i] = ys + i * out;
+  }
+  for (int i = 0; i < mb; i++) {
+    for (int64_t k = 0; k < in; k++) xs[i * in + k] = bf2f(x[(m0 + i) * ldx + k]);
+    for (int64_t o = 0; o < out; o++) ys[i * out + o] = bf2f(y[(m0 + i) * ldy + o]);
+  }
+  tile(yr, mb, xr, p, st->slots[g]);
+  for (int i = 0; i < mb; i++)
+    for (int64_t o = 0; o < out; o++) y[(m0 + i) * ldy + o] = f2bf(ys[i * out + o]);
+}
+
 /* bf16 x and y (a bf16 model), fp32 weights: each tile's rows are widened to fp32, the delta
  * added in fp32 and each sum rounded once, as PEFT computes with its adapters in fp32. Rows
  * of tokens without an adapter are never touched. */
-void lp_sgmv_bf16(uint16_t *y, int64_t ldy, const uint16_t *x, int64_t ldx,
-                  const wt *w, int64_t slot_stride, int64_t b_offset, int64_t rank_cap,
-                  int64_t in, int64_t out, const int32_t *ranks, const float *scales,
-                  const int64_t *starts, const int64_t *slots, int64_t num_segments,
-                  int64_t *tiles, float *scratch /* [threads, MB * (in + out)] */,
+void lp_sgmv_bf16(uint16_t *y, int64_t ldy, const uint16_t *x, int64_t ldx, const lp_slots *p,
+                  const lp_step *st, float *scratch /* [threads, MB * (in + out)] */,
                   int64_t num_threads) {
-  const int64_t num_tiles = order_tiles(ranks, starts, slots, num_segments, tiles);
-#pragma omp parallel for schedule(dynamic, 1) if (num_tiles > 1) num_threads(num_threads)
-  for (int64_t t = 0; t < num_tiles; t++) {
-    const int64_t g = tiles[2 * t], m0 = tiles[2 * t + 1];
-    const int mb = starts[g + 1] - m0 < MB ? (int)(starts[g + 1] - m0) : MB;
-    float *xs = scratch + (int64_t)omp_get_thread_num() * MB * (in + out), *ys = xs + MB * in;
-    const float *xr[MB];
-    float *yr[MB];
-    for (int i = 0; i < mb; i++) {
-      xr[i] = xs + i * in;
-      yr[i] = ys + i * out;
-    }
-    for (int i = 0; i < mb; i++) {
-      for (int64_t k = 0; k < in; k++) xs[i * in + k] = bf2f(x[(m0 + i) * ldx + k]);
-      for (int64_t o = 0; o < out; o++) ys[i * out + o] = bf2f(y[(m0 + i) * ldy + o]);
-    }
-    tile(yr, mb, xr, w, slot_stride, b_offset, rank_cap, in, out, ranks, scales, slots[g]);
-    for (int i = 0; i < mb; i++)
-      for (int64_t o = 0; o < out; o++) y[(m0 + i) * ldy + o] = f2bf(ys[i * out + o]);
+  const int64_t num_tiles = order_tiles(p->ranks, st->starts, st->slots, st->num_segments,
+                                        st->tiles);
+  if (num_tiles <= 1) {  /* outside a parallel region: thread 0's scratch */
+    if (num_tiles == 1) bf16_tile(y, ldy, x, ldx, p, st, scratch, 0);
+    return;
   }
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
+  for (int64_t t = 0; t < num_tiles; t++) bf16_tile(y, ldy, x, ldx, p, st, scratch, t);
 }

@@ -54,11 +54,23 @@ def load_source(source: pathlib.Path,
         return None
     lib.weight_dtype = weight_dtype
     p, i = ctypes.c_void_p, ctypes.c_int64
-    lib.lp_sgmv_f32.argtypes = [p, i, p, i, p, i, i, i, i, i, p, p, p, p, i, p]
+    lib.lp_sgmv_f32.argtypes = [p, i, p, i, p, p]
     lib.lp_sgmv_f32.restype = None
-    lib.lp_sgmv_bf16.argtypes = [p, i, p, i, p, i, i, i, i, i, p, p, p, p, i, p, p, i]
+    lib.lp_sgmv_bf16.argtypes = [p, i, p, i, p, p, p, i]
     lib.lp_sgmv_bf16.restype = None
     return lib
+
+
+class _Slots(ctypes.Structure):  # lp_slots in the C file
+    _fields_ = [("w", ctypes.c_void_p), ("slot_stride", ctypes.c_int64),
+                ("b_offset", ctypes.c_int64), ("rank_cap", ctypes.c_int64),
+                ("in_features", ctypes.c_int64), ("out_features", ctypes.c_int64),
+                ("ranks", ctypes.c_void_p), ("scales", ctypes.c_void_p)]
+
+
+class _Step(ctypes.Structure):  # lp_step in the C file
+    _fields_ = [("starts", ctypes.c_void_p), ("slots", ctypes.c_void_p),
+                ("num_segments", ctypes.c_int64), ("tiles", ctypes.c_void_p)]
 
 
 class PackedSlots:
@@ -87,9 +99,11 @@ class PackedSlots:
         # caller's torch defaults
         self.data = torch.zeros(num_slots, slot_stride, dtype=lib.weight_dtype, device="cpu")
         self._ranks, self._scales = ranks, scales  # kept alive: C holds their addresses
-        # Everything the kernel needs from this projection, fixed for its lifetime.
-        self.args = (self.data.data_ptr(), slot_stride, self.b_offset, rank_cap, in_features,
-                     out_features, ranks.data_ptr(), scales.data_ptr())
+        # Everything the kernel needs from this projection, fixed for its lifetime; each call
+        # passes the address.
+        self._desc = _Slots(self.data.data_ptr(), slot_stride, self.b_offset, rank_cap,
+                            in_features, out_features, ranks.data_ptr(), scales.data_ptr())
+        self.desc = ctypes.addressof(self._desc)
 
     def ranks(self) -> list[int]:
         """Each slot's rank as the kernel reads it (0: empty, or not targeting this module)."""
@@ -161,41 +175,83 @@ class SegmentTable:
         # The kernel's list of (segment, first row) tiles: at most T / 4 + num_segments.
         num_tiles = segments.num_tokens // 4 + len(slots)
         self.tiles = torch.empty(2 * num_tiles, dtype=torch.int64, device="cpu")
-        self.args = (self.starts.data_ptr(), self.slots.data_ptr(), len(slots),
-                     self.tiles.data_ptr())
+        self._desc = _Step(self.starts.data_ptr(), self.slots.data_ptr(), len(slots),
+                           self.tiles.data_ptr())
+        self.desc = ctypes.addressof(self._desc)
 
 
 def sgmv_cpu(
-    y: torch.Tensor,  # [T, out] fp32 or bf16, rows contiguous, updated in place
-    x: torch.Tensor,  # [T, in] y's dtype, rows contiguous
+    y: torch.Tensor,  # [..., T, out] fp32, bf16 or fp16, updated in place
+    x: torch.Tensor,  # [..., T, in] y's dtype
     weights: PackedSlots,
     table: SegmentTable,
 ) -> torch.Tensor:
-    # C reads whatever pointers it is given: every shape it relies on is checked here, with
-    # errors that survive `python -O`. This runs once per projection per step, so it is
-    # kept to what changes between calls.
-    if not (x.device.type == y.device.type == "cpu"
-            and y.dtype == x.dtype and x.dtype in (torch.float32, torch.bfloat16)
-            and y.stride(1) == x.stride(1) == 1
-            # threads update y's rows at once: they must not overlap
-            and (y.stride(0) >= y.shape[1] or y.shape[0] <= 1)):
-        raise ValueError("sgmv_cpu needs fp32 or bf16 rows (both alike), contiguous within each "
-                         "row and apart from each other, on the CPU")
-    if not (x.shape == (table.num_tokens, weights.in_features)
-            and y.shape == (table.num_tokens, weights.out_features)
+    """y += each token's adapter delta, computed in fp32 whatever y's dtype (PEFT computes
+    with its adapters kept in fp32). Runs for every projection of every step (210 calls per
+    decode step for SmolLM2), so the common case, contiguous fp32 or bf16 rows, costs about
+    1 us of Python here; anything else takes `_checked`, which validates and adapts it.
+    C reads whatever it is given: a contiguous tensor of T * in elements whose rows are `in`
+    wide is T rows, and that is all it relies on."""
+    n = table.num_tokens
+    if (x.is_cpu and y.is_cpu and x.dtype is y.dtype and x.is_contiguous()
+            and y.is_contiguous() and x.shape[-1] == weights.in_features
+            and y.shape[-1] == weights.out_features and x.numel() == n * weights.in_features
+            and y.numel() == n * weights.out_features and table.max_slot < weights.num_slots):
+        if y.dtype is torch.float32:
+            weights.lib.lp_sgmv_f32(y.data_ptr(), weights.out_features, x.data_ptr(),
+                                    weights.in_features, weights.desc, table.desc)
+            return y
+        if y.dtype is torch.bfloat16:
+            _sgmv_bf16(y, weights.out_features, x, weights.in_features, weights, table)
+            return y
+    return _checked(y, x, weights, table)
+
+
+def _checked(y: torch.Tensor, x: torch.Tensor, weights: PackedSlots,
+             table: SegmentTable) -> torch.Tensor:
+    """`sgmv_cpu` for what its fast path does not take: rows apart from each other, fp16, or
+    shapes that disagree (a ValueError before C sees them; these survive `python -O`)."""
+    if not (x.device.type == y.device.type == "cpu" and y.dtype == x.dtype
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float16)):
+        raise ValueError("sgmv_cpu needs fp32, bf16 or fp16 rows (both alike) on the CPU")
+    if not (x.shape[-1] == weights.in_features and y.shape[-1] == weights.out_features
+            and x.numel() == table.num_tokens * weights.in_features
+            and y.numel() == table.num_tokens * weights.out_features
             and table.max_slot < weights.num_slots):
         raise ValueError(f"sgmv_cpu: shapes disagree: x {tuple(x.shape)}, y {tuple(y.shape)}, "
                          f"weights {weights.in_features} -> {weights.out_features} in "
                          f"{weights.num_slots} slots, {table.num_tokens} tokens up to slot "
                          f"{table.max_slot}")
+    if y.dtype == torch.float16:
+        # The delta in fp32 and one rounding of base + delta, as PEFT computes with its
+        # adapters kept in fp32 (autocast_adapter_dtype, its default).
+        y32 = y.float()
+        sgmv_cpu(y32, x.float(), weights, table)
+        return y.copy_(y32)
+    try:
+        y2 = y.view(-1, y.shape[-1])  # [T, out], the same memory: updated in place
+    except RuntimeError:
+        raise ValueError("sgmv_cpu updates y in place: its leading dimensions must merge into "
+                         "one without a copy") from None
+    x2 = x.reshape(-1, x.shape[-1])  # [T, in]
+    if not (y2.stride(1) == x2.stride(1) == 1
+            # threads update y's rows at once: they must not overlap
+            and (y2.stride(0) >= y2.shape[1] or y2.shape[0] <= 1)):
+        raise ValueError("sgmv_cpu needs rows contiguous within each row and apart from each "
+                         "other")
     if y.dtype == torch.bfloat16:
-        threads = torch.get_num_threads()
-        with _scratch_lock:  # one step's regions per thread, shared by every projection
-            scratch = _bf16_scratch(threads * TILE_ROWS * (weights.in_features
-                                                           + weights.out_features))
-            weights.lib.lp_sgmv_bf16(y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0),
-                                     *weights.args, *table.args, scratch.data_ptr(), threads)
-        return y
-    weights.lib.lp_sgmv_f32(y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0),
-                            *weights.args, *table.args)
+        _sgmv_bf16(y2, y2.stride(0), x2, x2.stride(0), weights, table)
+    else:
+        weights.lib.lp_sgmv_f32(y2.data_ptr(), y2.stride(0), x2.data_ptr(), x2.stride(0),
+                                weights.desc, table.desc)
     return y
+
+
+def _sgmv_bf16(y: torch.Tensor, ldy: int, x: torch.Tensor, ldx: int, weights: PackedSlots,
+               table: SegmentTable) -> None:
+    threads = torch.get_num_threads()
+    with _scratch_lock:  # one step's regions per thread, shared by every projection
+        scratch = _bf16_scratch(threads * TILE_ROWS * (weights.in_features
+                                                       + weights.out_features))
+        weights.lib.lp_sgmv_bf16(y.data_ptr(), ldy, x.data_ptr(), ldx, weights.desc,
+                                 table.desc, scratch.data_ptr(), threads)

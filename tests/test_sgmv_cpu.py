@@ -143,9 +143,12 @@ def test_shapes_that_disagree_raise_instead_of_reaching_c():
         (case.x[:5], case.y[:5], case.packed),  # fewer rows than the table
         (case.x, case.y, three),  # slots beyond the storage
         (case.x.bfloat16(), case.y, case.packed),  # dtypes that differ
-        (case.x.half(), case.y.half(), case.packed),  # neither fp32 nor bf16
+        (case.x.double(), case.y.double(), case.packed),  # neither fp32, bf16 nor fp16
         (case.x.T.contiguous().T, case.y, case.packed),  # columns apart
         (case.x, case.y[:1].expand_as(case.y), case.packed),  # rows of y overlapping
+        (case.x, case.y.T, case.packed),  # y transposed: rows not `out` wide
+        (case.x.view(3, 4, 64), torch.zeros(3, 5, 96)[:, :4], case.packed),  # y's rows in
+        # blocks that no view makes one [T, out] (its update would land in a copy)
     ]:
         with pytest.raises(ValueError):
             sgmv_cpu.sgmv_cpu(y, x, packed, table)  # raises before C touches y
@@ -365,3 +368,15 @@ def test_a_bf16_step_computes_the_delta_in_fp32_and_rounds_once_as_peft_does():
     bf16_weights = sgmv_ref(y.clone(), x, case.lora_a.bfloat16(), case.lora_b.bfloat16(),
                             case.segments, case.ranks, case.scales)
     assert not torch.equal(got, bf16_weights)
+
+
+def test_fp16_rows_take_the_delta_in_fp32_and_one_rounding():
+    """An fp16 model: the delta computed in fp32 from widened rows, added to the widened y and
+    rounded once, as PEFT computes with its adapters in fp32; 3-D [1, T, width] rows too."""
+    case = Case(token_slots("zipf", 21, random.Random(8)), [8, 16, 32, 64, 4, 0], 96, 160)
+    table = sgmv_cpu.SegmentTable(case.segments)
+    x, y = case.x.half()[None], case.y.half()[None]  # [1, T, in], [1, T, out]
+    got = sgmv_cpu.sgmv_cpu(y.clone(), x, case.packed, table)
+    want = sgmv_cpu.sgmv_cpu(y.float(), x.float(), case.packed, table).half()
+    assert got.dtype == torch.float16 and got.shape == y.shape
+    assert torch.equal(got, want)
