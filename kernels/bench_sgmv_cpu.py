@@ -47,6 +47,10 @@ def make_step(libs, num_adapters: int, num_tokens: int, num_layers: int,
     segments = Segments.from_token_slots(
         [i * num_adapters // num_tokens if num_tokens >= num_adapters else i
          for i in range(num_tokens)])
+    # one arena per library, as the engine's LoRAModel allocates its slots
+    arenas = [sgmv_cpu.SlotArena(sgmv_cpu.SlotArena.size([
+        (num_adapters * sgmv_cpu.slot_stride(rank_cap, i, o), lib.weight_dtype)
+        for i, o in SMOLLM2_LAYER] * num_layers)) for lib in libs]
     projections = []
     for _ in range(num_layers):
         for in_features, out in SMOLLM2_LAYER:
@@ -54,9 +58,9 @@ def make_step(libs, num_adapters: int, num_tokens: int, num_layers: int,
             lora_a /= in_features ** 0.5
             lora_b = torch.randn(num_adapters, out, rank_cap, generator=gen) / rank_cap
             packed = []
-            for lib in libs:
+            for lib, arena in zip(libs, arenas):
                 packed.append(sgmv_cpu.PackedSlots(lib, num_adapters, rank_cap, in_features,
-                                                   out, ranks, scales))
+                                                   out, ranks, scales, arena))
                 for s, r in enumerate(ranks.tolist()):
                     packed[-1].write(s, lora_a[s, :r], lora_b[s, :, :r])
             x = torch.randn(num_tokens, in_features, generator=gen)

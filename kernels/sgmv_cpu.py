@@ -11,6 +11,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import itertools
+import logging
+import mmap
 import pathlib
 import threading
 
@@ -18,6 +20,8 @@ import torch
 
 from .cpu_build import build_and_load
 from .segments import Segments
+
+log = logging.getLogger(__name__)
 
 SOURCE = pathlib.Path(__file__).with_name("sgmv_cpu.c")
 LANES = 16  # floats per vector in the kernel: A's chunks along `in`
@@ -29,6 +33,58 @@ PANEL = 64  # output columns per panel of B^T
 def a_region(rank: int, in_features: int) -> int:
     """Floats of A's blocks for `rank` ranks: [ceil(rank / 4), ceil(in / 16), 4, 16]."""
     return -(-rank // RANK_BLOCK) * RANK_BLOCK * -(-in_features // LANES) * LANES
+
+
+def slot_stride(rank_cap: int, in_features: int, out_features: int) -> int:
+    """Weights per slot: A's blocks at `rank_cap`, then B^T's panels at `rank_cap`."""
+    return a_region(rank_cap, in_features) + -(-out_features // PANEL) * rank_cap * PANEL
+
+
+HUGE_PAGE = 2 << 20
+LINE = 64
+
+
+class SlotArena:
+    """One zeroed allocation for a model's packed slots, in transparent huge pages where Linux
+    gives them on request (`madvise`, its default mode), in ordinary memory elsewhere.
+
+    The kernel streams the slots of every projection once per step. In 4 KB pages the stream
+    crosses a page every 4 KB: a TLB miss each time, and a stop for the hardware prefetcher,
+    which does not cross pages. Measured on the 2-core EPYC VM, the kernel alone over
+    SmolLM2's 210 projections, 8 adapters of ranks 4-64, huge pages against 4 KB ones in turn:
+    6-9% faster with 15 decode tokens, 4-6% with 32, even with 2-3 tokens."""
+
+    def __init__(self, nbytes: int):
+        self.buf = None
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            # Private and anonymous: shared anonymous memory is shmem, which has its own
+            # huge page setting (off by default).
+            area = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            try:
+                area.madvise(mmap.MADV_HUGEPAGE)
+            except OSError as err:  # a kernel without transparent huge pages
+                log.info("slots in 4 KB pages: madvise(MADV_HUGEPAGE) failed: %s", err)
+            raw = torch.frombuffer(area, dtype=torch.uint8)  # keeps `area` mapped
+            start = -raw.data_ptr() % HUGE_PAGE
+            self.buf = raw[start:start + nbytes]
+        if self.buf is None:
+            self.buf = torch.zeros(nbytes, dtype=torch.uint8)
+        self.used = 0
+
+    @staticmethod
+    def size(regions: list[tuple[int, torch.dtype]]) -> int:
+        """Bytes for `take`s of these (numel, dtype), each starting on a cache line."""
+        return sum(-(-numel * dtype.itemsize // LINE) * LINE for numel, dtype in regions)
+
+    def take(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """The next `numel` zeros of `dtype`, on a cache line of their own."""
+        nbytes = numel * dtype.itemsize
+        if self.used + nbytes > self.buf.numel():
+            raise ValueError(f"slot arena full: {self.used} of {self.buf.numel()} bytes used, "
+                             f"{nbytes} asked")
+        region = self.buf[self.used:self.used + nbytes].view(dtype)
+        self.used += -(-nbytes // LINE) * LINE
+        return region
 
 
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
@@ -80,9 +136,11 @@ class PackedSlots:
     `b_offset` B^T in `[ceil(out / 64), r, 64]` panels, r being the adapter's own rank."""
 
     def __init__(self, lib: ctypes.CDLL, num_slots: int, rank_cap: int, in_features: int,
-                 out_features: int, ranks: torch.Tensor, scales: torch.Tensor):
+                 out_features: int, ranks: torch.Tensor, scales: torch.Tensor,
+                 arena: SlotArena | None = None):
         # The kernel reads each slot's rank and scale from `ranks` [num_slots] int32 and
-        # `scales` [num_slots] fp32, which the caller keeps up to date in place.
+        # `scales` [num_slots] fp32, which the caller keeps up to date in place. The weights
+        # are taken from `arena` when one is given: `num_slots * slot_stride(...)` of them.
         if not (ranks.dtype == torch.int32 and scales.dtype == torch.float32
                 and ranks.device.type == scales.device.type == "cpu"
                 and ranks.is_contiguous() and scales.is_contiguous()
@@ -94,14 +152,16 @@ class PackedSlots:
         self.in_features, self.out_features = in_features, out_features
         self.num_panels = -(-out_features // PANEL)
         self.b_offset = a_region(rank_cap, in_features)
-        slot_stride = self.b_offset + self.num_panels * rank_cap * PANEL
+        stride = slot_stride(rank_cap, in_features, out_features)
         # [num_slots, slot_stride]; dtype and device explicit: C assumes them, whatever the
         # caller's torch defaults
-        self.data = torch.zeros(num_slots, slot_stride, dtype=lib.weight_dtype, device="cpu")
+        self.data = (arena.take(num_slots * stride, lib.weight_dtype).view(num_slots, stride)
+                     if arena is not None else
+                     torch.zeros(num_slots, stride, dtype=lib.weight_dtype, device="cpu"))
         self._ranks, self._scales = ranks, scales  # kept alive: C holds their addresses
         # Everything the kernel needs from this projection, fixed for its lifetime; each call
         # passes the address.
-        self._desc = _Slots(self.data.data_ptr(), slot_stride, self.b_offset, rank_cap,
+        self._desc = _Slots(self.data.data_ptr(), stride, self.b_offset, rank_cap,
                             in_features, out_features, ranks.data_ptr(), scales.data_ptr())
         self.desc = ctypes.addressof(self._desc)
 

@@ -436,6 +436,9 @@ def test_engine_overhead_runs_every_variant_and_counts_the_kernels_bytes(tmp_pat
     assert bf16["kernel_calls"] == fp32["kernel_calls"]
     assert bf16["kernel_gb"] == pytest.approx(fp32["kernel_gb"] / 2, abs=0.01)
     assert "kernel_calls" not in base and base["lora_overhead"] == 0
+    assert base["lora_overhead_paired"] == 0
+    assert fp32["lora_overhead_paired"] == pytest.approx(
+        fp32["seconds"][0] / base["seconds"][0] - 1, abs=1e-4)
     assert report["read_gb_per_s"][0] > 0
     printed = capsys.readouterr().out
     assert "| fp32-slots, mixed |" in printed and "overhead floor" in printed

@@ -8,6 +8,7 @@ tokens without an adapter must stay bit-identical.
 from __future__ import annotations
 
 import os
+import pathlib
 import random
 import shutil
 
@@ -380,3 +381,55 @@ def test_fp16_rows_take_the_delta_in_fp32_and_one_rounding():
     want = sgmv_cpu.sgmv_cpu(y.float(), x.float(), case.packed, table).half()
     assert got.dtype == torch.float16 and got.shape == y.shape
     assert torch.equal(got, want)
+
+
+def test_slot_arena_hands_out_zeroed_cache_line_aligned_regions_and_refuses_past_its_size():
+    sizes = [(100, torch.float32), (7, torch.bfloat16), (33, torch.float32)]
+    arena = sgmv_cpu.SlotArena(sgmv_cpu.SlotArena.size(sizes))
+    regions = [arena.take(n, dtype) for n, dtype in sizes]
+    for (n, dtype), region in zip(sizes, regions):
+        assert region.dtype == dtype and region.numel() == n and region.data_ptr() % 64 == 0
+        assert not region.any()
+    ends = [(r.data_ptr(), r.data_ptr() + r.numel() * r.element_size()) for r in regions]
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(ends, ends[1:]))
+    with pytest.raises(ValueError, match="arena full"):
+        arena.take(1, torch.float32)
+
+
+def _anon_huge_kb(address: int) -> int | None:
+    """AnonHugePages of the mapping that holds `address`, from /proc/self/smaps."""
+    inside = False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "AnonHugePages:":
+            return int(line.split()[1])
+    return None
+
+
+def test_the_engines_slots_share_one_arena_in_huge_pages_where_linux_gives_them():
+    from loraplex.server.runner.lora_layers import LoRAModel
+    from torch import nn
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = nn.Linear(576, 576, bias=False)
+            self.down_proj = nn.Linear(1536, 576, bias=False)
+
+    model = nn.Sequential(*(Layer() for _ in range(4)))
+    lora = LoRAModel(model, num_slots=8, max_rank=64, dtype=torch.float32,
+                     device=torch.device("cpu"), backend="cpu-kernel")
+    data = [slots.packed.data for slots in lora.modules.values()]
+    starts = [d.data_ptr() for d in data]
+    assert starts == sorted(starts)  # in the order a forward reads them
+    assert all(d.untyped_storage().data_ptr() == data[0].untyped_storage().data_ptr()
+               for d in data)
+    mode = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not (mode.exists() and ("[madvise]" in mode.read_text() or "[always]" in mode.read_text())):
+        pytest.skip("this kernel gives no transparent huge pages on request")
+    for d in data:
+        d.fill_(1.0)  # fault the pages in
+    assert _anon_huge_kb(starts[0]) > 0

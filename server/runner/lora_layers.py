@@ -24,7 +24,7 @@ from loraplex.adapters.peft_format import LoRAAdapter, LoRAWeights
 from loraplex.kernels import sgmv_cpu
 from loraplex.kernels.segments import Segments, SGMVMeta
 from loraplex.kernels.sgmv import sgmv, sgmv_triton
-from loraplex.kernels.sgmv_cpu import PackedSlots, SegmentTable
+from loraplex.kernels.sgmv_cpu import PackedSlots, SegmentTable, SlotArena, slot_stride
 from torch import nn
 
 from ..config import ConfigError
@@ -134,14 +134,16 @@ class ModuleSlots:
 
     @classmethod
     def create(cls, num_slots: int, max_rank: int, in_features: int, out_features: int,
-               dtype: torch.dtype, device: torch.device,
-               cpu_kernel: ctypes.CDLL | None) -> ModuleSlots:
-        """Zeroed slots of one projection; packed for the CPU kernel when it is given."""
+               dtype: torch.dtype, device: torch.device, cpu_kernel: ctypes.CDLL | None,
+               arena: SlotArena | None = None) -> ModuleSlots:
+        """Zeroed slots of one projection; packed for the CPU kernel when it is given (in
+        `arena`, when given)."""
         ranks = torch.zeros(num_slots, dtype=torch.int32, device=device)
         scales = torch.zeros(num_slots, dtype=torch.float32, device=device)
         if cpu_kernel is not None:
             return cls(in_features, out_features, ranks, scales, packed=PackedSlots(
-                cpu_kernel, num_slots, max_rank, in_features, out_features, ranks, scales))
+                cpu_kernel, num_slots, max_rank, in_features, out_features, ranks, scales,
+                arena))
         return cls(in_features, out_features, ranks, scales,
                    torch.zeros(num_slots, max_rank, in_features, dtype=dtype, device=device),
                    torch.zeros(num_slots, out_features, max_rank, dtype=dtype, device=device))
@@ -331,9 +333,14 @@ class LoRAModel:
                         self._wrap(model, name, GroupedLoRALinear(base, lora_group, member))
                         self.modules[name] = fused.members[member]
                         del targets[name]
+        # The C kernel's slots of every projection in one allocation (huge pages: see
+        # SlotArena), laid out in the order a forward reads them.
+        arena = None if lib is None else SlotArena(SlotArena.size([
+            (num_slots * slot_stride(max_rank, m.in_features, m.out_features), lib.weight_dtype)
+            for m in targets.values()]))
         for name, module in targets.items():
             slots = ModuleSlots.create(num_slots, max_rank, module.in_features,
-                                       module.out_features, dtype, device, lib)
+                                       module.out_features, dtype, device, lib, arena)
             wrapper = KernelLoRALinear if backend == "cpu-kernel" else LoRALinear
             self._wrap(model, name, wrapper(module, slots, self.context))
             self.modules[name] = slots
