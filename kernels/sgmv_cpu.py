@@ -126,7 +126,7 @@ class _Slots(ctypes.Structure):  # lp_slots in the C file
 
 class _Step(ctypes.Structure):  # lp_step in the C file
     _fields_ = [("starts", ctypes.c_void_p), ("slots", ctypes.c_void_p),
-                ("num_segments", ctypes.c_int64), ("tiles", ctypes.c_void_p)]
+                ("num_segments", ctypes.c_int64), ("items", ctypes.c_void_p)]
 
 
 class PackedSlots:
@@ -232,11 +232,12 @@ class SegmentTable:
         self.max_slot = max(slots, default=-1)
         self.starts = torch.tensor(starts, dtype=torch.int64, device="cpu")  # [segments + 1]
         self.slots = torch.tensor(slots, dtype=torch.int64, device="cpu")  # [num_segments]
-        # The kernel's list of (segment, first row) tiles: at most T / 4 + num_segments.
-        num_tiles = segments.num_tokens // 4 + len(slots)
-        self.tiles = torch.empty(2 * num_tiles, dtype=torch.int64, device="cpu")
+        # The kernel's list of (segment, first row) work items, one per ITEM_ROWS rows of a
+        # segment: fewer than T / 4 + num_segments.
+        num_items = segments.num_tokens // 4 + len(slots)
+        self.items = torch.empty(2 * num_items, dtype=torch.int64, device="cpu")
         self._desc = _Step(self.starts.data_ptr(), self.slots.data_ptr(), len(slots),
-                           self.tiles.data_ptr())
+                           self.items.data_ptr())
         self.desc = ctypes.addressof(self._desc)
 
 
