@@ -23,6 +23,12 @@
  * registers, whichever the flags the loader picks allow. */
 #include <stdint.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static inline int omp_get_thread_num(void) { return 0; }
+static inline int omp_get_max_threads(void) { return 1; }
+#endif
 
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
 
@@ -72,9 +78,12 @@ typedef struct {
 /* Rows per work item: up to 4 tiles of one segment, run by one thread one after another, so
  * that the tiles after the first read the adapter's weights from that core's cache. As tiles
  * handed out one by one, two threads took a segment's tiles at once and both streamed its
- * weights from memory. Kernel alone (bench_sgmv_cpu --against), items against single tiles:
- * 4-15% faster at prefill (1875 tokens), about 4% at 6-8 tokens per adapter (runs from -2.5%
- * to +19%), unchanged at one token. */
+ * weights from memory. Kernel alone (bench_sgmv_cpu --against), items against single tiles,
+ * on a VM where the same source on both sides differs by up to 6%: 6-8 tokens per adapter
+ * 0.975-1.097x over six runs (median 1.04x), prefill (1875 tokens) 0.99-1.15x, one token
+ * unchanged. A step with few segments takes smaller items (`item_rows`): one adapter's 16
+ * tokens as one item ran on one core, 22% slower. Where items end changes no result: tiles
+ * start every MB rows of a segment either way. */
 #define ITEM_ROWS (4 * MB)
 #define OV 4  /* expand tile: 4 vectors = 64 output columns, one panel */
 #define PW (16 * OV)
@@ -183,12 +192,26 @@ static inline __attribute__((always_inline)) void expand(
   }
 }
 
-/* The step's work items, up to ITEM_ROWS rows of one segment each, in order of falling rank
- * (an item's cost grows with it), so that the threads taking them in turn end close together.
- * One pass per distinct rank: few of either. Returns how many; items[2t] is the segment,
- * items[2t+1] the first row. */
+/* The rows per item for this step: ITEM_ROWS, or fewer (down to one tile) where that would
+ * leave fewer than two items per thread. */
+static int64_t item_rows(const int32_t *ranks, const int64_t *starts, const int64_t *slots,
+                         int64_t num_segments, int64_t threads) {
+  int64_t rows = ITEM_ROWS;
+  for (; rows > MB; rows /= 2) {
+    int64_t n = 0;
+    for (int64_t g = 0; g < num_segments; g++)
+      if (slots[g] >= 0 && ranks[slots[g]] > 0) n += (starts[g + 1] - starts[g] + rows - 1) / rows;
+    if (n >= 2 * threads) break;
+  }
+  return rows;
+}
+
+/* The step's work items, `rows` rows of one segment each (its last fewer), in order of
+ * falling rank (an item's cost grows with it), so that the threads taking them in turn end
+ * close together. One pass per distinct rank: few of either. Returns how many; items[2t] is
+ * the segment, items[2t+1] the first row. */
 static int64_t order_items(const int32_t *ranks, const int64_t *starts, const int64_t *slots,
-                           int64_t num_segments, int64_t *items) {
+                           int64_t num_segments, int64_t rows, int64_t *items) {
   int64_t num_items = 0;
   for (int64_t bound = INT64_MAX;;) {
     int64_t r = 0;
@@ -199,7 +222,7 @@ static int64_t order_items(const int32_t *ranks, const int64_t *starts, const in
     if (r <= 0) break;
     for (int64_t g = 0; g < num_segments; g++) {
       if (slots[g] < 0 || ranks[slots[g]] != r) continue;
-      for (int64_t m0 = starts[g]; m0 < starts[g + 1]; m0 += ITEM_ROWS) {
+      for (int64_t m0 = starts[g]; m0 < starts[g + 1]; m0 += rows) {
         items[2 * num_items] = g;
         items[2 * num_items + 1] = m0;
         num_items++;
@@ -236,17 +259,18 @@ static void tile(float *const yr[MB], int mb, const float *const xr[MB], const l
 }
 
 /* The rows of item t, [m0, end), and its slot. */
-static inline int64_t item_rows(const lp_step *st, int64_t t, int64_t *m0, int64_t *s) {
+static inline int64_t item_span(const lp_step *st, int64_t rows, int64_t t, int64_t *m0,
+                                int64_t *s) {
   const int64_t g = st->items[2 * t];
   *m0 = st->items[2 * t + 1];
   *s = st->slots[g];
-  return st->starts[g + 1] < *m0 + ITEM_ROWS ? st->starts[g + 1] : *m0 + ITEM_ROWS;
+  return st->starts[g + 1] < *m0 + rows ? st->starts[g + 1] : *m0 + rows;
 }
 
 static inline void f32_item(float *y, int64_t ldy, const float *x, int64_t ldx,
-                            const lp_slots *p, const lp_step *st, int64_t t) {
+                            const lp_slots *p, const lp_step *st, int64_t rows, int64_t t) {
   int64_t m0, s;
-  const int64_t end = item_rows(st, t, &m0, &s);
+  const int64_t end = item_span(st, rows, t, &m0, &s);
   for (; m0 < end; m0 += MB) {
     const int mb = end - m0 < MB ? (int)(end - m0) : MB;
     const float *xr[MB] = {0};  /* rows past mb are never read */
@@ -265,21 +289,18 @@ static inline void f32_item(float *y, int64_t ldy, const float *x, int64_t ldx,
  * libgomp about 0.5 us. */
 void lp_sgmv_f32(float *y, int64_t ldy, const float *x, int64_t ldx, const lp_slots *p,
                  const lp_step *st) {
+  const int64_t rows = item_rows(p->ranks, st->starts, st->slots, st->num_segments,
+                                 omp_get_max_threads());
   const int64_t num_items = order_items(p->ranks, st->starts, st->slots, st->num_segments,
-                                        st->items);
+                                        rows, st->items);
   if (num_items <= 1) {
-    if (num_items == 1) f32_item(y, ldy, x, ldx, p, st, 0);
+    if (num_items == 1) f32_item(y, ldy, x, ldx, p, st, rows, 0);
     return;
   }
 #pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t t = 0; t < num_items; t++) f32_item(y, ldy, x, ldx, p, st, t);
+  for (int64_t t = 0; t < num_items; t++) f32_item(y, ldy, x, ldx, p, st, rows, t);
 }
 
-#ifdef _OPENMP
-#include <omp.h>
-#else
-static inline int omp_get_thread_num(void) { return 0; }
-#endif
 
 static inline float bf2f(uint16_t h) {
   const uint32_t u = (uint32_t)h << 16;
@@ -297,11 +318,12 @@ static inline uint16_t f2bf(float f) {
 }
 
 static inline void bf16_item(uint16_t *y, int64_t ldy, const uint16_t *x, int64_t ldx,
-                             const lp_slots *p, const lp_step *st, float *scratch, int64_t t) {
+                             const lp_slots *p, const lp_step *st, int64_t rows,
+                             float *scratch, int64_t t) {
   const int64_t in = p->in, out = p->out;
   float *xs = scratch + (int64_t)omp_get_thread_num() * MB * (in + out), *ys = xs + MB * in;
   int64_t m0, s;
-  const int64_t end = item_rows(st, t, &m0, &s);
+  const int64_t end = item_span(st, rows, t, &m0, &s);
   for (; m0 < end; m0 += MB) {
     const int mb = end - m0 < MB ? (int)(end - m0) : MB;
     const float *xr[MB] = {0};  /* rows past mb are never read */
@@ -324,12 +346,14 @@ static inline void bf16_item(uint16_t *y, int64_t ldy, const uint16_t *x, int64_
 void lp_sgmv_bf16(uint16_t *y, int64_t ldy, const uint16_t *x, int64_t ldx, const lp_slots *p,
                   const lp_step *st, float *scratch /* [threads, MB * (in + out)] */,
                   int64_t num_threads) {
+  const int64_t rows = item_rows(p->ranks, st->starts, st->slots, st->num_segments,
+                                 num_threads);
   const int64_t num_items = order_items(p->ranks, st->starts, st->slots, st->num_segments,
-                                        st->items);
+                                        rows, st->items);
   if (num_items <= 1) {  /* outside a parallel region: thread 0's scratch */
-    if (num_items == 1) bf16_item(y, ldy, x, ldx, p, st, scratch, 0);
+    if (num_items == 1) bf16_item(y, ldy, x, ldx, p, st, rows, scratch, 0);
     return;
   }
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
-  for (int64_t t = 0; t < num_items; t++) bf16_item(y, ldy, x, ldx, p, st, scratch, t);
+  for (int64_t t = 0; t < num_items; t++) bf16_item(y, ldy, x, ldx, p, st, rows, scratch, t);
 }
