@@ -10,8 +10,10 @@ the rounds, and as the median of each round's ratio to the base-only run right a
 shares that minute's machine speed).
 
 `--kernel-stats` then runs each variant once more with the C kernel's calls timed
-(monkeypatched in; these runs are not among the timed rounds, whose engines run as served)
-and counts the adapter bytes each call has to read: the rank-sized regions of the slots its
+(monkeypatched in; these runs are not among the timed rounds, whose engines run as served),
+gives their seconds over the rest of that run (the kernel's share, from one run: steadier than
+a ratio of two runs, though it leaves out any cost outside the calls), and counts the adapter
+bytes each call has to read: the rank-sized regions of the slots its
 tokens use. Beside each, a plain `torch.sum` over 256 MB, at the same threads, measures what
 this machine reads per second at that moment: bytes divided by that is the kernel's floor.
 """
@@ -41,6 +43,13 @@ class KernelStats:
 
     calls: list = field(default_factory=list)  # (weights, table) per call
     seconds: float = 0.0
+    run_seconds: float = 0.0  # the whole run's
+
+    @property
+    def share(self) -> float:
+        """The kernel's calls over the rest of their own run: an overhead measured within one
+        run, which a machine's drift from minute to minute moves little."""
+        return self.seconds / (self.run_seconds - self.seconds)
 
     def wrap(self, kernel: Callable) -> Callable:
         def timed(y, x, weights, table):
@@ -133,9 +142,10 @@ def engine_overhead(spec: WorkloadSpec, model: str | None, quantization: str,
             bandwidth.append(read_bandwidth())
             stats[f"{name}, mixed"] = ks = KernelStats()
             sgmv_cpu.sgmv_cpu = ks.wrap(original)
-            _run(engines[name], requests, base_only=False)
+            ks.run_seconds = _run(engines[name], requests, base_only=False)
             sgmv_cpu.sgmv_cpu = original
-            say(f"{name}, mixed, kernel timed: {ks.seconds:.2f} s in {len(ks.calls)} calls")
+            say(f"{name}, mixed, kernel timed: {ks.seconds:.2f} s in {len(ks.calls)} calls, "
+                f"{ks.share:.1%} of the rest of the run")
     finally:
         sgmv_cpu.sgmv_cpu = original
 
@@ -156,16 +166,19 @@ def engine_overhead(spec: WorkloadSpec, model: str | None, quantization: str,
         if run in stats:
             kernel_s, gb = stats[run].seconds, stats[run].gigabytes()
             result.update(kernel_s=round(kernel_s, 3), kernel_gb=round(gb, 2),
-                          kernel_calls=len(stats[run].calls))
-            cells += [f"{kernel_s:.2f}", f"{gb / kernel_s:.1f}" if kernel_s else "-"]
+                          kernel_calls=len(stats[run].calls),
+                          kernel_share=round(stats[run].share, 4))
+            cells += [f"{kernel_s:.2f}", f"{stats[run].share:.1%}",
+                      f"{gb / kernel_s:.1f}" if kernel_s else "-"]
         elif kernel_stats:
-            cells += ["-", "-"]
+            cells += ["-", "-", "-"]
         results[run] = result
         rows.append("| " + " | ".join(cells) + " |")
     head = ("| run | seconds (rounds) | output tok/s | LoRA overhead (run / base - 1) "
             "| paired by round (median) |")
     if kernel_stats:
-        head += " C kernel s (a run of its own) | kernel GB/s |"
+        head += (" C kernel s (a run of its own) | kernel / rest of that run "
+                 "| kernel GB/s |")
     lines = [f"{run}: LoRA overhead {results[run]['lora_overhead']:.1%} (medians), "
              f"{results[run]['lora_overhead_paired']:.1%} (round by round, median)"
              for run in runs[:-1]]

@@ -433,6 +433,7 @@ def test_engine_overhead_runs_every_variant_and_counts_the_kernels_bytes(tmp_pat
     fp32, bf16, base = runs.values()
     assert report["output_tokens"] == 12 and len(fp32["seconds"]) == 1
     assert fp32["kernel_calls"] > 0 and fp32["kernel_gb"] > 0
+    assert 0 < fp32["kernel_share"] < 1
     assert bf16["kernel_calls"] == fp32["kernel_calls"]
     assert bf16["kernel_gb"] == pytest.approx(fp32["kernel_gb"] / 2, abs=0.01)
     assert "kernel_calls" not in base and base["lora_overhead"] == 0

@@ -99,13 +99,17 @@ def _packed_bytes(model) -> int:
                if isinstance(m, PackedLinear))
 
 
-def _slots(lora) -> list[torch.Tensor]:
-    out = []
+def _slot_bytes(lora) -> int:
+    """Bytes of the slots' storage. The C kernel's slots are regions of one arena
+    (`SlotArena`), whose mapping reserves up to 2 MB more address space to start on a huge
+    page, never touched: its regions are what it allocates."""
+    tensors, packed = [], 0
     for s in lora.modules.values():
-        out += [s.ranks_dev, s.scales_dev, getattr(s, "lora_a", None), getattr(s, "lora_b", None)]
+        tensors += [s.ranks_dev, s.scales_dev, getattr(s, "lora_a", None),
+                    getattr(s, "lora_b", None)]
         if getattr(s, "packed", None) is not None:
-            out.append(s.packed.data)
-    return out
+            packed += s.packed.data.numel() * s.packed.data.element_size()
+    return _storage_bytes(tensors) + packed
 
 
 @pytest.mark.parametrize("arch,quantization,backend,lora_dtype", [
@@ -129,7 +133,7 @@ def test_the_plan_is_what_the_engine_allocates(tmp_path, arch, quantization, bac
     model = engine.loaded.model
     assert ("oneDNN packed copies" in p.weights) == (engine.runner.cpu_gemm == "onednn")
     assert sum(p.weights.values()) == _storage_bytes(_weights(model)) + _packed_bytes(model)
-    assert p.lora_slots == _storage_bytes(_slots(engine.runner.lora))
+    assert p.lora_slots == _slot_bytes(engine.runner.lora)
     kv = engine.runner.kv
     assert p.num_blocks == engine.blocks.num_blocks == kv.k.shape[1]
     assert p.num_blocks * p.block_bytes == kv.k.nbytes + kv.v.nbytes
@@ -146,7 +150,7 @@ def test_the_plan_of_the_embedded_model_is_what_the_server_allocates(embedded_di
     model = engine.loaded.model
     assert engine.runner.cpu_gemm == "onednn" and p.weights["oneDNN packed copies"] > 0
     assert sum(p.weights.values()) == _storage_bytes(_weights(model)) + _packed_bytes(model)
-    assert p.lora_slots == _storage_bytes(_slots(engine.runner.lora))
+    assert p.lora_slots == _slot_bytes(engine.runner.lora)
     assert p.num_blocks == engine.blocks.num_blocks
     assert p.num_blocks * p.block_bytes == engine.runner.kv.k.nbytes * 2
 
