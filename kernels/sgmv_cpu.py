@@ -52,7 +52,11 @@ class SlotArena:
     crosses a page every 4 KB: a TLB miss each time, and a stop for the hardware prefetcher,
     which does not cross pages. Measured on the 2-core EPYC VM, the kernel alone over
     SmolLM2's 210 projections, 8 adapters of ranks 4-64, huge pages against 4 KB ones in turn:
-    6-9% faster with 15 decode tokens, 4-6% with 32, even with 2-3 tokens."""
+    6-9% faster with 15 decode tokens, 4-6% with 32, even with 2-3 tokens.
+
+    The cost is resident memory: a huge page is faulted in whole, so loading low-rank
+    adapters makes nearly all of the slots' capacity resident (which `loraplex plan` counts
+    in full), where 4 KB pages kept it near the loaded ranks' bytes."""
 
     def __init__(self, nbytes: int):
         self.buf = None
