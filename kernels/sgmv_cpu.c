@@ -267,41 +267,6 @@ static inline int64_t item_span(const lp_step *st, int64_t rows, int64_t t, int6
   return st->starts[g + 1] < *m0 + rows ? st->starts[g + 1] : *m0 + rows;
 }
 
-static inline void f32_item(float *y, int64_t ldy, const float *x, int64_t ldx,
-                            const lp_slots *p, const lp_step *st, int64_t rows, int64_t t) {
-  int64_t m0, s;
-  const int64_t end = item_span(st, rows, t, &m0, &s);
-  for (; m0 < end; m0 += MB) {
-    const int mb = end - m0 < MB ? (int)(end - m0) : MB;
-    const float *xr[MB] = {0};  /* rows past mb are never read */
-    float *yr[MB] = {0};
-    for (int i = 0; i < mb; i++) {
-      xr[i] = x + (m0 + i) * ldx;
-      yr[i] = y + (m0 + i) * ldy;
-    }
-    tile(yr, mb, xr, p, s);
-  }
-}
-
-/* The items run in parallel on torch's OpenMP threads (torch ships libgomp.so.1, which this
- * library then shares: one thread pool). A single item (a decode step with one adapter's
- * tokens) runs here without entering a parallel region: even one with a false `if` costs
- * libgomp about 0.5 us. */
-void lp_sgmv_f32(float *y, int64_t ldy, const float *x, int64_t ldx, const lp_slots *p,
-                 const lp_step *st) {
-  const int64_t rows = item_rows(p->ranks, st->starts, st->slots, st->num_segments,
-                                 omp_get_max_threads());
-  const int64_t num_items = order_items(p->ranks, st->starts, st->slots, st->num_segments,
-                                        rows, st->items);
-  if (num_items <= 1) {
-    if (num_items == 1) f32_item(y, ldy, x, ldx, p, st, rows, 0);
-    return;
-  }
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t t = 0; t < num_items; t++) f32_item(y, ldy, x, ldx, p, st, rows, t);
-}
-
-
 static inline float bf2f(uint16_t h) {
   const uint32_t u = (uint32_t)h << 16;
   float f;
@@ -317,11 +282,13 @@ static inline uint16_t f2bf(float f) {
   return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
 }
 
-static inline void bf16_item(uint16_t *y, int64_t ldy, const uint16_t *x, int64_t ldx,
-                             const lp_slots *p, const lp_step *st, int64_t rows,
-                             float *scratch, int64_t t) {
+/* Item t's tiles. fp32 rows (scratch NULL) are the caller's; bf16 rows are widened into this
+ * thread's scratch for their tile and each sum rounded back once after it. */
+static inline void run_item(void *y, int64_t ldy, const void *x, int64_t ldx, const lp_slots *p,
+                            const lp_step *st, int64_t rows, float *scratch, int64_t t) {
   const int64_t in = p->in, out = p->out;
-  float *xs = scratch + (int64_t)omp_get_thread_num() * MB * (in + out), *ys = xs + MB * in;
+  float *xs = scratch ? scratch + (int64_t)omp_get_thread_num() * MB * (in + out) : NULL;
+  float *ys = scratch ? xs + MB * in : NULL;
   int64_t m0, s;
   const int64_t end = item_span(st, rows, t, &m0, &s);
   for (; m0 < end; m0 += MB) {
@@ -329,31 +296,53 @@ static inline void bf16_item(uint16_t *y, int64_t ldy, const uint16_t *x, int64_
     const float *xr[MB] = {0};  /* rows past mb are never read */
     float *yr[MB] = {0};
     for (int i = 0; i < mb; i++) {
+      if (!scratch) {
+        xr[i] = (const float *)x + (m0 + i) * ldx;
+        yr[i] = (float *)y + (m0 + i) * ldy;
+        continue;
+      }
+      const uint16_t *xb = (const uint16_t *)x + (m0 + i) * ldx;
+      const uint16_t *yb = (const uint16_t *)y + (m0 + i) * ldy;
       xr[i] = xs + i * in;
       yr[i] = ys + i * out;
-      for (int64_t k = 0; k < in; k++) xs[i * in + k] = bf2f(x[(m0 + i) * ldx + k]);
-      for (int64_t o = 0; o < out; o++) ys[i * out + o] = bf2f(y[(m0 + i) * ldy + o]);
+      for (int64_t k = 0; k < in; k++) xs[i * in + k] = bf2f(xb[k]);
+      for (int64_t o = 0; o < out; o++) ys[i * out + o] = bf2f(yb[o]);
     }
     tile(yr, mb, xr, p, s);
-    for (int i = 0; i < mb; i++)
-      for (int64_t o = 0; o < out; o++) y[(m0 + i) * ldy + o] = f2bf(ys[i * out + o]);
+    for (int i = 0; scratch && i < mb; i++) {
+      uint16_t *yb = (uint16_t *)y + (m0 + i) * ldy;
+      for (int64_t o = 0; o < out; o++) yb[o] = f2bf(ys[i * out + o]);
+    }
   }
 }
 
-/* bf16 x and y (a bf16 model), fp32 weights: each tile's rows are widened to fp32, the delta
- * added in fp32 and each sum rounded once, as PEFT computes with its adapters in fp32. Rows
- * of tokens without an adapter are never touched. */
+/* The items run in parallel on torch's OpenMP threads (torch ships libgomp.so.1, which this
+ * library then shares: one thread pool). A single item (a decode step with one adapter's
+ * tokens) runs here without entering a parallel region: even one with a false `if` costs
+ * libgomp about 0.5 us (and there the bf16 path uses thread 0's scratch). */
+static void run_items(void *y, int64_t ldy, const void *x, int64_t ldx, const lp_slots *p,
+                      const lp_step *st, float *scratch, int64_t threads) {
+  const int64_t rows = item_rows(p->ranks, st->starts, st->slots, st->num_segments, threads);
+  const int64_t num_items = order_items(p->ranks, st->starts, st->slots, st->num_segments,
+                                        rows, st->items);
+  if (num_items <= 1) {
+    if (num_items == 1) run_item(y, ldy, x, ldx, p, st, rows, scratch, 0);
+    return;
+  }
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t t = 0; t < num_items; t++) run_item(y, ldy, x, ldx, p, st, rows, scratch, t);
+}
+
+void lp_sgmv_f32(float *y, int64_t ldy, const float *x, int64_t ldx, const lp_slots *p,
+                 const lp_step *st) {
+  run_items(y, ldy, x, ldx, p, st, NULL, omp_get_max_threads());
+}
+
+/* bf16 x and y (a bf16 model), fp32 weights: the delta is added in fp32 and each sum rounded
+ * once, as PEFT computes with its adapters in fp32. Rows of tokens without an adapter are
+ * never touched. */
 void lp_sgmv_bf16(uint16_t *y, int64_t ldy, const uint16_t *x, int64_t ldx, const lp_slots *p,
                   const lp_step *st, float *scratch /* [threads, MB * (in + out)] */,
                   int64_t num_threads) {
-  const int64_t rows = item_rows(p->ranks, st->starts, st->slots, st->num_segments,
-                                 num_threads);
-  const int64_t num_items = order_items(p->ranks, st->starts, st->slots, st->num_segments,
-                                        rows, st->items);
-  if (num_items <= 1) {  /* outside a parallel region: thread 0's scratch */
-    if (num_items == 1) bf16_item(y, ldy, x, ldx, p, st, rows, scratch, 0);
-    return;
-  }
-#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
-  for (int64_t t = 0; t < num_items; t++) bf16_item(y, ldy, x, ldx, p, st, rows, scratch, t);
+  run_items(y, ldy, x, ldx, p, st, scratch, num_threads);
 }
