@@ -257,11 +257,8 @@ def sgmv_cpu(
     1 us of Python here; anything else takes `_checked`, which validates and adapts it.
     C reads whatever it is given: a contiguous tensor of T * in elements whose rows are `in`
     wide is T rows, and that is all it relies on."""
-    n = table.num_tokens
     if (x.is_cpu and y.is_cpu and x.dtype is y.dtype and x.is_contiguous()
-            and y.is_contiguous() and x.shape[-1] == weights.in_features
-            and y.shape[-1] == weights.out_features and x.numel() == n * weights.in_features
-            and y.numel() == n * weights.out_features and table.max_slot < weights.num_slots):
+            and y.is_contiguous() and _shapes_agree(y, x, weights, table)):
         if y.dtype is torch.float32:
             weights.lib.lp_sgmv_f32(y.data_ptr(), weights.out_features, x.data_ptr(),
                                     weights.in_features, weights.desc, table.desc)
@@ -272,6 +269,16 @@ def sgmv_cpu(
     return _checked(y, x, weights, table)
 
 
+def _shapes_agree(y: torch.Tensor, x: torch.Tensor, weights: PackedSlots,
+                  table: SegmentTable) -> bool:
+    """x and y hold the table's tokens as rows of this projection's widths, and the weights
+    hold every slot the table names."""
+    n = table.num_tokens
+    return (x.shape[-1] == weights.in_features and y.shape[-1] == weights.out_features
+            and x.numel() == n * weights.in_features and y.numel() == n * weights.out_features
+            and table.max_slot < weights.num_slots)
+
+
 def _checked(y: torch.Tensor, x: torch.Tensor, weights: PackedSlots,
              table: SegmentTable) -> torch.Tensor:
     """`sgmv_cpu` for what its fast path does not take: rows apart from each other, fp16, or
@@ -279,10 +286,7 @@ def _checked(y: torch.Tensor, x: torch.Tensor, weights: PackedSlots,
     if not (x.device.type == y.device.type == "cpu" and y.dtype == x.dtype
             and x.dtype in (torch.float32, torch.bfloat16, torch.float16)):
         raise ValueError("sgmv_cpu needs fp32, bf16 or fp16 rows (both alike) on the CPU")
-    if not (x.shape[-1] == weights.in_features and y.shape[-1] == weights.out_features
-            and x.numel() == table.num_tokens * weights.in_features
-            and y.numel() == table.num_tokens * weights.out_features
-            and table.max_slot < weights.num_slots):
+    if not _shapes_agree(y, x, weights, table):
         raise ValueError(f"sgmv_cpu: shapes disagree: x {tuple(x.shape)}, y {tuple(y.shape)}, "
                          f"weights {weights.in_features} -> {weights.out_features} in "
                          f"{weights.num_slots} slots, {table.num_tokens} tokens up to slot "
