@@ -258,6 +258,46 @@ static void tile(float *const yr[MB], int mb, const float *const xr[MB], const l
   }
 }
 
+/* A base model's linear layer at steps of few rows (decode), its weight held as B^T's panels:
+ * y[rows, out] = x[rows, in] @ W^T (+ bias). Such a step reads each weight once for a few
+ * FMAs, so its time is the weight's bytes over memory bandwidth; oneDNN's matmul on its own
+ * packed weight reached about half of that at SmolLM2's shapes (DenseWeights in
+ * sgmv_cpu.py has the figures). The panels are split between the threads. */
+typedef struct {
+  const wt *w;  /* [ceil(out / 64), in, 64]: panel p, row k holds W[64p : 64p + 64, k] */
+  const float *bias;  /* [out], or NULL */
+  int64_t in, out;
+} lp_dense;
+
+/* Rows m0 .. m0 + mb of panel o0 / PW: set to the bias (or zero), then the panel's product
+ * added by `expand`, with the rows of x as its h. */
+static inline __attribute__((always_inline)) void dense_rows(
+    float *y, const float *x, int mb, int64_t m0, int64_t o0, const lp_dense *d) {
+  const int64_t n = d->out - o0 < PW ? d->out - o0 : PW;
+  float *yr[MB] = {0};
+  for (int i = 0; i < mb; i++) {
+    yr[i] = y + (m0 + i) * d->out + o0;
+    if (d->bias) memcpy(yr[i], d->bias + o0, (size_t)n * sizeof(float));
+    else memset(yr[i], 0, (size_t)n * sizeof(float));
+  }
+  expand(yr, mb, x + m0 * d->in, d->in, d->w + o0 * d->in, d->in, n, 1.0f);
+}
+
+/* x [rows, in] and y [rows, out], both contiguous fp32. */
+void lp_dense_f32(float *y, const float *x, int64_t rows, const lp_dense *d) {
+  const int64_t panels = (d->out + PW - 1) / PW;
+#pragma omp parallel for schedule(static)
+  for (int64_t p = 0; p < panels; p++)
+    for (int64_t m0 = 0; m0 < rows; m0 += MB) {
+      switch (rows - m0 < MB ? rows - m0 : MB) {  /* a panel's later tiles read it from cache */
+        case 1: dense_rows(y, x, 1, m0, p * PW, d); break;
+        case 2: dense_rows(y, x, 2, m0, p * PW, d); break;
+        case 3: dense_rows(y, x, 3, m0, p * PW, d); break;
+        default: dense_rows(y, x, MB, m0, p * PW, d); break;
+      }
+    }
+}
+
 /* The rows of item t, [m0, end), and its slot. */
 static inline int64_t item_span(const lp_step *st, int64_t rows, int64_t t, int64_t *m0,
                                 int64_t *s) {

@@ -220,6 +220,12 @@ def plan(p: PlanInputs) -> Plan:
         weights["oneDNN packed copies"] = d * (
             s.num_layers * sum(i * o for i, o in s.projections().values())
             + s.vocab_size * s.hidden_size)
+        if p.cpu_gemm == "auto" and p.dtype == "float32":
+            # and the C kernel's for steps of few rows, each weight's rows padded to 64
+            # (kernels/sgmv_cpu.py's DenseWeights; assuming the kernel builds)
+            weights["C kernel copies"] = 4 * (
+                s.num_layers * sum(i * _cdiv(o, 64) * 64 for i, o in s.projections().values())
+                + _cdiv(s.vocab_size, 64) * 64 * s.hidden_size)
     backend = resolve_backend(p.backend, p.device, p.dtype, p.quantization)
     slots = lora_slot_bytes(s, p.num_slots, p.max_lora_rank, p.dtype, backend, p.lora_dtype)
     block = kv_block_bytes(s, p.block_size, p.dtype)
@@ -263,6 +269,8 @@ def _explain(pl: Plan) -> list[str]:
               f"  norms        {2 * s.num_layers + 1} x {s.hidden_size} x {d} B = {_gib(w['norms'])}",
               *([f"  packed       linear layers and lm_head once more, for oneDNN (--cpu-gemm)"
                  f" = {_gib(w['oneDNN packed copies'])}"] if "oneDNN packed copies" in w else []),
+              *([f"  panels       and once more for the C kernel's decode steps (--cpu-gemm "
+                 f"auto, fp32) = {_gib(w['C kernel copies'])}"] if "C kernel copies" in w else []),
               f"  total        {_gib(sum(w.values()))}",
               "",
               f"adapter slots ({pl.backend} backend)"]

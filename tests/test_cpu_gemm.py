@@ -1,13 +1,16 @@
-"""The base's linear layers through oneDNN with packed weights (server/runner/cpu_gemm.py):
-the same products as F.linear, the same Parameters, refreshed after in-place changes, and
-chosen only where they run. The engine's PEFT equivalence and merge tests run through them."""
+"""The base's linear layers through oneDNN with packed weights, and through the C kernel at
+steps of few rows (server/runner/cpu_gemm.py): the same products as F.linear, the same
+Parameters, refreshed after in-place changes, and chosen only where they run. The engine's
+PEFT equivalence and merge tests run through them."""
 
 import pytest
 import torch
 import torch.nn.functional as F
+from loraplex.kernels import sgmv_cpu
 from loraplex.server.cli import build_parser, config_from_args
 from loraplex.server.config import ConfigError
 from loraplex.server.runner.cpu_gemm import (
+    DENSE_ROWS,
     PackedLinear,
     _works,
     bucket,
@@ -17,6 +20,9 @@ from loraplex.server.runner.cpu_gemm import (
 from torch import nn
 
 CPU = torch.device("cpu")
+LIB = sgmv_cpu.load(torch.float32)
+# fp32 layers with and without the C kernel's copy for steps of few rows.
+DENSE = pytest.param(True, marks=pytest.mark.skipif(LIB is None, reason="no C compiler"))
 
 
 # bf16 packing needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT, or an Arm CPU with bf16.
@@ -34,29 +40,42 @@ def test_row_counts_run_at_a_bounded_set_of_sizes():
     assert all(rows <= bucket(rows) <= 1.125 * rows for rows in range(1, 5000))
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), BF16])
+@pytest.mark.parametrize("dtype,tol,dense", [
+    (torch.float32, 1e-5, False), pytest.param(torch.float32, 1e-5, True, marks=DENSE.marks),
+    pytest.param(*BF16.values, False, marks=BF16.marks)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_packed_linear_computes_what_f_linear_does(dtype, tol, bias):
+def test_packed_linear_computes_what_f_linear_does(monkeypatch, dtype, tol, dense, bias):
+    """Row counts on and off the sizes oneDNN runs at (17 and 99 rows are padded); with the C
+    kernel's copy, the calls of up to 16 rows (and only they) take it."""
+    import loraplex.server.runner.cpu_gemm as cpu_gemm
+
     torch.manual_seed(0)
     linear = nn.Linear(96, 160, bias=bias).to(dtype)
-    packed = PackedLinear.of(linear)
+    packed = PackedLinear.of(linear, LIB if dense else None)
     assert packed.weight is linear.weight and packed.bias is linear.bias
-    # Row counts on and off the sizes oneDNN runs at (17 and 99 rows are padded).
-    for shape in [(1, 96), (1, 7, 96), (3, 33, 96), (17, 96), (1, 99, 96)]:
+    assert (packed.dense is not None) == dense
+    dense_rows = []
+    monkeypatch.setattr(cpu_gemm, "dense_cpu", lambda x, w: dense_rows.append(x.numel() // 96)
+                        or sgmv_cpu.dense_cpu(x, w))
+    for shape in [(1, 96), (1, 7, 96), (3, 5, 96), (1, 16, 96), (3, 33, 96), (17, 96),
+                  (1, 99, 96)]:
         x = torch.randn(shape).to(dtype)
         got, want = packed(x), F.linear(x, linear.weight, linear.bias)
         assert got.shape == want.shape and got.dtype == dtype
         torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
-    # A strided input, as a column slice of a wider activation.
+    assert dense_rows == ([1, 7, 15, DENSE_ROWS] if dense else [])
+    # A strided input, as a column slice of a wider activation (oneDNN's, even at 5 rows).
     x = torch.randn(5, 192).to(dtype)[:, ::2]
     torch.testing.assert_close(packed(x).float(), F.linear(x, linear.weight, linear.bias).float(),
                                atol=tol, rtol=tol)
+    assert len(dense_rows) == (4 if dense else 0)
 
 
-def test_packed_linear_follows_its_weight_after_repack():
+@pytest.mark.parametrize("rows", [4, 24])  # the C kernel's copy, oneDNN's
+def test_packed_linear_follows_its_weight_after_repack(rows):
     torch.manual_seed(0)
-    packed = PackedLinear.of(nn.Linear(64, 32, bias=False))
-    x = torch.randn(4, 64)
+    packed = PackedLinear.of(nn.Linear(64, 32, bias=False), LIB)
+    x = torch.randn(rows, 64)
     before = packed(x)
     with torch.no_grad():
         packed.weight.data += 1.0  # as a merge writes it
@@ -73,7 +92,7 @@ def test_a_failed_repack_falls_back_to_the_weight_itself(monkeypatch):
     import loraplex.server.runner.cpu_gemm as cpu_gemm
 
     torch.manual_seed(0)
-    packed = PackedLinear.of(nn.Linear(64, 32))
+    packed = PackedLinear.of(nn.Linear(64, 32))  # no C kernel's copy, which never fails
     with torch.no_grad():
         packed.weight.data *= 2.0
 
@@ -94,7 +113,7 @@ def test_merge_and_its_undo_repack_the_layer():
     from loraplex.adapters.peft_format import LoRAWeights
 
     torch.manual_seed(0)
-    packed = PackedLinear.of(nn.Linear(64, 48, bias=False))
+    packed = PackedLinear.of(nn.Linear(64, 48, bias=False), LIB)
     weights = LoRAWeights(lora_a=torch.randn(4, 64), lora_b=torch.randn(48, 4), scale=0.5)
     original = packed.weight.detach().clone()
     x = torch.randn(6, 64)
@@ -106,9 +125,11 @@ def test_merge_and_its_undo_repack_the_layer():
     torch.testing.assert_close(packed(x), F.linear(x, original), atol=1e-4, rtol=1e-4)
 
 
-def test_pack_linears_keeps_names_ties_and_outputs():
+@pytest.mark.parametrize("dense", [False, DENSE])
+def test_pack_linears_keeps_names_ties_and_outputs(dense):
     """Every nn.Linear of a model is replaced in place; a tied lm_head stays tied to the
-    embedding, the state dict keeps its keys, and the model computes the same."""
+    embedding, the state dict keeps its keys, and the model computes the same (five tokens:
+    through the C kernel's copies where they are kept)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -122,13 +143,16 @@ def test_pack_linears_keeps_names_ties_and_outputs():
         want = model(ids).logits
     linears = sum(type(m) is nn.Linear for m in model.modules())
     assert linears == 2 * 7 + 1
-    total = pack_linears(model)
+    total = pack_linears(model, dense=dense)
     assert sum(isinstance(m, PackedLinear) for m in model.modules()) == linears
+    assert all((m.dense is not None) == dense for m in model.modules()
+               if isinstance(m, PackedLinear))
     assert not any(type(m) is nn.Linear for m in model.modules())
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert list(model.state_dict()) == keys
-    assert total == sum(m.weight.numel() * 4 for m in model.modules()
-                        if isinstance(m, PackedLinear))
+    # the C kernel's copies pad each weight's rows to a multiple of 64
+    assert total == sum(m.weight.numel() * 4 + (m.dense.data.nbytes if dense else 0)
+                        for m in model.modules() if isinstance(m, PackedLinear))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, want, atol=1e-4, rtol=1e-4)
 
@@ -137,7 +161,10 @@ def test_cpu_gemm_is_chosen_where_it_runs_and_refused_elsewhere():
     assert config_from_args(build_parser().parse_args(["serve"])).engine.model.cpu_gemm == "auto"
     assert config_from_args(build_parser().parse_args(
         ["serve", "--cpu-gemm", "torch"])).engine.model.cpu_gemm == "torch"
-    assert resolve_cpu_gemm("auto", CPU, torch.float32, quantized=False) == "onednn"
+    # fp32 takes the C kernel at steps of few rows where it builds; bf16 and asked-for
+    # oneDNN do not.
+    assert resolve_cpu_gemm("auto", CPU, torch.float32, quantized=False) == (
+        "onednn+c" if LIB is not None else "onednn")
     assert resolve_cpu_gemm("auto", CPU, torch.bfloat16, quantized=False) == (
         "onednn" if _works(torch.bfloat16) else "torch")
     assert resolve_cpu_gemm("onednn", CPU, torch.float32, quantized=False) == "onednn"

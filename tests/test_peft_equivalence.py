@@ -217,7 +217,7 @@ TINY_PROMPTS = [[random.Random(i).randrange(3, 256) for _ in range(n)]
 
 @pytest.mark.parametrize("arch,quantization,gemm", [
     ("llama", "none", "auto"), ("qwen2", "none", "auto"), ("mistral", "none", "auto"),
-    ("llama", "nf4", "auto"), ("llama", "none", "torch"),
+    ("llama", "nf4", "auto"), ("llama", "none", "torch"), ("llama", "none", "onednn"),
 ])
 def test_tiny_mixed_batches_match_peft(tmp_path, arch, quantization, gemm):
     model_dir = save_tiny_model(arch, tmp_path / "model")
@@ -225,9 +225,11 @@ def test_tiny_mixed_batches_match_peft(tmp_path, arch, quantization, gemm):
                   tmp_path / "adapters", TINY_PROMPTS, ADAPTER_SPECS)
     assert len(setup.adapters) >= 8
     _adapters_change_output(setup, TINY_PROMPTS)
-    # Dense bases on the CPU multiply through oneDNN-packed weights unless told otherwise.
-    packed = gemm == "auto" and quantization == "none"
-    assert setup.engine().runner.cpu_gemm == ("onednn" if packed else "torch")
+    # Dense fp32 bases on the CPU multiply through oneDNN-packed weights, and through the C
+    # kernel's copies at steps of up to 16 rows (decode), unless told otherwise.
+    want = {"auto": "onednn+c" if sgmv_cpu.load() is not None else "onednn",
+            "onednn": "onednn", "torch": "torch"}[gemm] if quantization == "none" else "torch"
+    assert setup.engine().runner.cpu_gemm == want
     _run_scenarios(setup)
 
 

@@ -92,11 +92,13 @@ def _weights(model) -> list[torch.Tensor]:
 
 def _packed_bytes(model) -> int:
     """The oneDNN copies of the linear layers' weights (--cpu-gemm): opaque tensors without a
-    storage to ask, counted at their logical size."""
+    storage to ask, counted at their logical size; and the C kernel's copies, regions of one
+    arena (as the slots' below)."""
     from loraplex.server.runner.cpu_gemm import PackedLinear
 
-    return sum(m.packed.numel() * m.packed.element_size() for m in model.modules()
-               if isinstance(m, PackedLinear))
+    return sum(m.packed.numel() * m.packed.element_size()
+               + (0 if m.dense is None else m.dense.data.nbytes)
+               for m in model.modules() if isinstance(m, PackedLinear))
 
 
 def _slot_bytes(lora) -> int:
@@ -131,7 +133,8 @@ def test_the_plan_is_what_the_engine_allocates(tmp_path, arch, quantization, bac
                         lora_dtype=lora_dtype))
     assert p.backend == engine.runner.lora.backend
     model = engine.loaded.model
-    assert ("oneDNN packed copies" in p.weights) == (engine.runner.cpu_gemm == "onednn")
+    assert ("oneDNN packed copies" in p.weights) == (engine.runner.cpu_gemm != "torch")
+    assert ("C kernel copies" in p.weights) == (engine.runner.cpu_gemm == "onednn+c")
     assert sum(p.weights.values()) == _storage_bytes(_weights(model)) + _packed_bytes(model)
     assert p.lora_slots == _slot_bytes(engine.runner.lora)
     kv = engine.runner.kv
@@ -148,7 +151,9 @@ def test_the_plan_of_the_embedded_model_is_what_the_server_allocates(embedded_di
         **KNOWN_SHAPES["smollm2-135m"].__dict__, "name": shape.name})
     p = plan(PlanInputs(shape, "none", "float32", "cpu"))
     model = engine.loaded.model
-    assert engine.runner.cpu_gemm == "onednn" and p.weights["oneDNN packed copies"] > 0
+    assert engine.runner.cpu_gemm == "onednn+c" and p.weights["oneDNN packed copies"] > 0
+    # every SmolLM2 width is a multiple of the C copies' 64-row panels: no padding
+    assert p.weights["C kernel copies"] == p.weights["oneDNN packed copies"]
     assert sum(p.weights.values()) == _storage_bytes(_weights(model)) + _packed_bytes(model)
     assert p.lora_slots == _slot_bytes(engine.runner.lora)
     assert p.num_blocks == engine.blocks.num_blocks

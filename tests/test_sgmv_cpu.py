@@ -433,3 +433,46 @@ def test_the_engines_slots_share_one_arena_in_huge_pages_where_linux_gives_them(
     for d in data:
         d.fill_(1.0)  # fault the pages in
     assert _anon_huge_kb(starts[0]) > 0
+
+
+# ---- the dense product for a base model's linear layers at steps of few rows -----------------
+
+@pytest.mark.parametrize("in_features,out", [(1, 1), (7, 63), (64, 64), (130, 65), (576, 960),
+                                             (1536, 576)])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_dense_product_against_fp64(in_features, out, bias, threads):
+    """Every row count up to the engine's 16 and past it (tiles of 1-4 rows), widths off the
+    64-column panel and the 16-float vector, with and without a bias, on one thread and two."""
+    gen = torch.Generator().manual_seed(in_features * out)
+    w = torch.randn(out, in_features, generator=gen)
+    b = torch.randn(out, generator=gen) if bias else None
+    weights = sgmv_cpu.DenseWeights(LIB, w, b)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for rows in (1, 2, 3, 4, 5, 8, 15, 16, 17):
+            x = torch.randn(1, rows, in_features, generator=gen)
+            got = sgmv_cpu.dense_cpu(x, weights)
+            want = torch.nn.functional.linear(x.double(), w.double(),
+                                              None if b is None else b.double())
+            assert got.shape == (1, rows, out) and got.dtype == torch.float32
+            torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_dense_weights_follow_a_repack_and_refuse_what_c_cannot_read():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(100, 40, generator=gen)
+    weights = sgmv_cpu.DenseWeights(LIB, w, None)
+    x = torch.randn(3, 40, generator=gen)
+    w.add_(1.0)  # in place, as a merge changes a weight: the copy keeps the old one ...
+    assert not torch.allclose(sgmv_cpu.dense_cpu(x, weights), x @ w.T, atol=1e-3)
+    weights.pack(w)  # ... until packed again
+    torch.testing.assert_close(sgmv_cpu.dense_cpu(x, weights), x @ w.T, atol=1e-4, rtol=1e-5)
+    for bad in (x.to(torch.bfloat16), torch.randn(40, 3).T, torch.randn(3, 41)):
+        with pytest.raises(ValueError, match="dense_cpu needs"):
+            sgmv_cpu.dense_cpu(bad, weights)
+    with pytest.raises(ValueError, match="fp32"):
+        sgmv_cpu.DenseWeights(LIB, w.to(torch.bfloat16), None)

@@ -14,10 +14,16 @@ are padded up to one of `bucket`'s 72 sizes up to 2048 (exact to 16, then 8 per 
 most 12.4% more rows): every size is built once and the memory stays bounded (301 MB for
 SmolLM2's five weight shapes at all 72 sizes).
 
-The packed weight is a copy derived from `weight`, which stays the source of truth: the
+Steps of at most DENSE_ROWS rows (decode) in fp32 go instead to loraplex's C kernel on a
+second copy of the weight in its own panel layout (`DenseWeights`, kernels/sgmv_cpu.c): such
+a step only reads the weights, and oneDNN read them at about half the memory's bandwidth.
+Over SmolLM2's 210 projections, one decode step's worth, the C kernel took 1.36-1.68x less
+time than oneDNN at 1-4 rows and 1.2x at 8-16; from about 24 rows oneDNN is faster.
+
+The packed weights are copies derived from `weight`, which stays the source of truth: the
 embedding tied to `lm_head`, merges (adapters/merge.py) and state dicts read and write
-`weight`; whoever changes it in place calls `repack()`. The copy costs the linear weights'
-bytes once more in host memory.
+`weight`; whoever changes it in place calls `repack()`. Each copy costs the linear weights'
+bytes once more in host memory (`--cpu-gemm onednn` keeps only oneDNN's).
 """
 
 from __future__ import annotations
@@ -29,11 +35,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraplex.kernels import sgmv_cpu
+from loraplex.kernels.sgmv_cpu import DenseWeights, SlotArena, dense_cpu
+
 from ..config import ConfigError
 
 log = logging.getLogger(__name__)
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
+# The most rows a call sends to the C kernel (measured above: it is faster up to 16).
+DENSE_ROWS = 16
 
 
 def bucket(rows: int) -> int:
@@ -55,16 +66,24 @@ def _matmul(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) ->
 
 
 class PackedLinear(nn.Linear):
-    """An nn.Linear whose forward multiplies by a oneDNN-packed copy of its weight. It holds
-    the very Parameters of the layer it replaces, so ties and names are unchanged."""
+    """An nn.Linear whose forward multiplies by a oneDNN-packed copy of its weight, or by
+    `dense` (a DenseWeights copy) at steps of few rows. It holds the very Parameters of the
+    layer it replaces, so ties and names are unchanged."""
 
     @classmethod
-    def of(cls, linear: nn.Linear) -> PackedLinear:
+    def of(cls, linear: nn.Linear, dense_lib=None, arena: SlotArena | None = None
+           ) -> PackedLinear:
+        """`dense_lib`: the C kernel library, to keep a DenseWeights copy too (fp32 only),
+        taken from `arena` when given."""
         packed = cls.__new__(cls)
         nn.Module.__init__(packed)
         packed.in_features, packed.out_features = linear.in_features, linear.out_features
         packed.register_parameter("weight", linear.weight)
         packed.register_parameter("bias", linear.bias)
+        packed.dense = None
+        if dense_lib is not None:
+            bias = None if linear.bias is None else linear.bias.detach()
+            packed.dense = DenseWeights(dense_lib, linear.weight.detach(), bias, arena)
         packed.repack()
         return packed
 
@@ -72,6 +91,8 @@ class PackedLinear(nn.Linear):
         """Pack `weight` again, after it changed in place. Where that fails (out of memory),
         the layer multiplies by `weight` itself with F.linear: never by a stale copy."""
         self.packed = None
+        if self.dense is not None:
+            self.dense.pack(self.weight)
         try:
             self.packed = _pack(self.weight)
         except RuntimeError:
@@ -79,9 +100,11 @@ class PackedLinear(nn.Linear):
                         self.out_features, self.in_features, exc_info=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in] -> [..., out]
+        rows = x.numel() // self.in_features
+        if self.dense is not None and rows <= DENSE_ROWS and x.is_contiguous():
+            return dense_cpu(x, self.dense)
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
-        rows = x.numel() // self.in_features
         padded = bucket(rows)
         if padded == rows:
             return _matmul(x, self.packed, self.bias)
@@ -108,13 +131,16 @@ def _works(dtype: torch.dtype) -> bool:
 
 def resolve_cpu_gemm(requested: str, device: torch.device, dtype: torch.dtype,
                      quantized: bool) -> str:
-    """"onednn" or "torch" for the base's linear layers, or a ConfigError saying why the
-    requested one cannot run here."""
+    """"onednn+c" (oneDNN, and the C kernel at steps of few rows), "onednn" or "torch" for
+    the base's linear layers, or a ConfigError saying why the requested one cannot run here."""
     if requested == "torch":
         return requested
     assert requested in ("auto", "onednn"), requested
     if device.type == "cpu" and not quantized and dtype in PACKABLE_DTYPES \
             and torch.backends.mkldnn.is_available() and _works(dtype):
+        # The C kernel is built at start-up; where it cannot be, oneDNN alone.
+        if requested == "auto" and dtype == torch.float32 and sgmv_cpu.load(dtype) is not None:
+            return "onednn+c"
         return "onednn"
     if requested == "onednn":
         raise ConfigError("--cpu-gemm onednn needs a dense float32 or bfloat16 model on the "
@@ -122,24 +148,34 @@ def resolve_cpu_gemm(requested: str, device: torch.device, dtype: torch.dtype,
     return "torch"
 
 
-def pack_linears(model: nn.Module) -> int:
-    """Replace every plain nn.Linear of `model` by a PackedLinear sharing its Parameters.
-    Returns the bytes of the packed copies."""
+def pack_linears(model: nn.Module, dense: bool = False) -> int:
+    """Replace every plain nn.Linear of `model` by a PackedLinear sharing its Parameters, with
+    a DenseWeights copy too if `dense` (fp32; all of them in one arena of huge pages, which
+    the C kernel streams as it does adapter slots). Returns the bytes of the copies."""
     names = [name for name, module in model.named_modules() if type(module) is nn.Linear]
+    lib = arena = None
+    if dense:
+        lib = sgmv_cpu.load(torch.float32)
+        linears = [model.get_submodule(name) for name in names]
+        arena = SlotArena(SlotArena.size([(DenseWeights.numel(m.in_features, m.out_features),
+                                           torch.float32) for m in linears]))
     total = 0
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        packed = PackedLinear.of(getattr(parent, child))
+        packed = PackedLinear.of(getattr(parent, child), lib, arena)
         setattr(parent, child, packed)
         total += packed.weight.numel() * packed.weight.element_size()
-    log.info("CPU linear layers: %d packed for oneDNN (%.0f MB more host memory)",
-             len(names), total / 2**20)
+        if packed.dense is not None:
+            total += packed.dense.data.nbytes
+    log.info("CPU linear layers: %d packed for oneDNN%s (%.0f MB more host memory)",
+             len(names), " and the C kernel" if dense else "", total / 2**20)
     return total
 
 
 def _bench() -> None:
-    """Median time of F.linear against the packed oneDNN call at SmolLM2's shapes."""
+    """Median time of F.linear against the packed oneDNN call at SmolLM2's shapes, and in fp32
+    at up to DENSE_ROWS rows the C kernel's (on its own copy), side by side."""
     def median_us(fn, repeats: int = 30) -> float:
         for _ in range(3):
             fn()
@@ -150,19 +186,48 @@ def _bench() -> None:
             times.append(time.perf_counter() - start)
         return sorted(times)[repeats // 2] * 1e6
 
+    lib = sgmv_cpu.load(torch.float32)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("| dtype | rows | out x in | F.linear (us) | oneDNN packed (us) | speed-up |")
-    print("|---|---|---|---|---|---|")
+    print("| dtype | rows | out x in | F.linear (us) | oneDNN packed (us) | speed-up "
+          "| C kernel (us) | C / oneDNN |")
+    print("|---|---|---|---|---|---|---|---|")
     for dtype in PACKABLE_DTYPES:
-        for rows in (1, 8, 32, 256):
+        for rows in (1, 4, 16, 32, 256):
             for out_f, in_f in ((576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)):
                 w = torch.randn(out_f, in_f).to(dtype)
                 x = torch.randn(rows, in_f).to(dtype)
                 packed = _pack(w)
                 plain = median_us(lambda: F.linear(x, w))
                 fast = median_us(lambda: _matmul(x, packed, None))
+                c = "- | -"
+                if dtype == torch.float32 and rows <= DENSE_ROWS and lib is not None:
+                    dense = DenseWeights(lib, w, None)
+                    us = median_us(lambda: dense_cpu(x, dense))
+                    c = f"{us:.0f} | {fast / us:.2f}x"
                 print(f"| {str(dtype).removeprefix('torch.')} | {rows} | {out_f}x{in_f} | "
-                      f"{plain:.0f} | {fast:.0f} | {plain / fast:.2f}x |", flush=True)
+                      f"{plain:.0f} | {fast:.0f} | {plain / fast:.2f}x | {c} |", flush=True)
+
+
+    if lib is None:
+        return
+    # One decode step's worth: the shapes above alone stay in cache from call to call, while a
+    # step reads every layer's distinct weights from memory once.
+    layers = [[torch.randn(o, i) for o, i in ((576, 576), (192, 576), (192, 576), (576, 576),
+                                              (1536, 576), (1536, 576), (576, 1536))]
+              for _ in range(30)] + [[torch.randn(49152, 576)]]
+    onednn = [[_pack(w) for w in ws] for ws in layers]
+    dense = [[DenseWeights(lib, w, None) for w in ws] for ws in layers]
+    print(f"\nSmolLM2's 211 fp32 projections, distinct weights (one decode step's reads):")
+    print("| rows | oneDNN packed (ms) | C kernel (ms) | C / oneDNN |")
+    print("|---|---|---|---|")
+    for rows in (1, 2, 4, 8, 16, 24, 32):
+        xs = {i: torch.randn(rows, i) for i in (576, 1536)}
+        one = median_us(lambda: [_matmul(xs[w.shape[1]], p, None)
+                                 for ws, ps in zip(layers, onednn) for w, p in zip(ws, ps)],
+                        repeats=15) / 1e3
+        c = median_us(lambda: [dense_cpu(xs[d.in_features], d) for ds in dense for d in ds],
+                      repeats=15) / 1e3
+        print(f"| {rows} | {one:.1f} | {c:.1f} | {one / c:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

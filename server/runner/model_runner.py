@@ -61,8 +61,9 @@ class ModelRunner:
         quantized = loaded.quantization != "none"
         self.cpu_gemm = resolve_cpu_gemm(config.model.cpu_gemm, loaded.device, loaded.dtype,
                                          quantized)
-        if self.cpu_gemm == "onednn":
-            pack_linears(model)  # before the LoRA wrappers take the layers as their bases
+        if self.cpu_gemm in ("onednn", "onednn+c"):
+            # before the LoRA wrappers take the layers as their bases
+            pack_linears(model, dense=self.cpu_gemm == "onednn+c")
         backend = resolve_backend(config.lora.backend, loaded.device, loaded.dtype, quantized)
         self.lora = LoRAModel(model, config.lora.max_loras, config.lora.max_lora_rank,
                               loaded.dtype, loaded.device, backend, config.lora.fuse,
