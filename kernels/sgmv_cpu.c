@@ -261,8 +261,8 @@ static void tile(float *const yr[MB], int mb, const float *const xr[MB], const l
 /* A base model's linear layer at steps of few rows (decode), its weight held as B^T's panels:
  * y[rows, out] = x[rows, in] @ W^T (+ bias). Such a step reads each weight once for a few
  * FMAs, so its time is the weight's bytes over memory bandwidth; oneDNN's matmul on its own
- * packed weight reached about half of that at SmolLM2's shapes (DenseWeights in
- * sgmv_cpu.py has the figures). The panels are split between the threads. */
+ * packed weight reached about half of that at SmolLM2's shapes (server/runner/cpu_gemm.py
+ * has the figures). The panels are split between the threads. */
 typedef struct {
   const wt *w;  /* [ceil(out / 64), in, 64]: panel p, row k holds W[64p : 64p + 64, k] */
   const float *bias;  /* [out], or NULL */

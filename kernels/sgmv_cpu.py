@@ -335,11 +335,9 @@ def _sgmv_bf16(y: torch.Tensor, ldy: int, x: torch.Tensor, ldx: int, weights: Pa
 
 class DenseWeights:
     """A base linear layer's weight as B^T's panels, `[ceil(out / 64), in, 64]` (zeros past
-    `out`), for `dense_cpu`: steps of few rows, where the time is that of reading the weight.
-    Measured on the 2-core EPYC VM over SmolLM2's 210 projections, one decode step's worth,
-    against oneDNN on its own packed weights: 1.36-1.68x at 1-4 rows, 1.2x at 8-16, and
-    slower from about 24 rows (the rows then cost FMAs, which oneDNN blocks better). Only
-    fp32 weights (the kernel library built for fp32)."""
+    `out`), for `dense_cpu`: steps of few rows, where the time is mostly that of reading the
+    weight (server/runner/cpu_gemm.py has the figures against oneDNN). Only fp32 weights (the
+    kernel library built for fp32)."""
 
     def __init__(self, lib: ctypes.CDLL, weight: torch.Tensor,  # [out, in] fp32
                  bias: torch.Tensor | None,  # [out] fp32

@@ -155,8 +155,8 @@ def _serve_args(serve: argparse.ArgumentParser) -> None:
                        help="the dense base's linear layers on the CPU: weights packed once "
                             "for oneDNN (1.3-4.7x faster fp32 matmuls here; their bytes once "
                             "more in memory) or torch's F.linear. auto: onednn where it runs, "
-                            "and with fp32 weights loraplex's C kernel at steps of up to 16 "
-                            "rows (decode: 1.2-1.7x faster; the bytes once more again)")
+                            "and with fp32 weights loraplex's C kernel at steps of up to 64 "
+                            "rows (decode: 1.1-1.7x faster; the bytes once more again)")
     model.add_argument("--model-cache", default=None,
                        help="where GGUF conversions are cached (default ~/.cache/loraplex)")
     lora = serve.add_argument_group("adapters")

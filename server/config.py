@@ -48,7 +48,7 @@ class ModelConfig:
     # The dense base's linear layers on the CPU: "onednn" packs their weights once for
     # oneDNN (server/runner/cpu_gemm.py), "torch" calls F.linear; "auto": onednn where this
     # torch can (CPU, float32 or bfloat16, not quantized), and in fp32 the C kernel on a
-    # copy of its own at steps of up to 16 rows (decode).
+    # copy of its own at steps of up to 64 rows (decode).
     cpu_gemm: Literal["auto", "onednn", "torch"] = "auto"
 
     def __post_init__(self) -> None:
