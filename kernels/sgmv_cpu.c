@@ -243,6 +243,16 @@ static inline __attribute__((always_inline)) void tile_rows(
   expand(yr, mb, h, ldh, a + b_offset, r, out, scale);
 }
 
+/* `call` with mb_ a constant: 1, 2, 3, or MB for `rows` of MB and more, so that the inlined
+ * loops over a tile's rows unroll and do only its rows' arithmetic. */
+#define BY_ROWS(mb, call)                                                \
+  switch (mb) {                                                          \
+    case 1: { const int mb_ = 1; call; break; }                          \
+    case 2: { const int mb_ = 2; call; break; }                          \
+    case 3: { const int mb_ = 3; call; break; }                          \
+    default: { const int mb_ = MB; call; break; }                        \
+  }
+
 /* One tile of 1 to MB rows of slot s, by the loops compiled for its row count. */
 static void tile(float *const yr[MB], int mb, const float *const xr[MB], const lp_slots *p,
                  int64_t s) {
@@ -250,12 +260,7 @@ static void tile(float *const yr[MB], int mb, const float *const xr[MB], const l
   const wt *a = p->w + s * p->slot_stride;
   const int64_t bo = p->b_offset, in = p->in, out = p->out;
   const float scale = p->scales[s];
-  switch (mb) {
-    case 1: tile_rows(yr, 1, xr, a, bo, r, in, out, scale); break;
-    case 2: tile_rows(yr, 2, xr, a, bo, r, in, out, scale); break;
-    case 3: tile_rows(yr, 3, xr, a, bo, r, in, out, scale); break;
-    default: tile_rows(yr, MB, xr, a, bo, r, in, out, scale); break;
-  }
+  BY_ROWS(mb, tile_rows(yr, mb_, xr, a, bo, r, in, out, scale))
 }
 
 /* A base model's linear layer at steps of few rows (decode), its weight held as B^T's panels:
@@ -288,14 +293,8 @@ void lp_dense_f32(float *y, const float *x, int64_t rows, const lp_dense *d) {
   const int64_t panels = (d->out + PW - 1) / PW;
 #pragma omp parallel for schedule(static)
   for (int64_t p = 0; p < panels; p++)
-    for (int64_t m0 = 0; m0 < rows; m0 += MB) {
-      switch (rows - m0 < MB ? rows - m0 : MB) {  /* a panel's later tiles read it from cache */
-        case 1: dense_rows(y, x, 1, m0, p * PW, d); break;
-        case 2: dense_rows(y, x, 2, m0, p * PW, d); break;
-        case 3: dense_rows(y, x, 3, m0, p * PW, d); break;
-        default: dense_rows(y, x, MB, m0, p * PW, d); break;
-      }
-    }
+    for (int64_t m0 = 0; m0 < rows; m0 += MB)  /* a panel's later tiles read it from cache */
+      BY_ROWS(rows - m0, dense_rows(y, x, mb_, m0, p * PW, d))
 }
 
 /* The rows of item t, [m0, end), and its slot. */
