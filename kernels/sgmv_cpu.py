@@ -118,8 +118,9 @@ def load_source(source: pathlib.Path,
     lib.lp_sgmv_f32.restype = None
     lib.lp_sgmv_bf16.argtypes = [p, i, p, i, p, p, p, i]
     lib.lp_sgmv_bf16.restype = None
-    lib.lp_dense_f32.argtypes = [p, p, i, p]
-    lib.lp_dense_f32.restype = None
+    if hasattr(lib, "lp_dense_f32"):  # older sources (bench_sgmv_cpu --against) lack it
+        lib.lp_dense_f32.argtypes = [p, p, i, p]
+        lib.lp_dense_f32.restype = None
     return lib
 
 
