@@ -5,9 +5,11 @@ run of the same build varies by 10-20%: more than the adapters' share of a step.
 same workload (`WorkloadSpec`: the prompts, adapters and lengths the served commands send) is
 submitted straight to engines built in this process, greedy, EOS ignored, in rounds: each
 round runs every variant's engine with the adapters mixed, then the first engine on the base
-model only, one after another. The overhead is given two ways: from each run's median over
-the rounds, and as the median of each round's ratio to the base-only run right after it (which
-shares that minute's machine speed).
+model only, one after another (and the base model only once more for each other way of
+running the base's linear layers among the variants: `onednn-gemm`'s --cpu-gemm onednn). The
+overhead is given two ways: from each run's median over the rounds, and as the median of each
+round's ratio to its base-only run in the same round (which shares that minute's machine
+speed).
 
 `--kernel-stats` then runs each variant once more with the C kernel's calls timed
 (monkeypatched in; these runs are not among the timed rounds, whose engines run as served),
@@ -32,8 +34,10 @@ import torch
 from .compare import say
 from .workload import WorkloadSpec
 
-# variant name -> LoRAConfig.dtype (--lora-dtype)
-VARIANTS = {"fp32-slots": "auto", "bf16-slots": "bfloat16"}
+# variant name -> (LoRAConfig.dtype (--lora-dtype), ModelConfig.cpu_gemm (--cpu-gemm))
+VARIANTS = {"fp32-slots": ("auto", "auto"), "bf16-slots": ("bfloat16", "auto"),
+            # oneDNN at every step, as before the C kernel took the steps of few rows
+            "onednn-gemm": ("auto", "onednn")}
 
 
 @dataclass
@@ -112,10 +116,11 @@ def engine_overhead(spec: WorkloadSpec, model: str | None, quantization: str,
     engines = {}
     for name in variants:
         say(f"engine {name} ...")
+        lora_dtype, cpu_gemm = VARIANTS[name]
         engine = LLMEngine(EngineConfig(
-            model=ModelConfig(model=model, quantization=quantization),
+            model=ModelConfig(model=model, quantization=quantization, cpu_gemm=cpu_gemm),
             lora=LoRAConfig(max_loras=max(len(adapters), 1), max_lora_rank=max_rank,
-                            dtype=VARIANTS[name])))
+                            dtype=lora_dtype)))
         for adapter, path in adapters.items():
             engine.register_adapter(adapter, path)
         engines[name] = engine
@@ -126,12 +131,20 @@ def engine_overhead(spec: WorkloadSpec, model: str | None, quantization: str,
     for engine in engines.values():  # first forwards build kernels and oneDNN primitives
         _run(engine, requests[:4], base_only=False)
 
-    runs = [f"{name}, mixed" for name in variants] + ["base only"]
+    # One base-only run per way of running the base (--cpu-gemm) among the variants, on the
+    # first variant's engine that runs it; each mixed run is set against its own.
+    gemms = list(dict.fromkeys(VARIANTS[name][1] for name in variants))
+    base_of = {name: "base only" if VARIANTS[name][1] == gemms[0]
+               else f"base only, --cpu-gemm {VARIANTS[name][1]}" for name in variants}
+    engine_of = {f"{name}, mixed": engines[name] for name in variants}
+    for name in reversed(variants):
+        engine_of[base_of[name]] = engines[name]
+    runs = [f"{name}, mixed" for name in variants] + list(dict.fromkeys(base_of.values()))
     seconds: dict[str, list[float]] = {run: [] for run in runs}
     for r in range(rounds):
         for run in runs:
-            engine = engines[variants[0] if run == "base only" else run.split(",")[0]]
-            seconds[run].append(_run(engine, requests, base_only=run == "base only"))
+            seconds[run].append(_run(engine_of[run], requests,
+                                     base_only=run.startswith("base only")))
             say(f"round {r + 1}/{rounds}: {run}: {seconds[run][-1]:.2f} s "
                 f"({tokens / seconds[run][-1]:.1f} output tok/s)")
     stats: dict[str, KernelStats] = {}
@@ -149,20 +162,22 @@ def engine_overhead(spec: WorkloadSpec, model: str | None, quantization: str,
     finally:
         sgmv_cpu.sgmv_cpu = original
 
-    base = statistics.median(seconds["base only"])
+    mixed = [f"{name}, mixed" for name in variants]
+    base_run = {f"{name}, mixed": base_of[name] for name in variants}
     rows, results = [], {}
     for run in runs:
-        med = statistics.median(seconds[run])
+        own_base = base_run.get(run, run)
+        med, base = statistics.median(seconds[run]), statistics.median(seconds[own_base])
         # Each round's run against the base-only run right after it: this VM's speed drifts
         # by 10% and more within minutes, and a pair run close together shares the drift.
-        paired = statistics.median(s / b - 1 for s, b in zip(seconds[run], seconds["base only"]))
+        paired = statistics.median(s / b - 1 for s, b in zip(seconds[run], seconds[own_base]))
         result = {"seconds": seconds[run], "median_s": round(med, 3),
                   "output_tok_per_s": round(tokens / med, 1),
                   "lora_overhead": round(med / base - 1, 4),
                   "lora_overhead_paired": round(paired, 4)}
         cells = [run, f"{med:.2f} ({', '.join(f'{s:.2f}' for s in seconds[run])})",
-                 f"{tokens / med:.1f}", "-" if run == "base only" else f"{med / base - 1:.1%}",
-                 "-" if run == "base only" else f"{paired:.1%}"]
+                 f"{tokens / med:.1f}", "-" if run == own_base else f"{med / base - 1:.1%}",
+                 "-" if run == own_base else f"{paired:.1%}"]
         if run in stats:
             kernel_s, gb = stats[run].seconds, stats[run].gigabytes()
             result.update(kernel_s=round(kernel_s, 3), kernel_gb=round(gb, 2),
@@ -181,16 +196,18 @@ def engine_overhead(spec: WorkloadSpec, model: str | None, quantization: str,
                  "| kernel GB/s |")
     lines = [f"{run}: LoRA overhead {results[run]['lora_overhead']:.1%} (medians), "
              f"{results[run]['lora_overhead_paired']:.1%} (round by round, median)"
-             for run in runs[:-1]]
+             for run in mixed]
+    lines += [f"{run}: {results['base only']['median_s'] / results[run]['median_s']:.2f}x "
+              "the speed of the first base-only run (medians)" for run in runs[len(mixed) + 1:]]
     if kernel_stats:
         bw = statistics.median(bandwidth)
         lines.append(f"plain read (torch.sum, {torch.get_num_threads()} threads): {bw:.1f} GB/s "
                      f"(rounds {', '.join(f'{b:.1f}' for b in bandwidth)})")
-        for run in (run for run in runs[:-1] if results[run].get("kernel_gb")):
+        for run in (run for run in mixed if results[run].get("kernel_gb")):
             floor = results[run]["kernel_gb"] / bw
             lines.append(f"{run}: {results[run]['kernel_gb']:.1f} GB of adapter weights to read "
                          f"take {floor:.2f} s at that rate: an overhead floor of "
-                         f"{floor / base:.1%}")
+                         f"{floor / results[base_run[run]]['median_s']:.1%}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "report.md"
