@@ -29,7 +29,7 @@ VARIANTS = {
     # The base's linear layers through torch's F.linear, as before oneDNN-packed weights.
     "torch-gemm": ({}, ["--cpu-gemm", "torch"]),
     "bf16-torch-gemm": ({}, ["--dtype", "bfloat16", "--cpu-gemm", "torch"]),
-    # oneDNN at every step, as before the C kernel took steps of up to 16 rows in fp32.
+    # oneDNN at every step, as before the C kernel took fp32 steps of up to 64 rows.
     "onednn-gemm": ({}, ["--cpu-gemm", "onednn"]),
     # Adapters stored in bf16 in the C kernel's slots: half the bytes each step streams.
     "lora-bf16": ({}, ["--lora-dtype", "bfloat16"]),

@@ -17,8 +17,8 @@ SmolLM2's five weight shapes at all 72 sizes).
 Steps of at most DENSE_ROWS rows (decode) in fp32 go instead to loraplex's C kernel on a
 second copy of the weight in its own panel layout (`DenseWeights`, kernels/sgmv_cpu.c): such
 a step mostly reads the weights, and oneDNN read them at about half the memory's bandwidth.
-Over SmolLM2's 211 projections, one decode step's worth, the C kernel took 1.35-1.67x less
-time than oneDNN at 1-4 rows, 1.3-1.4x at 8-24 and 1.13-1.25x at 32-64 (`_bench`).
+Over SmolLM2's 211 projections, one decode step's worth, the C kernel ran 1.31-1.74x as fast
+as oneDNN at 1-4 rows, 1.00-1.40x at 8-24 and 1.11-1.30x at 32-64 (`_bench`, two runs).
 
 The packed weights are copies derived from `weight`, which stays the source of truth: the
 embedding tied to `lm_head`, merges (adapters/merge.py) and state dicts read and write
@@ -43,8 +43,8 @@ from ..config import ConfigError
 log = logging.getLogger(__name__)
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
-# The most rows a call sends to the C kernel: over one decode step's projections it was
-# faster at every row count measured up to 64 (`_bench`), and the engine's base-only run of 32
+# The most rows a call sends to the C kernel: over one decode step's projections it was never
+# slower at any row count measured up to 64 (`_bench`), and the engine's base-only run of 32
 # requests sped up by 5-8% more with 32 than with 16 (its steps of 17-32 rows: 54-66 ms
 # against 63-85).
 DENSE_ROWS = 64
