@@ -133,13 +133,16 @@ def engine_overhead(spec: WorkloadSpec, model: str | None, quantization: str,
 
     # One base-only run per way of running the base (--cpu-gemm) among the variants, on the
     # first variant's engine that runs it; each mixed run is set against its own.
-    gemms = list(dict.fromkeys(VARIANTS[name][1] for name in variants))
-    base_of = {name: "base only" if VARIANTS[name][1] == gemms[0]
-               else f"base only, --cpu-gemm {VARIANTS[name][1]}" for name in variants}
-    engine_of = {f"{name}, mixed": engines[name] for name in variants}
-    for name in reversed(variants):
-        engine_of[base_of[name]] = engines[name]
-    runs = [f"{name}, mixed" for name in variants] + list(dict.fromkeys(base_of.values()))
+    first_gemm = VARIANTS[variants[0]][1]
+    mixed = [f"{name}, mixed" for name in variants]
+    base_run = {}  # mixed run -> its base-only run
+    engine_of = {}  # run -> engine
+    for name, run in zip(variants, mixed):
+        gemm = VARIANTS[name][1]
+        base_run[run] = "base only" if gemm == first_gemm else f"base only, --cpu-gemm {gemm}"
+        engine_of[run] = engines[name]
+        engine_of.setdefault(base_run[run], engines[name])
+    runs = mixed + list(dict.fromkeys(base_run.values()))
     seconds: dict[str, list[float]] = {run: [] for run in runs}
     for r in range(rounds):
         for run in runs:
@@ -162,8 +165,6 @@ def engine_overhead(spec: WorkloadSpec, model: str | None, quantization: str,
     finally:
         sgmv_cpu.sgmv_cpu = original
 
-    mixed = [f"{name}, mixed" for name in variants]
-    base_run = {f"{name}, mixed": base_of[name] for name in variants}
     rows, results = [], {}
     for run in runs:
         own_base = base_run.get(run, run)
