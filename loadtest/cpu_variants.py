@@ -31,6 +31,8 @@ VARIANTS = {
     "bf16-torch-gemm": ({}, ["--dtype", "bfloat16", "--cpu-gemm", "torch"]),
     # oneDNN at every step, as before the C kernel took fp32 steps of up to 64 rows.
     "onednn-gemm": ({}, ["--cpu-gemm", "onednn"]),
+    # RMSNorm and the rotary embedding as transformers' torch ops, as before their C calls.
+    "torch-layers": ({}, ["--cpu-layers", "torch"]),
     # Adapters stored in bf16 in the C kernel's slots: half the bytes each step streams.
     "lora-bf16": ({}, ["--lora-dtype", "bfloat16"]),
     "bf16-lora-bf16": ({}, ["--dtype", "bfloat16", "--lora-dtype", "bfloat16"]),

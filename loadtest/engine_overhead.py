@@ -6,10 +6,10 @@ same workload (`WorkloadSpec`: the prompts, adapters and lengths the served comm
 submitted straight to engines built in this process, greedy, EOS ignored, in rounds: each
 round runs every variant's engine with the adapters mixed, then the first engine on the base
 model only, one after another (and the base model only once more for each other way of
-running the base's linear layers among the variants: `onednn-gemm`'s --cpu-gemm onednn). The
-overhead is given two ways: from each run's median over the rounds, and as the median of each
-round's ratio to its base-only run in the same round (which shares that minute's machine
-speed).
+running the base among the variants: `onednn-gemm`'s --cpu-gemm onednn, `torch-layers`'
+--cpu-layers torch). The overhead is given two ways: from each run's median over the rounds,
+and as the median of each round's ratio to its base-only run in the same round (which shares
+that minute's machine speed).
 
 `--kernel-stats` then runs each variant once more with the C kernel's calls timed
 (monkeypatched in; these runs are not among the timed rounds, whose engines run as served),
@@ -34,10 +34,17 @@ import torch
 from .compare import say
 from .workload import WorkloadSpec
 
-# variant name -> (LoRAConfig.dtype (--lora-dtype), ModelConfig.cpu_gemm (--cpu-gemm))
-VARIANTS = {"fp32-slots": ("auto", "auto"), "bf16-slots": ("bfloat16", "auto"),
+# variant name -> (LoRAConfig.dtype (--lora-dtype), ModelConfig fields that differ from the
+# defaults: the base's way of running, which takes a base-only run of its own)
+VARIANTS = {"fp32-slots": ("auto", {}), "bf16-slots": ("bfloat16", {}),
             # oneDNN at every step, as before the C kernel took the steps of few rows
-            "onednn-gemm": ("auto", "onednn")}
+            "onednn-gemm": ("auto", {"cpu_gemm": "onednn"}),
+            # RMSNorm and the rotary embedding as transformers' torch ops, as before cpu_layers
+            "torch-layers": ("auto", {"cpu_layers": "torch"})}
+
+
+def _flags(model_fields: dict[str, str]) -> str:
+    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in model_fields.items())
 
 
 @dataclass
@@ -116,9 +123,9 @@ def engine_overhead(spec: WorkloadSpec, model: str | None, quantization: str,
     engines = {}
     for name in variants:
         say(f"engine {name} ...")
-        lora_dtype, cpu_gemm = VARIANTS[name]
+        lora_dtype, model_fields = VARIANTS[name]
         engine = LLMEngine(EngineConfig(
-            model=ModelConfig(model=model, quantization=quantization, cpu_gemm=cpu_gemm),
+            model=ModelConfig(model=model, quantization=quantization, **model_fields),
             lora=LoRAConfig(max_loras=max(len(adapters), 1), max_lora_rank=max_rank,
                             dtype=lora_dtype)))
         for adapter, path in adapters.items():
@@ -131,15 +138,16 @@ def engine_overhead(spec: WorkloadSpec, model: str | None, quantization: str,
     for engine in engines.values():  # first forwards build kernels and oneDNN primitives
         _run(engine, requests[:4], base_only=False)
 
-    # One base-only run per way of running the base (--cpu-gemm) among the variants, on the
-    # first variant's engine that runs it; each mixed run is set against its own.
-    first_gemm = VARIANTS[variants[0]][1]
+    # One base-only run per way of running the base (--cpu-gemm, --cpu-layers) among the
+    # variants, on the first variant's engine that runs it; each mixed run is set against
+    # its own.
+    first_base = _flags(VARIANTS[variants[0]][1])
     mixed = [f"{name}, mixed" for name in variants]
     base_run = {}  # mixed run -> its base-only run
     engine_of = {}  # run -> engine
     for name, run in zip(variants, mixed):
-        gemm = VARIANTS[name][1]
-        base_run[run] = "base only" if gemm == first_gemm else f"base only, --cpu-gemm {gemm}"
+        flags = _flags(VARIANTS[name][1])
+        base_run[run] = "base only" if flags == first_base else f"base only, {flags}"
         engine_of[run] = engines[name]
         engine_of.setdefault(base_run[run], engines[name])
     runs = mixed + list(dict.fromkeys(base_run.values()))

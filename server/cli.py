@@ -157,6 +157,10 @@ def _serve_args(serve: argparse.ArgumentParser) -> None:
                             "more in memory) or torch's F.linear. auto: onednn where it runs, "
                             "and with fp32 weights loraplex's C kernel at steps of up to 64 "
                             "rows (decode: 1.1-1.7x faster; the bytes once more again)")
+    model.add_argument("--cpu-layers", choices=["auto", "torch"], default="auto",
+                       help="the decoder layers' RMSNorm and rotary embedding on the CPU: auto "
+                            "runs each as one C call in fp32 models, torch as transformers' "
+                            "torch ops")
     model.add_argument("--model-cache", default=None,
                        help="where GGUF conversions are cached (default ~/.cache/loraplex)")
     lora = serve.add_argument_group("adapters")
@@ -322,7 +326,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                               device=args.device, max_model_len=args.max_model_len,
                               cache_dir=args.model_cache,
                               cuda_graphs=False if args.enforce_eager else args.cuda_graphs,
-                              cpu_gemm=args.cpu_gemm),
+                              cpu_gemm=args.cpu_gemm, cpu_layers=args.cpu_layers),
             cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_kv_blocks,
                               kv_cache_memory_gb=args.kv_cache_memory_gb,
                               gpu_memory_utilization=args.gpu_memory_utilization,

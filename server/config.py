@@ -50,10 +50,15 @@ class ModelConfig:
     # torch can (CPU, float32 or bfloat16, not quantized), and in fp32 the C kernel on a
     # copy of its own at steps of up to 64 rows (decode).
     cpu_gemm: Literal["auto", "onednn", "torch"] = "auto"
+    # The decoder layers' RMSNorm and rotary embedding on the CPU: "auto" runs each as one C
+    # call in fp32 models where the kernels build (server/runner/cpu_layers.py), "torch" as
+    # transformers' own torch ops.
+    cpu_layers: Literal["auto", "torch"] = "auto"
 
     def __post_init__(self) -> None:
         assert self.quantization in (None, "nf4", "int8", "none"), self.quantization
         assert self.cpu_gemm in ("auto", "onednn", "torch"), self.cpu_gemm
+        assert self.cpu_layers in ("auto", "torch"), self.cpu_layers
         assert self.dtype in ("auto", "float32", "bfloat16", "float16"), self.dtype
         assert self.max_model_len is None or self.max_model_len > 0
 

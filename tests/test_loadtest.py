@@ -417,22 +417,25 @@ def test_cpu_variants_help_names_every_variant_and_peers_its_systems(capsys):
 
 def test_engine_overhead_runs_every_variant_and_counts_the_kernels_bytes(tmp_path, embedded_dir,
                                                                           capsys):
-    """In process, one round: both slot dtypes and oneDNN's base mixed, then the base only
-    both ways; then a run of each variant with the kernel's calls timed and its bytes
-    counted."""
+    """In process, one round: both slot dtypes, oneDNN's base and torch's layers mixed, then
+    the base only each of three ways; then a run of each variant with the kernel's calls timed
+    and its bytes counted."""
     from loraplex.loadtest.cli import main
 
     out = tmp_path / "overhead"
     assert main(["engine-overhead", "--model", str(embedded_dir), "--adapters", "2",
                  "--ranks", "4,8", "--num-requests", "4", "--popularity", "distinct",
                  "--prompt-len", "uniform:4:8", "--output-len", "fixed:3", "--rounds", "1",
-                 "--variants", "fp32-slots,bf16-slots,onednn-gemm", "--kernel-stats",
-                 "--out", str(out)]) == 0
+                 "--variants", "fp32-slots,bf16-slots,onednn-gemm,torch-layers",
+                 "--kernel-stats", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     runs = report["runs"]
     assert list(runs) == ["fp32-slots, mixed", "bf16-slots, mixed", "onednn-gemm, mixed",
-                          "base only", "base only, --cpu-gemm onednn"]
-    fp32, bf16, onednn, base, onednn_base = runs.values()
+                          "torch-layers, mixed", "base only", "base only, --cpu-gemm onednn",
+                          "base only, --cpu-layers torch"]
+    fp32, bf16, onednn, layers, base, onednn_base, layers_base = runs.values()
+    assert layers["lora_overhead_paired"] == pytest.approx(
+        layers["seconds"][0] / layers_base["seconds"][0] - 1, abs=1e-4)
     assert onednn["lora_overhead_paired"] == pytest.approx(
         onednn["seconds"][0] / onednn_base["seconds"][0] - 1, abs=1e-4)
     assert onednn_base["lora_overhead"] == 0 and onednn["kernel_calls"] > 0

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from loraplex.kernels import sgmv_cpu
+from loraplex.kernels import layers_cpu, sgmv_cpu
 from loraplex.server.config import (
     CacheConfig,
     EngineConfig,
@@ -229,7 +229,10 @@ def test_tiny_mixed_batches_match_peft(tmp_path, arch, quantization, gemm):
     # kernel's copies at steps of up to 64 rows (decode), unless told otherwise.
     want = {"auto": "onednn+c" if sgmv_cpu.load() is not None else "onednn",
             "onednn": "onednn", "torch": "torch"}[gemm] if quantization == "none" else "torch"
-    assert setup.engine().runner.cpu_gemm == want
+    runner = setup.engine().runner
+    assert runner.cpu_gemm == want
+    # fp32 bases run RMSNorm and the rotary embedding in C (cpu_layers.py)
+    assert runner.cpu_layers == (quantization == "none" and layers_cpu.load() is not None)
     _run_scenarios(setup)
 
 

@@ -109,16 +109,31 @@ def paged_attention_forward(
     lp_attn: AttentionMetadata | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    meta = lp_attn
-    assert meta is not None, "the paged attention needs the runner's `lp_attn` metadata"
-    cache, layer = meta.cache, module.layer_idx
-    num_kv_heads, head_dim = key.shape[1], key.shape[3]
+    assert lp_attn is not None, "the paged attention needs the runner's `lp_attn` metadata"
+    out = paged_attention(lp_attn, module.layer_idx, query[0].transpose(0, 1),
+                          key[0].transpose(0, 1), value[0].transpose(0, 1), scaling,
+                          sliding_window)
+    return out[None], None  # [1, T, H, D]
+
+
+def paged_attention(
+    meta: AttentionMetadata,
+    layer: int,
+    q: torch.Tensor,  # [T, H, D]
+    key: torch.Tensor,  # [T, KVH, D]
+    value: torch.Tensor,  # [T, KVH, D]
+    scaling: float | None,
+    sliding_window: int | None,
+) -> torch.Tensor:  # [T, H, D]
+    """Write the step's keys and values into layer `layer`'s cache, then attend: the decodes
+    in one batch, each prefill chunk on its own."""
+    cache = meta.cache
+    num_kv_heads, head_dim = key.shape[1], key.shape[2]
     k_flat = cache.k[layer].view(-1, num_kv_heads, head_dim)  # [blocks * bs, KVH, D]
     v_flat = cache.v[layer].view(-1, num_kv_heads, head_dim)
-    k_flat.index_copy_(0, meta.slot_mapping, key[0].transpose(0, 1).to(k_flat.dtype))
-    v_flat.index_copy_(0, meta.slot_mapping, value[0].transpose(0, 1).to(v_flat.dtype))
+    k_flat.index_copy_(0, meta.slot_mapping, key.to(k_flat.dtype))
+    v_flat.index_copy_(0, meta.slot_mapping, value.to(v_flat.dtype))
 
-    q = query[0].transpose(0, 1)  # [T, H, D]
     out = torch.empty_like(q)
     if meta.decode_rows is not None:
         qd = q[meta.decode_rows]  # [B, H, D]
@@ -146,7 +161,7 @@ def paged_attention_forward(
             qp, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=mask is None,
             scale=scaling, enable_gqa=True)
         out[rows] = o[0].transpose(0, 1)
-    return out[None], None  # [1, T, H, D]
+    return out
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention_forward)

@@ -18,6 +18,7 @@ from ..config import ConfigError, EngineConfig
 from ..engine.request import Request, SamplingParams
 from ..engine.scheduler import ScheduledRequest
 from .attention import ATTN_IMPLEMENTATION, AttentionMetadata, KVGeometry, PagedKVCache, PrefillSeq
+from . import cpu_layers
 from .cpu_gemm import pack_linears, resolve_cpu_gemm
 from .decode_graphs import DEFAULT_SIZES, DecodeGraphs
 from .loader import LoadedModel
@@ -64,6 +65,10 @@ class ModelRunner:
         if self.cpu_gemm in ("onednn", "onednn+c"):
             # before the LoRA wrappers take the layers as their bases
             pack_linears(model, dense=self.cpu_gemm == "onednn+c")
+        # whether RMSNorm and the rotary embedding run in C (cpu_layers.py)
+        self.cpu_layers = (config.model.cpu_layers == "auto" and loaded.device.type == "cpu"
+                           and loaded.dtype == torch.float32 and not quantized
+                           and cpu_layers.install(model) > 0)
         backend = resolve_backend(config.lora.backend, loaded.device, loaded.dtype, quantized)
         self.lora = LoRAModel(model, config.lora.max_loras, config.lora.max_lora_rank,
                               loaded.dtype, loaded.device, backend, config.lora.fuse,
