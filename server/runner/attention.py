@@ -65,7 +65,8 @@ class AttentionMetadata:
     cache: PagedKVCache
     slot_mapping: torch.Tensor  # [T] flat cache slot of each new token
     prefills: list[PrefillSeq]
-    decode_rows: torch.Tensor | None  # [B] packed row of each single-token sequence
+    # [B] packed row of each single-token sequence: 0 .. B-1 in a step without prefills
+    decode_rows: torch.Tensor | None
     decode_block_tables: torch.Tensor | None  # [B, max_blocks], padded with block 0
     decode_context_lens: torch.Tensor | None  # [B]
     # "triton" or "cpu-kernel": a paged decode kernel reads blocks in place; "torch": gather
@@ -134,9 +135,11 @@ def paged_attention(
     k_flat.index_copy_(0, meta.slot_mapping, key.to(k_flat.dtype))
     v_flat.index_copy_(0, meta.slot_mapping, value.to(v_flat.dtype))
 
-    out = torch.empty_like(q)
+    # A step of decodes only packs them in order, one row each: no gather, no scatter.
+    decode_only = not meta.prefills and meta.decode_rows is not None
+    out = None if decode_only else torch.empty_like(q)
     if meta.decode_rows is not None:
-        qd = q[meta.decode_rows]  # [B, H, D]
+        qd = q if decode_only else q[meta.decode_rows]  # [B, H, D]
         scale = scaling if scaling is not None else head_dim ** -0.5
         if meta.decode_backend == "triton":
             o = paged_decode(qd, cache.k[layer], cache.v[layer], meta.decode_block_tables,
@@ -148,6 +151,8 @@ def paged_attention(
             o = paged_decode_ref(qd, cache.k[layer], cache.v[layer], meta.decode_block_tables,
                                  meta.decode_context_lens, scale, sliding_window,
                                  meta.decode_mask(sliding_window))
+        if decode_only:
+            return o
         out[meta.decode_rows] = o
     for i, seq in enumerate(meta.prefills):
         k = cache.k[layer].index_select(0, seq.block_ids)  # [blocks, bs, KVH, D]
