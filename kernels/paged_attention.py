@@ -136,6 +136,18 @@ def cpu_kernel_fits(num_heads: int, num_kv_heads: int, head_dim: int, block_size
             and num_heads // num_kv_heads <= CPU_MAX_GROUP and block_size <= CPU_MAX_BLOCK)
 
 
+def tables_fit(block_tables: torch.Tensor,  # [B, max_blocks] int64
+               context_lens: torch.Tensor,  # [B] int64
+               num_blocks: int, block_size: int) -> bool:
+    """Whether every sequence's length fits its table and every block id is in the cache:
+    three reductions, so a step checks once for all its layers (AttentionMetadata)."""
+    return (block_tables.shape[0] == context_lens.shape[0]
+            and (block_tables.shape[0] == 0
+                 or (int(context_lens.max()) <= block_tables.shape[1] * block_size
+                     and 0 <= int(block_tables.min())
+                     and int(block_tables.max()) < num_blocks)))
+
+
 def paged_decode_cpu(
     q: torch.Tensor,  # [B, H, D] fp32 or bf16
     k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D] q's dtype, contiguous
@@ -144,6 +156,7 @@ def paged_decode_cpu(
     context_lens: torch.Tensor,  # [B] int64
     scale: float,
     window: int | None = None,
+    tables_checked: bool = False,  # `tables_fit` is known true for these tables and this cache
 ) -> torch.Tensor:  # [B, H, D], q's dtype
     lib = load_cpu()
     b, h, d = q.shape
@@ -158,9 +171,8 @@ def paged_decode_cpu(
             and block_tables.dtype == context_lens.dtype == torch.int64
             and block_tables.is_contiguous() and context_lens.is_contiguous()
             and block_tables.shape[0] == context_lens.shape[0] == b
-            and (b == 0 or (int(context_lens.max()) <= block_tables.shape[1] * block_size
-                            and 0 <= int(block_tables.min())
-                            and int(block_tables.max()) < k_cache.shape[0]))):
+            and (tables_checked or tables_fit(block_tables, context_lens, k_cache.shape[0],
+                                              block_size))):
         raise ValueError("paged_decode_cpu: unbuilt kernel, or shapes, dtypes or layouts "
                          "it does not take")
     o = torch.empty_like(q)

@@ -21,6 +21,7 @@ from loraplex.kernels.paged_attention import (  # noqa: E402
     paged_decode,
     paged_decode_cpu,
     paged_decode_ref,
+    tables_fit,
 )
 
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
@@ -158,6 +159,11 @@ def test_cpu_refuses_what_its_arrays_do_not_hold():
     with pytest.raises(ValueError, match="paged_decode_cpu"):  # a context past its table
         paged_decode_cpu(q, cache, cache, table, table[:, 0] + 5, 0.25)
     assert paged_decode_cpu(q[:0], cache, cache, table[:0], table[:0, 0], 0.25).shape == (0, 4, 16)
+    # A step's metadata checks its tables once for every layer, with the same verdicts.
+    lens = table[:, 0] + 1
+    assert tables_fit(table, lens, 3, 4) and tables_fit(table[:0], lens[:0], 3, 4)
+    assert not tables_fit(table + 3, lens, 3, 4) and not tables_fit(table, lens + 4, 3, 4)
+    assert not tables_fit(table - 1, lens, 3, 4) and not tables_fit(table, lens[:1], 3, 4)
 
 
 @needs_c

@@ -19,6 +19,7 @@ from loraplex.kernels.paged_attention import (
     paged_decode,
     paged_decode_cpu,
     paged_decode_ref,
+    tables_fit,
 )
 from transformers import AttentionInterface
 
@@ -73,6 +74,14 @@ class AttentionMetadata:
     # and SDPA.
     decode_backend: str = "torch"
     _masks: dict = field(default_factory=dict)  # masks per sliding window, built once a step
+    _tables_fit: bool | None = None  # tables_fit, checked once a step
+
+    def decode_tables_fit(self) -> bool:
+        """Whether the decode tables stay within the cache, for every layer of the step."""
+        if self._tables_fit is None:
+            self._tables_fit = tables_fit(self.decode_block_tables, self.decode_context_lens,
+                                          self.cache.k.shape[1], self.cache.block_size)
+        return self._tables_fit
 
     def decode_mask(self, window: int | None) -> torch.Tensor:  # [B, max_blocks * bs]
         key = ("decode", window)
@@ -146,7 +155,8 @@ def paged_attention(
                              meta.decode_context_lens, scale, sliding_window)
         elif meta.decode_backend == "cpu-kernel":
             o = paged_decode_cpu(qd, cache.k[layer], cache.v[layer], meta.decode_block_tables,
-                                 meta.decode_context_lens, scale, sliding_window)
+                                 meta.decode_context_lens, scale, sliding_window,
+                                 tables_checked=meta.decode_tables_fit())
         else:
             o = paged_decode_ref(qd, cache.k[layer], cache.v[layer], meta.decode_block_tables,
                                  meta.decode_context_lens, scale, sliding_window,
