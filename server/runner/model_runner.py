@@ -17,8 +17,8 @@ from loraplex.kernels.segments import Segments
 from ..config import ConfigError, EngineConfig
 from ..engine.request import Request, SamplingParams
 from ..engine.scheduler import ScheduledRequest
-from .attention import ATTN_IMPLEMENTATION, AttentionMetadata, KVGeometry, PagedKVCache, PrefillSeq
 from . import cpu_layers
+from .attention import ATTN_IMPLEMENTATION, AttentionMetadata, KVGeometry, PagedKVCache, PrefillSeq
 from .cpu_gemm import pack_linears, resolve_cpu_gemm
 from .decode_graphs import DEFAULT_SIZES, DecodeGraphs
 from .loader import LoadedModel
