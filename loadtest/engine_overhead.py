@@ -15,9 +15,10 @@ that minute's machine speed).
 (monkeypatched in; these runs are not among the timed rounds, whose engines run as served),
 gives their seconds over the rest of that run (the kernel's share, from one run: steadier than
 a ratio of two runs, though it leaves out any cost outside the calls), and counts the adapter
-bytes each call has to read: the rank-sized regions of the slots its
-tokens use. Beside each, a plain `torch.sum` over 256 MB, at the same threads, measures what
-this machine reads per second at that moment: bytes divided by that is the kernel's floor.
+bytes each call has to read: the rank-sized regions of the slots its tokens use. The report
+splits the calls by the size of their step in tokens (a decode step has one per sequence).
+Beside each, a plain `torch.sum` over 256 MB, at the same threads, measures what this machine
+reads per second at that moment: bytes divided by that is the kernel's floor.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class KernelStats:
     """The C kernel's calls during one run: count, seconds, and each call's weights and step
     table, whose adapter bytes are summed after the run (`gigabytes`)."""
 
-    calls: list = field(default_factory=list)  # (weights, table) per call
+    calls: list = field(default_factory=list)  # (weights, table, seconds) per call
     seconds: float = 0.0
     run_seconds: float = 0.0  # the whole run's
 
@@ -66,21 +67,37 @@ class KernelStats:
         def timed(y, x, weights, table):
             start = time.perf_counter()
             out = kernel(y, x, weights, table)
-            self.seconds += time.perf_counter() - start
-            self.calls.append((weights, table))
+            seconds = time.perf_counter() - start
+            self.seconds += seconds
+            self.calls.append((weights, table, seconds))
             return out
         return timed
 
-    def gigabytes(self) -> float:
-        """Adapter bytes the calls had to read: each call's slots in use, at their ranks."""
+    def by_step(self) -> dict[str, tuple[int, float, int]]:
+        """Step size (tokens, bucketed) -> calls, seconds, adapter bytes the calls had to read
+        (each call's slots in use, at their ranks)."""
         slots: dict[int, list[int]] = {}
-        total = 0
-        for weights, table in self.calls:
+        buckets: dict[str, list] = {}
+        for weights, table, seconds in self.calls:
             used = slots.setdefault(id(table), sorted({s for s in table.slots.tolist()
                                                        if s >= 0}))
             ranks = weights.ranks()
-            total += sum(weights.slot_bytes(ranks[s]) for s in used)
-        return total / 1e9
+            n = table.num_tokens
+            bucket = next((f"{lo}-{hi}" for lo, hi in STEP_SIZES if n <= hi), "65+")
+            b = buckets.setdefault(bucket, [0, 0.0, 0])
+            b[0] += 1
+            b[1] += seconds
+            b[2] += sum(weights.slot_bytes(ranks[s]) for s in used)
+        order = [f"{lo}-{hi}" for lo, hi in STEP_SIZES] + ["65+"]
+        return {k: tuple(buckets[k]) for k in order if k in buckets}
+
+    def gigabytes(self) -> float:
+        """Adapter bytes the calls had to read."""
+        return sum(nbytes for _, _, nbytes in self.by_step().values()) / 1e9
+
+
+# Step sizes (tokens) the kernel's calls are grouped by; past 64, prefill (chunks) only.
+STEP_SIZES = ((1, 2), (3, 8), (9, 16), (17, 32), (33, 64))
 
 
 def read_bandwidth(mb: int = 256, repeats: int = 5) -> float:
@@ -191,7 +208,10 @@ def engine_overhead(spec: WorkloadSpec, model: str | None, quantization: str,
             kernel_s, gb = stats[run].seconds, stats[run].gigabytes()
             result.update(kernel_s=round(kernel_s, 3), kernel_gb=round(gb, 2),
                           kernel_calls=len(stats[run].calls),
-                          kernel_share=round(stats[run].share, 4))
+                          kernel_share=round(stats[run].share, 4),
+                          kernel_by_step={k: {"calls": c, "seconds": round(sec, 4),
+                                              "bytes": nbytes}
+                                          for k, (c, sec, nbytes) in stats[run].by_step().items()})
             cells += [f"{kernel_s:.2f}", f"{stats[run].share:.1%}",
                       f"{gb / kernel_s:.1f}" if kernel_s else "-"]
         elif kernel_stats:
@@ -217,6 +237,14 @@ def engine_overhead(spec: WorkloadSpec, model: str | None, quantization: str,
             lines.append(f"{run}: {results[run]['kernel_gb']:.1f} GB of adapter weights to read "
                          f"take {floor:.2f} s at that rate: an overhead floor of "
                          f"{floor / results[base_run[run]]['median_s']:.1%}")
+    by_step = ""
+    for run in (run for run in mixed if "kernel_by_step" in results[run]):
+        by_step += (f"\n## {run}: the C kernel's calls by step size\n\n| tokens in the step | "
+                    "calls | s | us per call | KB per call | GB/s |\n|---|---|---|---|---|---|\n")
+        for bucket, b in results[run]["kernel_by_step"].items():
+            c, sec, nbytes = b["calls"], b["seconds"], b["bytes"]
+            by_step += (f"| {bucket} | {c} | {sec:.3f} | {1e6 * sec / c:.1f} | "
+                        f"{nbytes / c / 1024:.0f} | {nbytes / sec / 1e9 if sec else 0:.1f} |\n")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "report.md"
@@ -225,7 +253,7 @@ def engine_overhead(spec: WorkloadSpec, model: str | None, quantization: str,
         f"Workload: {json.dumps(workload_desc)}; {len(requests)} requests, {tokens} output "
         f"tokens; {rounds} rounds, medians.\n\n" + head + "\n"
         + "|---" * (head.count("|") - 1) + "|\n" + "\n".join(rows) + "\n\n"
-        + "\n".join(f"- {line}" for line in lines) + "\n")
+        + "\n".join(f"- {line}" for line in lines) + "\n" + by_step)
     path.with_name("report.json").write_text(json.dumps(
         {"workload": workload_desc, "output_tokens": tokens, "rounds": rounds,
          "threads": torch.get_num_threads(), "runs": results,

@@ -441,6 +441,12 @@ def test_engine_overhead_runs_every_variant_and_counts_the_kernels_bytes(tmp_pat
     assert onednn_base["lora_overhead"] == 0 and onednn["kernel_calls"] > 0
     assert report["output_tokens"] == 12 and len(fp32["seconds"]) == 1
     assert fp32["kernel_calls"] > 0 and fp32["kernel_gb"] > 0
+    # calls split by step size: one step prefills 4 prompts of 4-8 tokens, then decodes of 4
+    steps = fp32["kernel_by_step"]
+    assert sum(b["calls"] for b in steps.values()) == fp32["kernel_calls"]
+    assert fp32["kernel_gb"] == pytest.approx(sum(b["bytes"] for b in steps.values()) / 1e9,
+                                              abs=0.01)
+    assert set(steps) <= {"1-2", "3-8", "9-16", "17-32", "33-64", "65+"} and "3-8" in steps
     assert 0 < fp32["kernel_share"] < 1
     assert bf16["kernel_calls"] == fp32["kernel_calls"]
     assert bf16["kernel_gb"] == pytest.approx(fp32["kernel_gb"] / 2, abs=0.01)
@@ -451,4 +457,6 @@ def test_engine_overhead_runs_every_variant_and_counts_the_kernels_bytes(tmp_pat
     assert report["read_gb_per_s"][0] > 0
     printed = capsys.readouterr().out
     assert "| fp32-slots, mixed |" in printed and "overhead floor" in printed
+    assert "## fp32-slots, mixed: the C kernel's calls by step size" in (
+        out / "report.md").read_text()
     assert "base only, --cpu-gemm onednn: " in printed and "first base-only run" in printed
