@@ -56,10 +56,30 @@ def build(source: pathlib.Path, compiler: str, flags: list[str],
     return target
 
 
-def build_and_load(source: pathlib.Path, fallback: str,
+# argument codes of `build_and_load`'s signatures
+ARG_TYPES = {"p": ctypes.c_void_p, "i": ctypes.c_int64, "f": ctypes.c_float}
+
+
+def build_and_load(source: pathlib.Path, fallback: str, signatures: dict[str, str],
                    defines: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     """The compiled `source` (with `-D` of each of `defines`), or None (logged, saying
-    `fallback` is used instead)."""
+    `fallback` is used instead). `signatures`: each entry point's arguments, one code of
+    ARG_TYPES per argument ("pif": a pointer, an int64, a float), all returning void; a name
+    ending in "?" may be missing (an older source a benchmark builds for comparison)."""
+    lib = _build_and_load(source, fallback, defines)
+    for name, codes in signatures.items() if lib is not None else ():
+        fn = getattr(lib, name.rstrip("?"), None)
+        if fn is None and name.endswith("?"):
+            continue
+        if fn is None:
+            raise AttributeError(f"{source.name} has no entry point {name}")
+        fn.argtypes = [ARG_TYPES[c] for c in codes]
+        fn.restype = None
+    return lib
+
+
+def _build_and_load(source: pathlib.Path, fallback: str,
+                    defines: tuple[str, ...]) -> ctypes.CDLL | None:
     if os.environ.get("LORAPLEX_CPU_KERNEL", "1") == "0":
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")

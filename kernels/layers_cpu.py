@@ -17,15 +17,8 @@ SOURCE = pathlib.Path(__file__).with_name("layers_cpu.c")
 
 @functools.cache
 def load() -> ctypes.CDLL | None:
-    lib = build_and_load(SOURCE, "torch's ops for RMSNorm and the rotary embedding")
-    if lib is None:
-        return None
-    p, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-    lib.lp_rmsnorm_f32.argtypes = [p, p, p, i, i, f]
-    lib.lp_rmsnorm_f32.restype = None
-    lib.lp_rope_f32.argtypes = [p, i, p, i, p, p, i, i]
-    lib.lp_rope_f32.restype = None
-    return lib
+    return build_and_load(SOURCE, "torch's ops for RMSNorm and the rotary embedding",
+                          {"lp_rmsnorm_f32": "pppiif", "lp_rope_f32": "pipippii"})
 
 
 def _fits(*tensors: torch.Tensor) -> bool:

@@ -118,14 +118,9 @@ def paged_decode(
 @functools.cache
 def load_cpu() -> ctypes.CDLL | None:
     """The compiled CPU kernel, or None (logged once) where it cannot be built."""
-    lib = build_and_load(CPU_SOURCE, "the torch reference for decode attention")
-    if lib is None:
-        return None
-    p, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-    for fn in (lib.lp_paged_decode_f32, lib.lp_paged_decode_bf16):
-        fn.argtypes = [p, i, i, p, p, p, i, p, p, i, i, i, i, i, i, i, f, i, i]
-        fn.restype = None
-    return lib
+    args = "piipppippiiiiiiifii"
+    return build_and_load(CPU_SOURCE, "the torch reference for decode attention",
+                          {"lp_paged_decode_f32": args, "lp_paged_decode_bf16": args})
 
 
 def cpu_kernel_fits(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,

@@ -109,18 +109,12 @@ def load_source(source: pathlib.Path,
         raise ValueError(f"the CPU kernel stores adapters in fp32 or bf16, not {weight_dtype}")
     bf16 = weight_dtype == torch.bfloat16
     lib = build_and_load(source, "the torch reference for LoRA",
+                         # older sources (bench_sgmv_cpu --against) lack lp_dense_f32
+                         {"lp_sgmv_f32": "pipipp", "lp_sgmv_bf16": "pipipppi",
+                          "lp_dense_f32?": "ppip"},
                          ("LP_WEIGHTS_BF16",) if bf16 else ())
-    if lib is None:
-        return None
-    lib.weight_dtype = weight_dtype
-    p, i = ctypes.c_void_p, ctypes.c_int64
-    lib.lp_sgmv_f32.argtypes = [p, i, p, i, p, p]
-    lib.lp_sgmv_f32.restype = None
-    lib.lp_sgmv_bf16.argtypes = [p, i, p, i, p, p, p, i]
-    lib.lp_sgmv_bf16.restype = None
-    if hasattr(lib, "lp_dense_f32"):  # older sources (bench_sgmv_cpu --against) lack it
-        lib.lp_dense_f32.argtypes = [p, p, i, p]
-        lib.lp_dense_f32.restype = None
+    if lib is not None:
+        lib.weight_dtype = weight_dtype
     return lib
 
 

@@ -7,6 +7,7 @@ tokens without an adapter must stay bit-identical.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import pathlib
 import random
@@ -278,6 +279,24 @@ def test_build_is_cached_per_source_and_flags(monkeypatch, tmp_path):
     assert first.stat().st_mtime_ns == stamp
     other = cpu_build.build(sgmv_cpu.SOURCE, compiler, [*cpu_build.flags(), "-O2"])
     assert other != first and other.exists()
+
+
+def test_entry_points_get_their_signatures_and_optional_ones_may_be_missing(tmp_path):
+    """Each entry point's argument types as declared; a name ending in "?" is skipped where
+    the library lacks it (an older source), any other missing name is an error."""
+    source = tmp_path / "tiny.c"
+    source.write_text("#include <stdint.h>\nvoid f(float *y, int64_t n, float s) "
+                      "{ for (int64_t i = 0; i < n; i++) y[i] *= s; }\n")
+    lib = cpu_build.build_and_load(source, "nothing", {"f": "pif", "g?": "p"})
+    assert lib.f.argtypes == [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float]
+    assert lib.f.restype is None
+    y = torch.ones(3)
+    lib.f(y.data_ptr(), 3, 2.5)  # the float reaches C as a float
+    assert y.tolist() == [2.5, 2.5, 2.5]
+    with pytest.raises(AttributeError, match="no entry point g"):
+        cpu_build.build_and_load(source, "nothing", {"g": "p"})
+    # every kernel library declares what its sources define
+    assert sgmv_cpu.load().lp_dense_f32.argtypes is not None
 
 
 def test_benchmark_runs_and_checks_its_two_paths_agree(capsys):
