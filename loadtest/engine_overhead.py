@@ -50,8 +50,8 @@ def _flags(model_fields: dict[str, str]) -> str:
 
 @dataclass
 class KernelStats:
-    """The C kernel's calls during one run: count, seconds, and each call's weights and step
-    table, whose adapter bytes are summed after the run (`gigabytes`)."""
+    """The C kernel's calls during one run: count, seconds, and each call's weights, step
+    table and seconds, whose adapter bytes are summed after the run (`by_step`)."""
 
     calls: list = field(default_factory=list)  # (weights, table, seconds) per call
     seconds: float = 0.0
@@ -83,21 +83,16 @@ class KernelStats:
                                                        if s >= 0}))
             ranks = weights.ranks()
             n = table.num_tokens
-            bucket = next((f"{lo}-{hi}" for lo, hi in STEP_SIZES if n <= hi), "65+")
+            bucket = next((name for name, most in STEP_SIZES if n <= most), "65+")
             b = buckets.setdefault(bucket, [0, 0.0, 0])
             b[0] += 1
             b[1] += seconds
             b[2] += sum(weights.slot_bytes(ranks[s]) for s in used)
-        order = [f"{lo}-{hi}" for lo, hi in STEP_SIZES] + ["65+"]
-        return {k: tuple(buckets[k]) for k in order if k in buckets}
-
-    def gigabytes(self) -> float:
-        """Adapter bytes the calls had to read."""
-        return sum(nbytes for _, _, nbytes in self.by_step().values()) / 1e9
+        return {k: tuple(buckets[k]) for k in [*dict(STEP_SIZES), "65+"] if k in buckets}
 
 
-# Step sizes (tokens) the kernel's calls are grouped by; past 64, prefill (chunks) only.
-STEP_SIZES = ((1, 2), (3, 8), (9, 16), (17, 32), (33, 64))
+# Step sizes (name, most tokens) the kernel's calls are grouped by; past 64, prefill only.
+STEP_SIZES = (("1-2", 2), ("3-8", 8), ("9-16", 16), ("17-32", 32), ("33-64", 64))
 
 
 def read_bandwidth(mb: int = 256, repeats: int = 5) -> float:
@@ -205,13 +200,15 @@ def engine_overhead(spec: WorkloadSpec, model: str | None, quantization: str,
                  f"{tokens / med:.1f}", "-" if run == own_base else f"{med / base - 1:.1%}",
                  "-" if run == own_base else f"{paired:.1%}"]
         if run in stats:
-            kernel_s, gb = stats[run].seconds, stats[run].gigabytes()
+            by_step = stats[run].by_step()
+            kernel_s = stats[run].seconds
+            gb = sum(nbytes for _, _, nbytes in by_step.values()) / 1e9
             result.update(kernel_s=round(kernel_s, 3), kernel_gb=round(gb, 2),
                           kernel_calls=len(stats[run].calls),
                           kernel_share=round(stats[run].share, 4),
                           kernel_by_step={k: {"calls": c, "seconds": round(sec, 4),
                                               "bytes": nbytes}
-                                          for k, (c, sec, nbytes) in stats[run].by_step().items()})
+                                          for k, (c, sec, nbytes) in by_step.items()})
             cells += [f"{kernel_s:.2f}", f"{stats[run].share:.1%}",
                       f"{gb / kernel_s:.1f}" if kernel_s else "-"]
         elif kernel_stats:
@@ -237,14 +234,16 @@ def engine_overhead(spec: WorkloadSpec, model: str | None, quantization: str,
             lines.append(f"{run}: {results[run]['kernel_gb']:.1f} GB of adapter weights to read "
                          f"take {floor:.2f} s at that rate: an overhead floor of "
                          f"{floor / results[base_run[run]]['median_s']:.1%}")
-    by_step = ""
+    step_tables = ""
     for run in (run for run in mixed if "kernel_by_step" in results[run]):
-        by_step += (f"\n## {run}: the C kernel's calls by step size\n\n| tokens in the step | "
-                    "calls | s | us per call | KB per call | GB/s |\n|---|---|---|---|---|---|\n")
+        step_tables += (f"\n## {run}: the C kernel's calls by step size\n\n| tokens in the "
+                        "step | calls | s | us per call | KB per call | GB/s |\n"
+                        "|---|---|---|---|---|---|\n")
         for bucket, b in results[run]["kernel_by_step"].items():
             c, sec, nbytes = b["calls"], b["seconds"], b["bytes"]
-            by_step += (f"| {bucket} | {c} | {sec:.3f} | {1e6 * sec / c:.1f} | "
-                        f"{nbytes / c / 1024:.0f} | {nbytes / sec / 1e9 if sec else 0:.1f} |\n")
+            step_tables += (f"| {bucket} | {c} | {sec:.3f} | {1e6 * sec / c:.1f} | "
+                            f"{nbytes / c / 1024:.0f} | "
+                            f"{nbytes / sec / 1e9 if sec else 0:.1f} |\n")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "report.md"
@@ -253,7 +252,7 @@ def engine_overhead(spec: WorkloadSpec, model: str | None, quantization: str,
         f"Workload: {json.dumps(workload_desc)}; {len(requests)} requests, {tokens} output "
         f"tokens; {rounds} rounds, medians.\n\n" + head + "\n"
         + "|---" * (head.count("|") - 1) + "|\n" + "\n".join(rows) + "\n\n"
-        + "\n".join(f"- {line}" for line in lines) + "\n" + by_step)
+        + "\n".join(f"- {line}" for line in lines) + "\n" + step_tables)
     path.with_name("report.json").write_text(json.dumps(
         {"workload": workload_desc, "output_tokens": tokens, "rounds": rounds,
          "threads": torch.get_num_threads(), "runs": results,
