@@ -68,6 +68,8 @@ typedef struct {
   const int64_t *slots;  /* [num_segments] */
   int64_t num_segments;
   int64_t *items;  /* [2 * (T / MB + num_segments)] scratch: more than enough */
+  float *h;  /* [T, ldh] scratch for lp_linear_lora_f32's shrinks, or NULL */
+  int64_t ldh;  /* a multiple of 16, at least every slot's rank_cap */
 } lp_step;
 
 /* Token rows per tile: each weight loaded is used by up to 4 rows. A tile of fewer rows (a
@@ -288,13 +290,18 @@ static inline __attribute__((always_inline)) void dense_rows(
   expand(yr, mb, x + m0 * d->in, d->in, d->w + o0 * d->in, d->in, n, 1.0f);
 }
 
+/* Panel p of every row. */
+static inline void dense_panel(float *y, const float *x, int64_t rows, int64_t p,
+                               const lp_dense *d) {
+  for (int64_t m0 = 0; m0 < rows; m0 += MB)  /* a panel's later tiles read it from cache */
+    BY_ROWS(rows - m0, dense_rows(y, x, mb_, m0, p * PW, d))
+}
+
 /* x [rows, in] and y [rows, out], both contiguous fp32. */
 void lp_dense_f32(float *y, const float *x, int64_t rows, const lp_dense *d) {
   const int64_t panels = (d->out + PW - 1) / PW;
 #pragma omp parallel for schedule(static)
-  for (int64_t p = 0; p < panels; p++)
-    for (int64_t m0 = 0; m0 < rows; m0 += MB)  /* a panel's later tiles read it from cache */
-      BY_ROWS(rows - m0, dense_rows(y, x, mb_, m0, p * PW, d))
+  for (int64_t p = 0; p < panels; p++) dense_panel(y, x, rows, p, d);
 }
 
 /* The rows of item t, [m0, end), and its slot. */
@@ -384,4 +391,82 @@ void lp_sgmv_bf16(uint16_t *y, int64_t ldy, const uint16_t *x, int64_t ldx, cons
                   const lp_step *st, float *scratch /* [threads, MB * (in + out)] */,
                   int64_t num_threads) {
   run_items(y, ldy, x, ldx, p, st, scratch, num_threads);
+}
+
+/* The rows of item t, [m0, end), with its slot's weights, rank and scale. */
+static inline int64_t item_slot(const lp_slots *p, const lp_step *st, int64_t rows, int64_t t,
+                                int64_t *m0, const wt **a, int64_t *r, float *scale) {
+  int64_t s;
+  const int64_t end = item_span(st, rows, t, m0, &s);
+  *r = p->ranks[s] < p->rank_cap ? p->ranks[s] : p->rank_cap;
+  *a = p->w + s * p->slot_stride;
+  *scale = p->scales[s];
+  return end;
+}
+
+/* h[m] = x[m] @ A.T for the rows m of item t, into the step's scratch. */
+static void item_shrink(const float *x, int64_t ldx, const lp_slots *p, const lp_step *st,
+                        int64_t rows, int64_t t) {
+  int64_t m0, r;
+  const wt *a;
+  float scale;
+  const int64_t end = item_slot(p, st, rows, t, &m0, &a, &r, &scale);
+  for (; m0 < end; m0 += MB) {
+    const float *xr[MB] = {0};
+    for (int i = 0; i < MB && m0 + i < end; i++) xr[i] = x + (m0 + i) * ldx;
+    BY_ROWS(end - m0, shrink(st->h + m0 * st->ldh, st->ldh, xr, mb_, a, r, p->in))
+  }
+}
+
+/* y[m, c0:c1] += scale * h[m] @ B^T[:, c0:c1] for the rows m of item t; c0 and c1 whole
+ * panels' columns (c1 may pass `out`). */
+static void item_expand(float *y, int64_t ldy, const lp_slots *p, const lp_step *st,
+                        int64_t rows, int64_t t, int64_t c0, int64_t c1) {
+  int64_t m0, r;
+  const wt *a;
+  float scale;
+  const int64_t end = item_slot(p, st, rows, t, &m0, &a, &r, &scale);
+  const int64_t n = (c1 < p->out ? c1 : p->out) - c0;
+  for (; m0 < end; m0 += MB) {
+    float *yr[MB] = {0};
+    for (int i = 0; i < MB && m0 + i < end; i++) yr[i] = y + (m0 + i) * ldy + c0;
+    BY_ROWS(end - m0, expand(yr, mb_, st->h + m0 * st->ldh, st->ldh,
+                             a + p->b_offset + c0 * r, r, n, scale))
+  }
+}
+
+/* y [rows, out] = x [rows, in] @ W^T (+ bias), plus each token's adapter delta as
+ * lp_sgmv_f32 adds it: a projection of a step of few rows in one call, with the same sums in
+ * the same order as lp_dense_f32 then lp_sgmv_f32 (each row's products do not depend on
+ * which rows share its tile).
+ *
+ * The two calls cost about 4 us more than one at SmolLM2's shapes (Python, ctypes and a
+ * parallel region each), 210 times a decode step, and a step whose tokens all take one
+ * adapter ran that adapter's item on one thread while the other waited. Here both threads
+ * share the work in two phases: the base's panels and the adapters' shrinks, then the
+ * adapters' expands, each split into enough column ranges to keep every thread busy. */
+void lp_linear_lora_f32(float *y, const float *x, int64_t rows, const lp_dense *d,
+                        const lp_slots *p, const lp_step *st) {
+  const int64_t threads = omp_get_max_threads();
+  const int64_t irows = item_rows(p->ranks, st->starts, st->slots, st->num_segments, threads);
+  const int64_t items = order_items(p->ranks, st->starts, st->slots, st->num_segments, irows,
+                                    st->items);
+  const int64_t panels = (d->out + PW - 1) / PW;
+  int64_t parts = items ? (2 * threads + items - 1) / items : 1;
+  if (parts > panels) parts = panels;
+#pragma omp parallel num_threads(threads)
+  {
+    /* the shrinks first: each is a whole item, the panels even the threads out after */
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t u = 0; u < items + panels; u++) {
+      if (u < items) item_shrink(x, d->in, p, st, irows, u);
+      else dense_panel(y, x, rows, u - items, d);
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t u = 0; u < items * parts; u++) {
+      const int64_t q = u % parts;
+      item_expand(y, d->out, p, st, irows, u / parts, q * panels / parts * PW,
+                  (q + 1) * panels / parts * PW);
+    }
+  }
 }

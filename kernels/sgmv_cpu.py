@@ -111,7 +111,7 @@ def load_source(source: pathlib.Path,
     lib = build_and_load(source, "the torch reference for LoRA",
                          # older sources (bench_sgmv_cpu --against) lack lp_dense_f32
                          {"lp_sgmv_f32": "pipipp", "lp_sgmv_bf16": "pipipppi",
-                          "lp_dense_f32?": "ppip"},
+                          "lp_dense_f32?": "ppip", "lp_linear_lora_f32?": "ppippp"},
                          ("LP_WEIGHTS_BF16",) if bf16 else ())
     if lib is not None:
         lib.weight_dtype = weight_dtype
@@ -127,7 +127,8 @@ class _Slots(ctypes.Structure):  # lp_slots in the C file
 
 class _Step(ctypes.Structure):  # lp_step in the C file
     _fields_ = [("starts", ctypes.c_void_p), ("slots", ctypes.c_void_p),
-                ("num_segments", ctypes.c_int64), ("items", ctypes.c_void_p)]
+                ("num_segments", ctypes.c_int64), ("items", ctypes.c_void_p),
+                ("h", ctypes.c_void_p), ("ldh", ctypes.c_int64)]
 
 
 class _Dense(ctypes.Structure):  # lp_dense in the C file
@@ -225,9 +226,11 @@ def _bf16_scratch(numel: int) -> torch.Tensor:
 
 
 class SegmentTable:
-    """A step's segments as the int64 arrays the kernel reads, built once per step."""
+    """A step's segments as the int64 arrays the kernel reads, built once per step. With
+    `rank_cap` (the slots' capacity), also the scratch `linear_lora_cpu` keeps each token's
+    shrink in, for steps of at most `fused_rows` tokens."""
 
-    def __init__(self, segments: Segments):
+    def __init__(self, segments: Segments, rank_cap: int = 0, fused_rows: int = 0):
         # C trusts these; `Segments` checks them with asserts only, which `python -O` drops.
         starts, slots = segments.starts, segments.slots
         if not (len(starts) == len(slots) + 1 and starts[0] == 0
@@ -242,8 +245,12 @@ class SegmentTable:
         # segment: fewer than T / 4 + num_segments.
         num_items = segments.num_tokens // 4 + len(slots)
         self.items = torch.empty(2 * num_items, dtype=torch.int64, device="cpu")
+        # [T, ldh]: a row per token, whole vectors per row
+        self.ldh = -(-rank_cap // LANES) * LANES if 0 < segments.num_tokens <= fused_rows else 0
+        self.h = torch.empty(segments.num_tokens * self.ldh, dtype=torch.float32, device="cpu")
         self._desc = _Step(self.starts.data_ptr(), self.slots.data_ptr(), len(slots),
-                           self.items.data_ptr())
+                           self.items.data_ptr(), self.h.data_ptr() if self.ldh else None,
+                           self.ldh)
         self.desc = ctypes.addressof(self._desc)
 
 
@@ -375,4 +382,25 @@ def dense_cpu(x: torch.Tensor,  # [..., in] fp32, contiguous
     y = torch.empty(*x.shape[:-1], weights.out_features, dtype=torch.float32)
     weights.lib.lp_dense_f32(y.data_ptr(), x.data_ptr(), x.numel() // weights.in_features,
                              weights.desc)
+    return y
+
+
+def linear_lora_cpu(x: torch.Tensor,  # [..., T, in] fp32, contiguous
+                    dense: DenseWeights, weights: PackedSlots,
+                    table: SegmentTable) -> torch.Tensor | None:  # [..., T, out]
+    """x @ W^T + bias + each token's adapter delta: `dense_cpu` then `sgmv_cpu` in one C call,
+    with the same result to the bit. None where it does not take these, and the caller makes
+    the two calls: it takes contiguous fp32 rows on the CPU, the table's tokens, a base and
+    fp32 slots of one shape, and a table with scratch for the slots' rank
+    (`SegmentTable`'s `rank_cap` and `fused_rows`). Checked here, each call: C trusts them."""
+    if not (x.dtype is torch.float32 and x.is_cpu and x.is_contiguous()
+            and weights.lib.weight_dtype is torch.float32 and table.ldh >= weights.rank_cap
+            and x.shape[-1] == dense.in_features == weights.in_features
+            and dense.out_features == weights.out_features
+            and x.numel() == table.num_tokens * dense.in_features
+            and table.max_slot < weights.num_slots):
+        return None
+    y = torch.empty(*x.shape[:-1], dense.out_features, dtype=torch.float32)
+    weights.lib.lp_linear_lora_f32(y.data_ptr(), x.data_ptr(), table.num_tokens, dense.desc,
+                                   weights.desc, table.desc)
     return y

@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     eo.add_argument("--rounds", type=int, default=3, help="medians over this many rounds")
     eo.add_argument("--variants", default="fp32-slots",
                     help="comma list of: fp32-slots, bf16-slots (--lora-dtype bfloat16), "
-                         "onednn-gemm (fp32 slots, --cpu-gemm onednn), torch-layers (fp32 "
+                         "unfused (--no-lora-fuse), onednn-gemm (fp32 slots, --cpu-gemm onednn), torch-layers (fp32 "
                          "slots, --cpu-layers torch); each of the last two with its own "
                          "base-only run")
     eo.add_argument("--kernel-stats", action="store_true",

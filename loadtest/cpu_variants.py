@@ -33,6 +33,8 @@ VARIANTS = {
     "onednn-gemm": ({}, ["--cpu-gemm", "onednn"]),
     # RMSNorm and the rotary embedding as transformers' torch ops, as before their C calls.
     "torch-layers": ({}, ["--cpu-layers", "torch"]),
+    # A projection's base and adapters as two C calls, as before --lora-fuse took them in.
+    "unfused": ({}, ["--no-lora-fuse"]),
     # Adapters stored in bf16 in the C kernel's slots: half the bytes each step streams.
     "lora-bf16": ({}, ["--lora-dtype", "bfloat16"]),
     "bf16-lora-bf16": ({}, ["--dtype", "bfloat16", "--lora-dtype", "bfloat16"]),

@@ -17,7 +17,9 @@ gives their seconds over the rest of that run (the kernel's share, from one run:
 a ratio of two runs, though it leaves out any cost outside the calls), and counts the adapter
 bytes each call has to read: the rank-sized regions of the slots its tokens use. The report
 splits the calls by the size of their step in tokens (a decode step has one per sequence).
-Beside each, a plain `torch.sum` over 256 MB, at the same threads, measures what this machine
+Where a projection's base and adapters run as one call (--lora-fuse, the default, at decode
+steps), the adapters' part cannot be timed apart: those calls are counted on their own line,
+and the `unfused` variant times the adapters' calls alone. Beside each, a plain `torch.sum` over 256 MB, at the same threads, measures what this machine
 reads per second at that moment: bytes divided by that is the kernel's floor.
 """
 
@@ -35,13 +37,16 @@ import torch
 from .compare import say
 from .workload import WorkloadSpec
 
-# variant name -> (LoRAConfig.dtype (--lora-dtype), ModelConfig fields that differ from the
-# defaults: the base's way of running, which takes a base-only run of its own)
-VARIANTS = {"fp32-slots": ("auto", {}), "bf16-slots": ("bfloat16", {}),
+# variant name -> (LoRAConfig fields and ModelConfig fields that differ from the defaults;
+# the latter are the base's way of running, which takes a base-only run of its own)
+VARIANTS = {"fp32-slots": ({}, {}), "bf16-slots": ({"dtype": "bfloat16"}, {}),
+            # the base and the adapters as two calls per projection, as before --lora-fuse
+            # took in the C kernel
+            "unfused": ({"fuse": False}, {}),
             # oneDNN at every step, as before the C kernel took the steps of few rows
-            "onednn-gemm": ("auto", {"cpu_gemm": "onednn"}),
+            "onednn-gemm": ({}, {"cpu_gemm": "onednn"}),
             # RMSNorm and the rotary embedding as transformers' torch ops, as before cpu_layers
-            "torch-layers": ("auto", {"cpu_layers": "torch"})}
+            "torch-layers": ({}, {"cpu_layers": "torch"})}
 
 
 def _flags(model_fields: dict[str, str]) -> str:
@@ -56,6 +61,10 @@ class KernelStats:
     calls: list = field(default_factory=list)  # (weights, table, seconds) per call
     seconds: float = 0.0
     run_seconds: float = 0.0  # the whole run's
+    # Calls that ran a projection's base and adapters together (--lora-fuse, decode steps):
+    # their adapters' time is not separable, so they count here, not in `seconds`.
+    fused_calls: int = 0
+    fused_seconds: float = 0.0
 
     @property
     def share(self) -> float:
@@ -70,6 +79,16 @@ class KernelStats:
             seconds = time.perf_counter() - start
             self.seconds += seconds
             self.calls.append((weights, table, seconds))
+            return out
+        return timed
+
+    def wrap_fused(self, fused: Callable) -> Callable:
+        def timed(x, dense, weights, table):
+            start = time.perf_counter()
+            out = fused(x, dense, weights, table)
+            if out is not None:
+                self.fused_seconds += time.perf_counter() - start
+                self.fused_calls += 1
             return out
         return timed
 
@@ -135,11 +154,11 @@ def engine_overhead(spec: WorkloadSpec, model: str | None, quantization: str,
     engines = {}
     for name in variants:
         say(f"engine {name} ...")
-        lora_dtype, model_fields = VARIANTS[name]
+        lora_fields, model_fields = VARIANTS[name]
         engine = LLMEngine(EngineConfig(
             model=ModelConfig(model=model, quantization=quantization, **model_fields),
             lora=LoRAConfig(max_loras=max(len(adapters), 1), max_lora_rank=max_rank,
-                            dtype=lora_dtype)))
+                            **lora_fields)))
         for adapter, path in adapters.items():
             engine.register_adapter(adapter, path)
         engines[name] = engine
@@ -172,18 +191,20 @@ def engine_overhead(spec: WorkloadSpec, model: str | None, quantization: str,
                 f"({tokens / seconds[run][-1]:.1f} output tok/s)")
     stats: dict[str, KernelStats] = {}
     bandwidth: list[float] = []
-    original = sgmv_cpu.sgmv_cpu
+    original, original_fused = sgmv_cpu.sgmv_cpu, sgmv_cpu.linear_lora_cpu
     try:
         for name in variants if kernel_stats else ():
             bandwidth.append(read_bandwidth())
             stats[f"{name}, mixed"] = ks = KernelStats()
             sgmv_cpu.sgmv_cpu = ks.wrap(original)
+            sgmv_cpu.linear_lora_cpu = ks.wrap_fused(original_fused)
             ks.run_seconds = _run(engines[name], requests, base_only=False)
-            sgmv_cpu.sgmv_cpu = original
+            sgmv_cpu.sgmv_cpu, sgmv_cpu.linear_lora_cpu = original, original_fused
             say(f"{name}, mixed, kernel timed: {ks.seconds:.2f} s in {len(ks.calls)} calls, "
-                f"{ks.share:.1%} of the rest of the run")
+                f"{ks.share:.1%} of the rest of the run; {ks.fused_calls} calls with the base "
+                f"({ks.fused_seconds:.2f} s)")
     finally:
-        sgmv_cpu.sgmv_cpu = original
+        sgmv_cpu.sgmv_cpu, sgmv_cpu.linear_lora_cpu = original, original_fused
 
     rows, results = [], {}
     for run in runs:
@@ -205,6 +226,8 @@ def engine_overhead(spec: WorkloadSpec, model: str | None, quantization: str,
             gb = sum(nbytes for _, _, nbytes in by_step.values()) / 1e9
             result.update(kernel_s=round(kernel_s, 3), kernel_gb=round(gb, 2),
                           kernel_calls=len(stats[run].calls),
+                          fused_calls=stats[run].fused_calls,
+                          fused_s=round(stats[run].fused_seconds, 3),
                           kernel_share=round(stats[run].share, 4),
                           kernel_by_step={k: {"calls": c, "seconds": round(sec, 4),
                                               "bytes": nbytes}
@@ -229,6 +252,10 @@ def engine_overhead(spec: WorkloadSpec, model: str | None, quantization: str,
         bw = statistics.median(bandwidth)
         lines.append(f"plain read (torch.sum, {torch.get_num_threads()} threads): {bw:.1f} GB/s "
                      f"(rounds {', '.join(f'{b:.1f}' for b in bandwidth)})")
+        lines += [f"{run}: {results[run]['fused_calls']} calls ran a projection's base and "
+                  f"adapters together ({results[run]['fused_s']:.2f} s), not counted above: "
+                  "the `unfused` variant times the adapters alone"
+                  for run in mixed if results[run].get("fused_calls")]
         for run in (run for run in mixed if results[run].get("kernel_gb")):
             floor = results[run]["kernel_gb"] / bw
             lines.append(f"{run}: {results[run]['kernel_gb']:.1f} GB of adapter weights to read "

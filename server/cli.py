@@ -185,7 +185,8 @@ def _serve_args(serve: argparse.ArgumentParser) -> None:
                            "other backends keep the model's dtype")
     lora.add_argument("--lora-fuse", action=argparse.BooleanOptionalAction, default=True,
                       help="with the triton backend, one launch pair for each layer's q/k/v "
-                           "and one for gate/up (default: on)")
+                           "and one for gate/up; with the CPU kernel, each projection's base "
+                           "and adapters in one call at decode steps (default: on)")
     merge = serve.add_argument_group("merging an adapter into the base (single-tenant speed)")
     merge.add_argument("--merge", default=None, metavar="NAME",
                        help="merge this adapter into the base weights (with --merge-others "

@@ -120,8 +120,9 @@ class LoRAConfig:
     allow_base_mismatch: bool = False
     backend: LoRABackend = "auto"
     # With the triton backend, one shrink and one expand launch for a layer's q/k/v and one
-    # pair for gate/up, instead of a pair per projection (the other backends have no fused
-    # launch: there it changes nothing).
+    # pair for gate/up, instead of a pair per projection. With the CPU kernel, a projection's
+    # base (its C copy: fp32, decode steps) and adapters in one call. The torch backend has no
+    # fused call: there it changes nothing.
     fuse: bool = True
     # What the C kernel's slots store adapters in (vLLM's --lora-dtype): auto is fp32, in which
     # PEFT computes adapters; bfloat16 halves the bytes each decode step streams, exactly for

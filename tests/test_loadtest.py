@@ -417,23 +417,28 @@ def test_cpu_variants_help_names_every_variant_and_peers_its_systems(capsys):
 
 def test_engine_overhead_runs_every_variant_and_counts_the_kernels_bytes(tmp_path, embedded_dir,
                                                                           capsys):
-    """In process, one round: both slot dtypes, oneDNN's base and torch's layers mixed, then
-    the base only each of three ways; then a run of each variant with the kernel's calls timed
-    and its bytes counted."""
+    """In process, one round: both slot dtypes, the base and adapters as two calls, oneDNN's
+    base and torch's layers mixed, then the base only each of three ways; then a run of each
+    variant with the kernel's calls timed and its bytes counted."""
     from loraplex.loadtest.cli import main
 
     out = tmp_path / "overhead"
     assert main(["engine-overhead", "--model", str(embedded_dir), "--adapters", "2",
                  "--ranks", "4,8", "--num-requests", "4", "--popularity", "distinct",
                  "--prompt-len", "uniform:4:8", "--output-len", "fixed:3", "--rounds", "1",
-                 "--variants", "fp32-slots,bf16-slots,onednn-gemm,torch-layers",
+                 "--variants", "fp32-slots,unfused,bf16-slots,onednn-gemm,torch-layers",
                  "--kernel-stats", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     runs = report["runs"]
-    assert list(runs) == ["fp32-slots, mixed", "bf16-slots, mixed", "onednn-gemm, mixed",
-                          "torch-layers, mixed", "base only", "base only, --cpu-gemm onednn",
-                          "base only, --cpu-layers torch"]
-    fp32, bf16, onednn, layers, base, onednn_base, layers_base = runs.values()
+    assert list(runs) == ["fp32-slots, mixed", "unfused, mixed", "bf16-slots, mixed",
+                          "onednn-gemm, mixed", "torch-layers, mixed", "base only",
+                          "base only, --cpu-gemm onednn", "base only, --cpu-layers torch"]
+    fused, fp32, bf16, onednn, layers, base, onednn_base, layers_base = runs.values()
+    # every step has at most 64 tokens: with fp32 slots, each projection's base and adapters
+    # ran as one call, which the adapters' own count leaves out
+    assert fused["kernel_calls"] == 0 and fused["fused_calls"] > 0 and fp32["fused_calls"] == 0
+    assert fused["lora_overhead_paired"] == pytest.approx(
+        fused["seconds"][0] / base["seconds"][0] - 1, abs=1e-4)
     assert layers["lora_overhead_paired"] == pytest.approx(
         layers["seconds"][0] / layers_base["seconds"][0] - 1, abs=1e-4)
     assert onednn["lora_overhead_paired"] == pytest.approx(
@@ -456,7 +461,8 @@ def test_engine_overhead_runs_every_variant_and_counts_the_kernels_bytes(tmp_pat
         fp32["seconds"][0] / base["seconds"][0] - 1, abs=1e-4)
     assert report["read_gb_per_s"][0] > 0
     printed = capsys.readouterr().out
-    assert "| fp32-slots, mixed |" in printed and "overhead floor" in printed
-    assert "## fp32-slots, mixed: the C kernel's calls by step size" in (
+    assert "| unfused, mixed |" in printed and "overhead floor" in printed
+    assert "fp32-slots, mixed: " in printed and "adapters together" in printed
+    assert "## unfused, mixed: the C kernel's calls by step size" in (
         out / "report.md").read_text()
     assert "base only, --cpu-gemm onednn: " in printed and "first base-only run" in printed

@@ -219,7 +219,7 @@ TINY_PROMPTS = [[random.Random(i).randrange(3, 256) for _ in range(n)]
     ("llama", "none", "auto"), ("qwen2", "none", "auto"), ("mistral", "none", "auto"),
     ("llama", "nf4", "auto"), ("llama", "none", "torch"), ("llama", "none", "onednn"),
 ])
-def test_tiny_mixed_batches_match_peft(tmp_path, arch, quantization, gemm):
+def test_tiny_mixed_batches_match_peft(tmp_path, monkeypatch, arch, quantization, gemm):
     model_dir = save_tiny_model(arch, tmp_path / "model")
     setup = Setup(ModelConfig(model=str(model_dir), quantization=quantization, cpu_gemm=gemm),
                   tmp_path / "adapters", TINY_PROMPTS, ADAPTER_SPECS)
@@ -233,7 +233,12 @@ def test_tiny_mixed_batches_match_peft(tmp_path, arch, quantization, gemm):
     assert runner.cpu_gemm == want
     # fp32 bases run RMSNorm and the rotary embedding in C (cpu_layers.py)
     assert runner.cpu_layers == (quantization == "none" and layers_cpu.load() is not None)
+    fused = []  # decode steps' projections run as one C call with their adapters
+    real = sgmv_cpu.linear_lora_cpu
+    monkeypatch.setattr(sgmv_cpu, "linear_lora_cpu",
+                        lambda *a: (lambda y: y if y is None else fused.append(1) or y)(real(*a)))
     _run_scenarios(setup)
+    assert bool(fused) == (want == "onednn+c")
 
 
 @pytest.mark.skipif(sgmv_cpu.load() is None, reason="no C compiler: the kernel was not built")

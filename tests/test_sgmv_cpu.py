@@ -495,3 +495,112 @@ def test_dense_weights_follow_a_repack_and_refuse_what_c_cannot_read():
             sgmv_cpu.dense_cpu(bad, weights)
     with pytest.raises(ValueError, match="fp32"):
         sgmv_cpu.DenseWeights(LIB, w.to(torch.bfloat16), None)
+
+
+# ---- a projection's base and adapters in one call (decode steps) ---------------------------
+
+@pytest.mark.parametrize("in_features,out", [(7, 63), (64, 64), (130, 65), (576, 960)])
+@pytest.mark.parametrize("pattern", ["distinct", "zipf", "identical", "skewed"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_call_gives_the_two_calls_bits(in_features, out, pattern, threads):
+    """`linear_lora_cpu` against `dense_cpu` then `sgmv_cpu`, bit for bit, and against fp64:
+    batches of one token to the engine's 64, one segment to many, tokens without an adapter,
+    ranks off the 4-rank block, NaN past every rank (never read)."""
+    rng = random.Random(in_features * out + threads)
+    gen = torch.Generator().manual_seed(in_features + out)
+    w = torch.randn(out, in_features, generator=gen)
+    dense = sgmv_cpu.DenseWeights(LIB, w, torch.randn(out, generator=gen))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for batch in (1, 2, 3, 5, 17, 64):
+            case = Case(token_slots(pattern, batch, rng), [1, 15, 17, 33, 64, 0], in_features,
+                        out, seed=batch)
+            x = case.x.unsqueeze(0)  # [1, T, in], as the model calls it
+            got = sgmv_cpu.linear_lora_cpu(
+                x, dense, case.packed, sgmv_cpu.SegmentTable(case.segments, 64, 64))
+            two = sgmv_cpu.sgmv_cpu(sgmv_cpu.dense_cpu(x, dense), x, case.packed,
+                                    sgmv_cpu.SegmentTable(case.segments))
+            assert got.shape == (1, batch, out) and torch.equal(got, two)
+            case.y = dense.bias.expand(batch, out) + case.x.double() @ w.double().T
+            torch.testing.assert_close(got[0].double(), case.expected(), atol=1e-4, rtol=1e-4)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_fused_call_declines_what_it_cannot_take():
+    """None (the caller then makes the two calls) for a table without scratch or too many
+    tokens for it, other dtypes, rows apart, other widths, slots past the weights', and slots
+    in another library (bf16 storage)."""
+    case = Case([0, 1, 1, 2], [4, 8, 20, 0, 0, 0], 40, 24, rank_cap=20)
+    dense = sgmv_cpu.DenseWeights(LIB, torch.randn(24, 40), None)
+    table = sgmv_cpu.SegmentTable(case.segments, 20, 64)
+    x = case.x.unsqueeze(0)
+    assert sgmv_cpu.linear_lora_cpu(x, dense, case.packed, table) is not None
+    for t in (sgmv_cpu.SegmentTable(case.segments), sgmv_cpu.SegmentTable(case.segments, 20, 3),
+              sgmv_cpu.SegmentTable(case.segments, 16, 64)):  # scratch for rank 16 only
+        assert sgmv_cpu.linear_lora_cpu(x, dense, case.packed, t) is None
+    wide = torch.randn(1, 4, 41)[..., :40]
+    for bad in (x.to(torch.bfloat16), wide, torch.randn(1, 4, 41), torch.randn(1, 5, 40)):
+        assert sgmv_cpu.linear_lora_cpu(bad, dense, case.packed, table) is None
+    other = sgmv_cpu.DenseWeights(LIB, torch.randn(25, 40), None)
+    assert sgmv_cpu.linear_lora_cpu(x, other, case.packed, table) is None
+    far = sgmv_cpu.SegmentTable(Segments.from_token_slots([0, 1, 1, NUM_SLOTS]), 16, 64)
+    assert sgmv_cpu.linear_lora_cpu(x, dense, case.packed, far) is None
+    bf16 = sgmv_cpu.load(torch.bfloat16)
+    if bf16 is not None:
+        slots = sgmv_cpu.PackedSlots(bf16, NUM_SLOTS, 20, 40, 24,
+                                     torch.tensor(case.ranks, dtype=torch.int32),
+                                     torch.tensor(case.scales))
+        assert sgmv_cpu.linear_lora_cpu(x, dense, slots, table) is None
+
+
+def test_lora_model_fuses_base_and_adapters_at_decode_steps_unless_told_not_to(monkeypatch):
+    """A projection whose base is a PackedLinear with the C kernel's copy runs as one call at
+    steps of few rows (with a merged adapter's correction pass as a second call), and as the
+    two calls at longer steps or with `fuse` off: right, and the same bits either way."""
+    from loraplex.adapters.peft_format import LoRAAdapter, LoRAWeights
+    from loraplex.server.runner.cpu_gemm import DENSE_ROWS, PackedLinear
+    from loraplex.server.runner.lora_layers import LoRAModel
+    from torch import nn
+
+    gen = torch.Generator().manual_seed(3)
+    fused = []
+    real = sgmv_cpu.linear_lora_cpu
+    monkeypatch.setattr(sgmv_cpu, "linear_lora_cpu",
+                        lambda *a: (lambda y: y if y is None else fused.append(1) or y)(real(*a)))
+    plain = nn.Linear(40, 24)
+    # slots 0 and 1 the adapters', 3 the shadow slot a merge's correction pass reads
+    weights = {slot: LoRAWeights(torch.randn(r, 40, generator=gen),
+                                 torch.randn(24, r, generator=gen), 0.5)
+               for slot, r in ((0, 16), (1, 4), (3, 8))}
+    models = {}
+    for fuse in (True, False):
+        model = nn.Module()
+        model.layer = nn.Module()
+        model.layer.q_proj = PackedLinear.of(plain, LIB)
+        lora = LoRAModel(model, 3, 16, torch.float32, torch.device("cpu"), "cpu-kernel",
+                         fuse=fuse, shadow=True)
+        for slot, w in weights.items():
+            lora.load(slot, LoRAAdapter(f"a{slot}", "unused", {}, {"layer.q_proj": w}))
+        models[fuse] = model, lora
+    for rows, correction in ((1, None), (5, None), (5, [3, 3, -1, -1, -1]),
+                             (DENSE_ROWS + 3, None)):
+        token_slots = sorted((i + 1) % 3 - 1 for i in range(rows))
+        x = torch.randn(1, rows, 40, generator=gen)
+        with torch.no_grad():
+            want = plain(x)[0]
+        for t, s in enumerate(token_slots):
+            passes = [s] + [correction[t]] if correction else [s]
+            for w in (weights[p] for p in passes if p >= 0):
+                want[t] += w.scale * (x[0, t] @ w.lora_a.T) @ w.lora_b.T
+        got = {}
+        for fuse, (model, lora) in models.items():
+            lora.prepare(Segments.from_token_slots(token_slots),
+                         None if correction is None else Segments.from_token_slots(correction))
+            fused.clear()
+            with torch.no_grad():
+                got[fuse] = model.layer.q_proj(x)
+            assert len(fused) == (fuse and rows <= DENSE_ROWS)
+            torch.testing.assert_close(got[fuse][0], want, atol=1e-4, rtol=1e-4)
+        assert torch.equal(got[True], got[False])

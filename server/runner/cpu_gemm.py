@@ -102,10 +102,18 @@ class PackedLinear(nn.Linear):
             log.warning("packing a %dx%d weight for oneDNN failed: F.linear for this layer",
                         self.out_features, self.in_features, exc_info=True)
 
+    def dense_for(self, x: torch.Tensor) -> DenseWeights | None:
+        """The C kernel's copy, where it takes x (few contiguous rows); else None."""
+        if self.dense is not None and x.numel() <= DENSE_ROWS * self.in_features \
+                and x.is_contiguous():
+            return self.dense
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in] -> [..., out]
+        dense = self.dense_for(x)
+        if dense is not None:
+            return dense_cpu(x, dense)
         rows = x.numel() // self.in_features
-        if self.dense is not None and rows <= DENSE_ROWS and x.is_contiguous():
-            return dense_cpu(x, self.dense)
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
         padded = bucket(rows)

@@ -28,6 +28,7 @@ from loraplex.kernels.sgmv_cpu import PackedSlots, SegmentTable, SlotArena, slot
 from torch import nn
 
 from ..config import ConfigError
+from .cpu_gemm import DENSE_ROWS, PackedLinear
 
 # The projections of Llama, Mistral and Qwen2 decoder layers that take LoRA.
 TARGET_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -260,11 +261,22 @@ class KernelLoRALinear(LoRALinear):
     straight to the kernel, on the [1, T, width] tensors as they are. This runs for all 210
     projections of every step (32,760 calls in `bench engine-overhead`'s run): a one-token
     rank-4 call cost 12.7 us through the general path before this class and the kernel's
-    lighter calling convention, 6.3 us now, 2.8 of them a stand-in base layer's."""
+    lighter calling convention, 6.3 us now, 2.8 of them a stand-in base layer's.
+
+    Where the base is the C kernel's dense copy too (fp32 steps of few rows), the base and the
+    step's adapters run as one call (`linear_lora_cpu`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [1, T, in]
-        y = self.base_layer(x)  # [1, T, out]
-        for table in self.context.tables:
+        tables = self.context.tables
+        base = self.base_layer
+        dense = base.dense_for(x) if tables and isinstance(base, PackedLinear) else None
+        y = None if dense is None else sgmv_cpu.linear_lora_cpu(x, dense, self.slots.packed,
+                                                                tables[0])
+        if y is None:
+            y = base(x)  # [1, T, out]
+        else:
+            tables = tables[1:]
+        for table in tables:
             sgmv_cpu.sgmv_cpu(y, x, self.slots.packed, table)
         return y
 
@@ -289,7 +301,8 @@ class LoRAModel:
                  device: torch.device, backend: str = "torch", fuse: bool = True,
                  shadow: bool = False, cpu_weight_dtype: torch.dtype = torch.float32):
         """`backend` is resolved already (`resolve_backend`); `fuse` groups the projections
-        of FUSED_GROUPS when the backend is Triton. `cpu_weight_dtype`: what the C kernel's
+        of FUSED_GROUPS when the backend is Triton, and with the C kernel runs each
+        projection's base and adapters as one call at steps of few rows. `cpu_weight_dtype`: what the C kernel's
         slots store adapters in (`lora_weight_dtype`). `shadow`: one more slot, past the
         adapter manager's `num_slots`, where the merger keeps a merged adapter's weights
         with its scale negated, for the other tokens' correction."""
@@ -298,6 +311,9 @@ class LoRAModel:
         self.shadow_slot = num_slots if shadow else None
         num_slots += shadow
         self.num_slots = num_slots
+        self.max_rank = max_rank
+        # Tokens up to which a step's C kernel table has scratch for the fused call.
+        self.fused_rows = DENSE_ROWS if fuse else 0
         # The merged (or merging) adapter's slot while the other tokens are corrected.
         self.correcting_slot: int | None = None
         self.device = device
@@ -383,7 +399,8 @@ class LoRAModel:
             context.correction_meta = (SGMVMeta.build(correction, self.num_slots, self.device)
                                        if correction is not None else None)
         elif self.backend == "cpu-kernel":
-            context.table = SegmentTable(segments) if segments.has_lora else None
+            context.table = (SegmentTable(segments, self.max_rank, self.fused_rows)
+                             if segments.has_lora else None)
             context.correction_table = (SegmentTable(correction) if correction is not None
                                         else None)
             context.tables = tuple(t for _, _, t in context.passes())
