@@ -166,8 +166,12 @@ def engine_overhead(spec: WorkloadSpec, model: str | None, quantization: str,
     requests = [(tokenizer.encode(item.prompt), item.adapter, item.max_tokens)
                 for item in spec.items()]
     tokens = sum(r[2] for r in requests)
-    for engine in engines.values():  # first forwards build kernels and oneDNN primitives
-        _run(engine, requests[:4], base_only=False)
+    # A whole run on each engine first: its first steps at each row count build oneDNN's
+    # primitives (process-wide, so for the first engine only), and each adapter's first
+    # request loads its slot. Warmed on 4 requests only, the first engine's first timed run
+    # took 11.0-11.5 s against 7.1-9.8 for its others (three runs at 9c7ca49).
+    for engine in engines.values():
+        _run(engine, requests, base_only=False)
 
     # One base-only run per way of running the base (--cpu-gemm, --cpu-layers) among the
     # variants, on the first variant's engine that runs it; each mixed run is set against
