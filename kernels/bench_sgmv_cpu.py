@@ -12,6 +12,11 @@ not fit in cache). Each path reads the same weights in its own storage, as the e
 them: the reference PEFT's layout padded to rank 64, the kernel `PackedSlots`. Reported: the
 median step time of each path and their ratio, with the results checked against each other.
 
+`--with-base` also gives each projection a base weight (the C kernel's dense copy, as the
+engine keeps fp32 bases at decode) and times the base alone, the base then the adapters as two
+calls, and both in one call (`linear_lora_cpu`, the engine's default), in turn: the adapters'
+cost is each path's time over the base alone's.
+
 `--against` builds another version of sgmv_cpu.c (`git show REV:kernels/sgmv_cpu.c > old.c`)
 with the same entry points, packs the same weights for it, checks its results against this
 one's, and times the two in turn, repeat by repeat: a change to the kernel measured side by
@@ -89,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--against", type=pathlib.Path,
                     help="another sgmv_cpu.c to time beside this one, in turn")
+    ap.add_argument("--with-base", action="store_true",
+                    help="time the adapters with each projection's base: two calls against one")
     args = ap.parse_args(argv)
     ranks_cycle = tuple(int(r) for r in args.ranks.split(","))
     if not all(0 < r <= 64 for r in ranks_cycle):
@@ -141,10 +148,48 @@ def main(argv: list[str] | None = None) -> int:
     for path, t in zip(paths, t_kernel):
         print(f"| {path} | {1e3 * t:.2f} |")
     print(f"\nkernel speed-up: {t_ref / t_kernel[0]:.2f}x")
+    if args.with_base:
+        with_base(libs[0], projections, segments, args.repeats)
     if args.against:
         print(f"this kernel against {args.against}: {t_kernel[1] / t_kernel[0]:.3f}x "
               f"({1e3 * t_kernel[0]:.2f} against {1e3 * t_kernel[1]:.2f} ms per step)")
     return 0
+
+
+def with_base(lib, projections, segments: Segments, repeats: int) -> None:
+    """The base alone, base then adapters (two calls), and both in one call, over the step's
+    projections, in turn repeat by repeat; the last two checked equal to the bit."""
+    gen = torch.Generator().manual_seed(1)
+    arena = sgmv_cpu.SlotArena(sgmv_cpu.SlotArena.size([
+        (sgmv_cpu.DenseWeights.numel(x.shape[1], y.shape[1]), torch.float32)
+        for *_, x, y in projections]))
+    dense = [sgmv_cpu.DenseWeights(lib, torch.randn(y.shape[1], x.shape[1], generator=gen)
+                                   / x.shape[1] ** 0.5, None, arena) for *_, x, y in projections]
+    table = sgmv_cpu.SegmentTable(segments)
+    fused_table = sgmv_cpu.SegmentTable(segments, 64, segments.num_tokens)
+    work = [(d, packed[0], x) for d, (_, _, packed, x, _) in zip(dense, projections)]
+    d, w, x = work[-1]
+    two = sgmv_cpu.sgmv_cpu(sgmv_cpu.dense_cpu(x, d), x, w, table)
+    assert torch.equal(sgmv_cpu.linear_lora_cpu(x, d, w, fused_table), two)
+
+    paths = {"base alone": lambda: [sgmv_cpu.dense_cpu(x, d) for d, _, x in work],
+             "base, then adapters": lambda: [sgmv_cpu.sgmv_cpu(sgmv_cpu.dense_cpu(x, d), x, w,
+                                                               table) for d, w, x in work],
+             "one call": lambda: [sgmv_cpu.linear_lora_cpu(x, d, w, fused_table)
+                                  for d, w, x in work]}
+    times = {name: [] for name in paths}
+    for run in paths.values():
+        run()
+    for _ in range(repeats):
+        for name, run in paths.items():
+            times[name].append(time_step(run, 1, warm=False))
+    ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+    base = ms["base alone"]
+    print("\n| with the base | ms per step | adapters' cost |\n|---|---|---|")
+    for name, t in ms.items():
+        print(f"| {name} | {t:.2f} | {'-' if t == base else f'{t - base:.2f} ms'} |")
+    print(f"\nthe adapters' cost, one call against two: "
+          f"{(ms['one call'] - base) / (ms['base, then adapters'] - base):.2f}x")
 
 
 if __name__ == "__main__":

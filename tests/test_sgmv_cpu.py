@@ -303,10 +303,14 @@ def test_benchmark_runs_and_checks_its_two_paths_agree(capsys):
     from loraplex.kernels import bench_sgmv_cpu
 
     assert bench_sgmv_cpu.main(["--adapters", "3", "--tokens", "7", "--layers", "1",
-                                "--repeats", "1"]) == 0
+                                "--repeats", "1", "--with-base"]) == 0
     out = capsys.readouterr().out
     assert "7 projections, 3 adapters (ranks 8/16/32)" in out
     assert "| torch reference |" in out and "kernel speed-up:" in out
+    # --with-base: the fused call checked against the two calls, and all three paths timed
+    assert all(f"| {path} |" in out for path in ("base alone", "base, then adapters",
+                                                  "one call"))
+    assert "the adapters' cost, one call against two:" in out
 
 
 def test_benchmark_times_another_version_of_the_kernel_beside_this_one(capsys, tmp_path):
