@@ -96,7 +96,7 @@ typedef struct {
  * after. Farther ahead (8-32 KB) or with the default cache hint it gained nothing. A prefetch
  * past the end of the weights never faults. */
 #define AHEAD_A (1024 / (int)sizeof(wt))
-#define AHEAD_B (2048 / (int)sizeof(wt))
+#define AHEAD_B_BYTES 2048
 #define LINE (64 / (int)sizeof(wt)) /* weights per cache line */
 
 static inline v16 ld(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
@@ -159,40 +159,46 @@ static inline __attribute__((always_inline)) void shrink(
   }
 }
 
-/* y[row i] += scale * h[i][0:r] @ B^T[0:r, :] for mb rows, one 64-column panel at a time. */
-static inline __attribute__((always_inline)) void expand(
-    float *const yr[MB], int mb, const float *h, int64_t ldh, const wt *panels, int64_t r,
-    int64_t out, float scale) {
-  const v16 sv = bc(scale);
-  for (int64_t o0 = 0; o0 < out; o0 += PW) {
-    const wt *bp = panels + o0 * r;  /* panel o0 / PW: [r, PW] */
-    v16 acc[MB][OV];
-    for (int i = 0; i < mb; i++)
-      for (int v = 0; v < OV; v++) acc[i][v] = bc(0.0f);
-    for (int64_t j = 0; j < r; j++) {
-      v16 b[OV];
-      for (int v = 0; v < OV; v++) b[v] = ldw(bp + j * PW + 16 * v);
-      for (int l = 0; l < PW; l += LINE) __builtin_prefetch(bp + j * PW + l + AHEAD_B, 0, 0);
-      for (int i = 0; i < mb; i++) {
-        v16 hv = bc(h[i * ldh + j]);
-        for (int v = 0; v < OV; v++) acc[i][v] += hv * b[v];
-      }
-    }
-    if (o0 + PW <= out) {
-      for (int i = 0; i < mb; i++)
-        for (int v = 0; v < OV; v++) {
-          float *p = yr[i] + o0 + 16 * v;
-          st(p, ld(p) + acc[i][v] * sv);
-        }
-    } else {  /* the last panel of an `out` that is not a multiple of 64 */
-      float tail[OV * 16];
-      for (int i = 0; i < mb; i++) {
-        for (int v = 0; v < OV; v++) st(tail + 16 * v, acc[i][v] * sv);
-        for (int64_t o = o0; o < out; o++) yr[i][o] += tail[o - o0];
-      }
-    }
+/* y[row i] += scale * h[i][0:r] @ B^T[0:r, :] for mb rows, one 64-column panel at a time.
+ * NAME reads weights of type T through LOAD: `expand` the adapters' (wt: fp32, or bf16 in a
+ * LP_WEIGHTS_BF16 build), `expand_f32` the base's dense copy (fp32 in either build). */
+#define EXPAND(NAME, T, LOAD)                                                               \
+  static inline __attribute__((always_inline)) void NAME(                                    \
+      float *const yr[MB], int mb, const float *h, int64_t ldh, const T *panels, int64_t r,  \
+      int64_t out, float scale) {                                                            \
+    const v16 sv = bc(scale);                                                                \
+    for (int64_t o0 = 0; o0 < out; o0 += PW) {                                               \
+      const T *bp = panels + o0 * r; /* panel o0 / PW: [r, PW] */                            \
+      v16 acc[MB][OV];                                                                       \
+      for (int i = 0; i < mb; i++)                                                           \
+        for (int v = 0; v < OV; v++) acc[i][v] = bc(0.0f);                                   \
+      for (int64_t j = 0; j < r; j++) {                                                      \
+        v16 b[OV];                                                                           \
+        for (int v = 0; v < OV; v++) b[v] = LOAD(bp + j * PW + 16 * v);                      \
+        for (int l = 0; l < PW; l += 64 / (int)sizeof(T))                                    \
+          __builtin_prefetch(bp + j * PW + l + AHEAD_B_BYTES / (int)sizeof(T), 0, 0);        \
+        for (int i = 0; i < mb; i++) {                                                       \
+          v16 hv = bc(h[i * ldh + j]);                                                       \
+          for (int v = 0; v < OV; v++) acc[i][v] += hv * b[v];                               \
+        }                                                                                    \
+      }                                                                                      \
+      if (o0 + PW <= out) {                                                                  \
+        for (int i = 0; i < mb; i++)                                                         \
+          for (int v = 0; v < OV; v++) {                                                     \
+            float *p = yr[i] + o0 + 16 * v;                                                  \
+            st(p, ld(p) + acc[i][v] * sv);                                                   \
+          }                                                                                  \
+      } else { /* the last panel of an `out` that is not a multiple of 64 */                 \
+        float tail[OV * 16];                                                                 \
+        for (int i = 0; i < mb; i++) {                                                       \
+          for (int v = 0; v < OV; v++) st(tail + 16 * v, acc[i][v] * sv);                    \
+          for (int64_t o = o0; o < out; o++) yr[i][o] += tail[o - o0];                       \
+        }                                                                                    \
+      }                                                                                      \
+    }                                                                                        \
   }
-}
+EXPAND(expand, wt, ldw)
+EXPAND(expand_f32, float, ld)
 
 /* The rows per item for this step: ITEM_ROWS, or fewer (down to one tile) where that would
  * leave fewer than two items per thread. */
@@ -271,7 +277,7 @@ static void tile(float *const yr[MB], int mb, const float *const xr[MB], const l
  * packed weight reached about half of that at SmolLM2's shapes (server/runner/cpu_gemm.py
  * has the figures). The panels are split between the threads. */
 typedef struct {
-  const wt *w;  /* [ceil(out / 64), in, 64]: panel p, row k holds W[64p : 64p + 64, k] */
+  const float *w;  /* [ceil(out / 64), in, 64]: panel p, row k holds W[64p : 64p + 64, k] */
   const float *bias;  /* [out], or NULL */
   int64_t in, out;
 } lp_dense;
@@ -287,7 +293,7 @@ static inline __attribute__((always_inline)) void dense_rows(
     if (d->bias) memcpy(yr[i], d->bias + o0, (size_t)n * sizeof(float));
     else memset(yr[i], 0, (size_t)n * sizeof(float));
   }
-  expand(yr, mb, x + m0 * d->in, d->in, d->w + o0 * d->in, d->in, n, 1.0f);
+  expand_f32(yr, mb, x + m0 * d->in, d->in, d->w + o0 * d->in, d->in, n, 1.0f);
 }
 
 /* Panel p of every row. */

@@ -397,10 +397,10 @@ def linear_lora_cpu(x: torch.Tensor,  # [..., T, in] fp32, contiguous
     """x @ W^T + bias + each token's adapter delta: `dense_cpu` then `sgmv_cpu` in one C call,
     with the same result to the bit. None where it does not take these, and the caller makes
     the two calls: it takes contiguous fp32 rows on the CPU, the table's tokens, a base and
-    fp32 slots of one shape, and a table with scratch for the slots' rank
+    slots of one shape (the slots in fp32 or bf16: `--lora-dtype`), and a table with scratch for the slots' rank
     (`SegmentTable`'s `rank_cap` and `fused_rows`). Checked here, each call: C trusts them."""
     if not (x.dtype is torch.float32 and x.is_cpu and x.is_contiguous()
-            and weights.lib.weight_dtype is torch.float32 and table.ldh >= weights.rank_cap
+            and table.ldh >= weights.rank_cap
             and x.shape[-1] == dense.in_features == weights.in_features
             and dense.out_features == weights.out_features
             and x.numel() == table.num_tokens * dense.in_features

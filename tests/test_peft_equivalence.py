@@ -282,7 +282,12 @@ def test_tiny_adapters_saved_in_bf16_match_peft_from_bf16_slots(tmp_path, monkey
     engine = setup.engine(lora_dtype="bfloat16")
     assert engine.runner.lora.backend == "cpu-kernel"
     assert {s.packed.data.dtype for s in engine.runner.lora.modules.values()} == {torch.bfloat16}
+    fused = []  # decode steps: the fp32 base's copy and the bf16 slots in one C call
+    real = sgmv_cpu.linear_lora_cpu
+    monkeypatch.setattr(sgmv_cpu, "linear_lora_cpu",
+                        lambda *a: (lambda y: y if y is None else fused.append(1) or y)(real(*a)))
     _run_scenarios(setup, lora_dtype="bfloat16")
+    assert fused
 
 
 @pytest.mark.cuda

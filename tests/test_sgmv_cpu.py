@@ -534,8 +534,7 @@ def test_fused_call_gives_the_two_calls_bits(in_features, out, pattern, threads)
 
 def test_fused_call_declines_what_it_cannot_take():
     """None (the caller then makes the two calls) for a table without scratch or too many
-    tokens for it, other dtypes, rows apart, other widths, slots past the weights', and slots
-    in another library (bf16 storage)."""
+    tokens for it, other dtypes, rows apart, other widths, and slots past the weights'."""
     case = Case([0, 1, 1, 2], [4, 8, 20, 0, 0, 0], 40, 24, rank_cap=20)
     dense = sgmv_cpu.DenseWeights(LIB, torch.randn(24, 40), None)
     table = sgmv_cpu.SegmentTable(case.segments, 20, 64)
@@ -551,12 +550,38 @@ def test_fused_call_declines_what_it_cannot_take():
     assert sgmv_cpu.linear_lora_cpu(x, other, case.packed, table) is None
     far = sgmv_cpu.SegmentTable(Segments.from_token_slots([0, 1, 1, NUM_SLOTS]), 16, 64)
     assert sgmv_cpu.linear_lora_cpu(x, dense, case.packed, far) is None
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_call_with_bf16_slots_gives_the_two_calls_bits(threads):
+    """`--lora-dtype bfloat16` on an fp32 model: the slots in bf16, the base's copy in fp32,
+    in one call, bit for bit as the two calls."""
     bf16 = sgmv_cpu.load(torch.bfloat16)
-    if bf16 is not None:
-        slots = sgmv_cpu.PackedSlots(bf16, NUM_SLOTS, 20, 40, 24,
-                                     torch.tensor(case.ranks, dtype=torch.int32),
-                                     torch.tensor(case.scales))
-        assert sgmv_cpu.linear_lora_cpu(x, dense, slots, table) is None
+    assert bf16 is not None
+    gen = torch.Generator().manual_seed(5)
+    ranks, scales = [1, 15, 17, 33, 64, 0], [0.25 * (s + 1) for s in range(NUM_SLOTS)]
+    dense = sgmv_cpu.DenseWeights(LIB, torch.randn(130, 96, generator=gen),
+                                  torch.randn(130, generator=gen))
+    slots = sgmv_cpu.PackedSlots(bf16, NUM_SLOTS, 64, 96, 130,
+                                 torch.tensor(ranks, dtype=torch.int32), torch.tensor(scales))
+    for s, r in enumerate(ranks):
+        if r:
+            slots.write(s, torch.randn(r, 96, generator=gen).bfloat16(),
+                        torch.randn(130, r, generator=gen).bfloat16())
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for batch in (1, 3, 9, 64):
+            segments = Segments.from_token_slots(sorted(random.Random(batch).choices(
+                range(-1, NUM_SLOTS), k=batch)))
+            x = torch.randn(1, batch, 96, generator=gen)
+            got = sgmv_cpu.linear_lora_cpu(x, dense, slots,
+                                           sgmv_cpu.SegmentTable(segments, 64, 64))
+            two = sgmv_cpu.sgmv_cpu(sgmv_cpu.dense_cpu(x, dense), x, slots,
+                                    sgmv_cpu.SegmentTable(segments))
+            assert torch.equal(got, two)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_lora_model_fuses_base_and_adapters_at_decode_steps_unless_told_not_to(monkeypatch):
