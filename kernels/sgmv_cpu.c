@@ -261,14 +261,20 @@ static inline __attribute__((always_inline)) void tile_rows(
     default: { const int mb_ = MB; call; break; }                        \
   }
 
+/* Slot s's weights, with its rank (at most the slots' capacity) and scale. */
+static inline const wt *slot_of(const lp_slots *p, int64_t s, int64_t *r, float *scale) {
+  *r = p->ranks[s] < p->rank_cap ? p->ranks[s] : p->rank_cap;
+  *scale = p->scales[s];
+  return p->w + s * p->slot_stride;
+}
+
 /* One tile of 1 to MB rows of slot s, by the loops compiled for its row count. */
 static void tile(float *const yr[MB], int mb, const float *const xr[MB], const lp_slots *p,
                  int64_t s) {
-  const int64_t r = p->ranks[s] < p->rank_cap ? p->ranks[s] : p->rank_cap;
-  const wt *a = p->w + s * p->slot_stride;
-  const int64_t bo = p->b_offset, in = p->in, out = p->out;
-  const float scale = p->scales[s];
-  BY_ROWS(mb, tile_rows(yr, mb_, xr, a, bo, r, in, out, scale))
+  int64_t r;
+  float scale;
+  const wt *a = slot_of(p, s, &r, &scale);
+  BY_ROWS(mb, tile_rows(yr, mb_, xr, a, p->b_offset, r, p->in, p->out, scale))
 }
 
 /* A base model's linear layer at steps of few rows (decode), its weight held as B^T's panels:
@@ -404,9 +410,7 @@ static inline int64_t item_slot(const lp_slots *p, const lp_step *st, int64_t ro
                                 int64_t *m0, const wt **a, int64_t *r, float *scale) {
   int64_t s;
   const int64_t end = item_span(st, rows, t, m0, &s);
-  *r = p->ranks[s] < p->rank_cap ? p->ranks[s] : p->rank_cap;
-  *a = p->w + s * p->slot_stride;
-  *scale = p->scales[s];
+  *a = slot_of(p, s, r, scale);
   return end;
 }
 
