@@ -228,7 +228,7 @@ def _bench() -> None:
               for _ in range(30)] + [[torch.randn(49152, 576)]]
     onednn = [[_pack(w) for w in ws] for ws in layers]
     dense = [[DenseWeights(lib, w, None) for w in ws] for ws in layers]
-    print(f"\nSmolLM2's 211 fp32 projections, distinct weights (one decode step's reads):")
+    print("\nSmolLM2's 211 fp32 projections, distinct weights (one decode step's reads):")
     print("| rows | oneDNN packed (ms) | C kernel (ms) | C / oneDNN |")
     print("|---|---|---|---|")
     for rows in (1, 2, 4, 8, 16, 24, 32, 48, 64):
