@@ -253,9 +253,10 @@ class SegmentTable:
         self.items = torch.empty(2 * num_items, dtype=torch.int64, device="cpu")
         # [T, ldh]: a row per token, whole vectors per row
         self.ldh = -(-rank_cap // LANES) * LANES if 0 < segments.num_tokens <= fused_rows else 0
-        self.h = torch.empty(segments.num_tokens * self.ldh, dtype=torch.float32, device="cpu")
+        self.h = (torch.empty(segments.num_tokens * self.ldh, dtype=torch.float32, device="cpu")
+                  if self.ldh else None)
         self._desc = _Step(self.starts.data_ptr(), self.slots.data_ptr(), len(slots),
-                           self.items.data_ptr(), self.h.data_ptr() if self.ldh else None,
+                           self.items.data_ptr(), None if self.h is None else self.h.data_ptr(),
                            self.ldh)
         self.desc = ctypes.addressof(self._desc)
 
@@ -288,9 +289,15 @@ def _shapes_agree(y: torch.Tensor, x: torch.Tensor, weights: PackedSlots,
                   table: SegmentTable) -> bool:
     """x and y hold the table's tokens as rows of this projection's widths, and the weights
     hold every slot the table names."""
-    n = table.num_tokens
-    return (x.shape[-1] == weights.in_features and y.shape[-1] == weights.out_features
-            and x.numel() == n * weights.in_features and y.numel() == n * weights.out_features
+    return (_x_fits(x, weights, table) and y.shape[-1] == weights.out_features
+            and y.numel() == table.num_tokens * weights.out_features)
+
+
+def _x_fits(x: torch.Tensor, weights: PackedSlots, table: SegmentTable) -> bool:
+    """x holds the table's tokens as rows of the weights' input width, and the weights hold
+    every slot the table names."""
+    return (x.shape[-1] == weights.in_features
+            and x.numel() == table.num_tokens * weights.in_features
             and table.max_slot < weights.num_slots)
 
 
@@ -397,14 +404,13 @@ def linear_lora_cpu(x: torch.Tensor,  # [..., T, in] fp32, contiguous
     """x @ W^T + bias + each token's adapter delta: `dense_cpu` then `sgmv_cpu` in one C call,
     with the same result to the bit. None where it does not take these, and the caller makes
     the two calls: it takes contiguous fp32 rows on the CPU, the table's tokens, a base and
-    slots of one shape (the slots in fp32 or bf16: `--lora-dtype`), and a table with scratch for the slots' rank
-    (`SegmentTable`'s `rank_cap` and `fused_rows`). Checked here, each call: C trusts them."""
+    slots of one shape (the slots in fp32 or bf16: `--lora-dtype`), and a table with scratch
+    for the slots' rank (`SegmentTable`'s `rank_cap` and `fused_rows`). Checked here, each
+    call: C trusts them."""
     if not (x.dtype is torch.float32 and x.is_cpu and x.is_contiguous()
-            and table.ldh >= weights.rank_cap
-            and x.shape[-1] == dense.in_features == weights.in_features
-            and dense.out_features == weights.out_features
-            and x.numel() == table.num_tokens * dense.in_features
-            and table.max_slot < weights.num_slots):
+            and table.ldh >= weights.rank_cap and _x_fits(x, weights, table)
+            and dense.in_features == weights.in_features
+            and dense.out_features == weights.out_features):
         return None
     y = torch.empty(*x.shape[:-1], dense.out_features, dtype=torch.float32)
     weights.lib.lp_linear_lora_f32(y.data_ptr(), x.data_ptr(), table.num_tokens, dense.desc,

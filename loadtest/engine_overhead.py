@@ -19,8 +19,9 @@ bytes each call has to read: the rank-sized regions of the slots its tokens use.
 splits the calls by the size of their step in tokens (a decode step has one per sequence).
 Where a projection's base and adapters run as one call (--lora-fuse, the default, at decode
 steps), the adapters' part cannot be timed apart: those calls are counted on their own line,
-and the `unfused` variant times the adapters' calls alone. Beside each, a plain `torch.sum` over 256 MB, at the same threads, measures what this machine
-reads per second at that moment: bytes divided by that is the kernel's floor.
+and the `unfused` variant times the adapters' calls alone. Beside each, a plain `torch.sum`
+over 256 MB, at the same threads, measures what this machine reads per second at that
+moment: bytes divided by that is the kernel's floor.
 """
 
 from __future__ import annotations

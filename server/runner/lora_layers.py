@@ -269,7 +269,9 @@ class KernelLoRALinear(LoRALinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [1, T, in]
         tables = self.context.tables
         base = self.base_layer
-        dense = base.dense_for(x) if tables and isinstance(base, PackedLinear) else None
+        # a table without scratch (--no-lora-fuse, or a step of many rows) never fuses
+        dense = (base.dense_for(x) if tables and tables[0].ldh and isinstance(base, PackedLinear)
+                 else None)
         y = None if dense is None else sgmv_cpu.linear_lora_cpu(x, dense, self.slots.packed,
                                                                 tables[0])
         if y is None:
@@ -302,10 +304,10 @@ class LoRAModel:
                  shadow: bool = False, cpu_weight_dtype: torch.dtype = torch.float32):
         """`backend` is resolved already (`resolve_backend`); `fuse` groups the projections
         of FUSED_GROUPS when the backend is Triton, and with the C kernel runs each
-        projection's base and adapters as one call at steps of few rows. `cpu_weight_dtype`: what the C kernel's
-        slots store adapters in (`lora_weight_dtype`). `shadow`: one more slot, past the
-        adapter manager's `num_slots`, where the merger keeps a merged adapter's weights
-        with its scale negated, for the other tokens' correction."""
+        projection's base and adapters as one call at steps of few rows. `cpu_weight_dtype`:
+        what the C kernel's slots store adapters in (`lora_weight_dtype`). `shadow`: one more
+        slot, past the adapter manager's `num_slots`, where the merger keeps a merged adapter's
+        weights with its scale negated, for the other tokens' correction."""
         assert backend in ("triton", "cpu-kernel", "torch"), backend
         self.context = LoRAContext()
         self.shadow_slot = num_slots if shadow else None
