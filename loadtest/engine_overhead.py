@@ -170,7 +170,7 @@ def engine_overhead(spec: WorkloadSpec, model: str | None, quantization: str,
     # A whole run on each engine first: its first steps at each row count build oneDNN's
     # primitives (process-wide, so for the first engine only), and each adapter's first
     # request loads its slot. Warmed on 4 requests only, the first engine's first timed run
-    # took 11.0-11.5 s against 7.1-9.8 for its others (three runs at 9c7ca49).
+    # took 10.7-11.5 s against 7.1-9.8 for its others (four runs at 9c7ca49 and d9badc7).
     for engine in engines.values():
         _run(engine, requests, base_only=False)
 
