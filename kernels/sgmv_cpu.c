@@ -19,8 +19,11 @@
  * Each loop reads its weights as one sequential stream and uses every byte it loads. Expand
  * computes the last panel's columns past `out`, whose lanes are never stored.
  *
- * Vectors are GCC/Clang vector extensions: 16 floats, one AVX-512 register or two AVX2
- * registers, whichever the flags the loader picks allow. */
+ * Vectors are GCC/Clang vector extensions of VW floats: 16 (one AVX-512 register) where the
+ * loader's flags allow AVX-512, else 8 (one AVX2 register). The layout above is the same
+ * either way; only the register tiles differ. With 16-float vectors on AVX2 (two registers
+ * each) the tiles' accumulators took 32 of its 16 registers and spilled: on a Zen 3 VM the
+ * base's decode projections ran at 0.06-0.15x oneDNN's speed. */
 #include <stdint.h>
 #include <string.h>
 #ifdef _OPENMP
@@ -30,26 +33,33 @@ static inline int omp_get_thread_num(void) { return 0; }
 static inline int omp_get_max_threads(void) { return 1; }
 #endif
 
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
+#ifdef __AVX512F__
+#define VW 16
+#define JP 4 /* ranks per shrink pass: MB x JP accumulators */
+#define GV 4 /* vectors per row of an expand tile: MB x GV accumulators */
+#else
+#define VW 8
+#define JP 2
+#define GV 2
+#endif
+/* loaded and stored through pointers of this type, which may alias floats (GCC 12 kept the
+ * memcpy idiom's 32-byte copies on the stack, inside the hot loops) */
+typedef float vf __attribute__((vector_size(4 * VW), aligned(4), may_alias));
 
 /* The adapters' weights are fp32, or bf16 where the library is built with LP_WEIGHTS_BF16
  * (`--lora-dtype bfloat16`: half the bytes to stream); either way they are widened to fp32
  * as loaded and every product and sum is fp32. */
 #ifdef LP_WEIGHTS_BF16
 typedef uint16_t wt;
-typedef uint16_t u16x16 __attribute__((vector_size(32), aligned(2)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-static inline v16 ldw(const wt *p) {
-  u16x16 h;
-  memcpy(&h, p, sizeof h);
-  const u32x16 u = __builtin_convertvector(h, u32x16) << 16;  /* bf16 -> fp32, exact */
-  v16 v;
-  memcpy(&v, &u, sizeof v);
-  return v;
+typedef uint16_t u16v __attribute__((vector_size(2 * VW), aligned(2), may_alias));
+typedef uint32_t u32v __attribute__((vector_size(4 * VW)));
+static inline vf ldw(const wt *p) {
+  const u32v u = __builtin_convertvector(*(const u16v *)p, u32v) << 16;  /* bf16 -> fp32 */
+  return (vf)u;
 }
 #else
 typedef float wt;
-static inline v16 ldw(const wt *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
+static inline vf ldw(const wt *p) { return *(const vf *)p; }
 #endif
 
 /* One projection's slots, fixed for their lifetime: PackedSlots fills this once, and each
@@ -87,8 +97,8 @@ typedef struct {
  * tokens as one item ran on one core, 22% slower. Where items end changes no result: tiles
  * start every MB rows of a segment either way. */
 #define ITEM_ROWS (4 * MB)
-#define OV 4  /* expand tile: 4 vectors = 64 output columns, one panel */
-#define PW (16 * OV)
+#define PW 64  /* output columns per panel of B^T */
+#define CG (GV * VW)  /* output columns per expand tile: a whole panel on AVX-512 */
 /* Weights are streamed once per step: each loop asks for what it reads 1 KB (A) and 2 KB
  * (B^T) ahead, without keeping it in cache (prefetchnta). Measured on the 2-core EPYC VM with
  * the earlier A^T [in, r] layout, 8 adapters over SmolLM2's 210 projections: the kernel alone
@@ -99,18 +109,22 @@ typedef struct {
 #define AHEAD_B_BYTES 2048
 #define LINE (64 / (int)sizeof(wt)) /* weights per cache line */
 
-static inline v16 ld(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
-static inline void st(float *p, v16 v) { memcpy(p, &v, sizeof v); }
-static inline v16 bc(float f) { return (v16){f, f, f, f, f, f, f, f, f, f, f, f, f, f, f, f}; }
+static inline vf ld(const float *p) { return *(const vf *)p; }
+static inline void st(float *p, vf v) { *(vf *)p = v; }
+static inline vf bc(float f) { const vf zero = {0}; return zero + f; }
 
 typedef float v8 __attribute__((vector_size(32), aligned(4)));
 typedef float v4 __attribute__((vector_size(16), aligned(4)));
 
-static inline float hsum(v16 v) {
+static inline float hsum(vf v) {
+#if VW == 16
   v8 lo, hi;
   memcpy(&lo, &v, sizeof lo);
   memcpy(&hi, (const char *)&v + sizeof lo, sizeof hi);
   const v8 s8 = lo + hi;
+#else
+  const v8 s8 = v;
+#endif
   v4 a, b;
   memcpy(&a, &s8, sizeof a);
   memcpy(&b, (const char *)&s8 + sizeof a, sizeof b);
@@ -118,40 +132,44 @@ static inline float hsum(v16 v) {
   return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
-#define JB 4 /* ranks per shrink block: MB x JB accumulators, each an independent chain */
+#define JB 4 /* ranks per block of A */
 
 /* h[i][0:r] = xr[i] @ A[0:r].T for mb rows. A is stored in blocks of JB ranks, each block
  * [ceil(in / 16), JB, 16]: chunk c of the block holds A[j0 + jj, 16c : 16c + 16] for its JB
- * ranks (zeros past r and past in). Each rank's row is a dot product along `in`, 16 lanes at a
- * time, so every byte loaded is used whatever the rank; JB ranks x mb rows keep up to 16
- * independent accumulators busy, and the whole of A is one sequential stream. Inlined into
- * `tile` with a constant mb, so that its loops over rows unroll. */
+ * ranks (zeros past r and past in). Each rank's row is a dot product along `in`, VW lanes at a
+ * time, so every byte loaded is used whatever the rank; JP ranks x mb rows keep up to 16
+ * (AVX-512; 8 on AVX2) independent accumulators busy, and A is read as one sequential stream
+ * (AVX-512) or JB / JP interleaved ones. Inlined into `tile` with a constant mb, so that its
+ * loops over rows unroll. */
 static inline __attribute__((always_inline)) void shrink(
     float *h, int64_t ldh, const float *const xr[MB], int mb, const wt *a, int64_t r,
     int64_t in) {
   const int64_t kv = in / 16 * 16, chunks = (in + 15) / 16;
-  for (int64_t j0 = 0; j0 < r; j0 += JB) {
-    const int nj = r - j0 < JB ? (int)(r - j0) : JB;
-    const wt *ab = a + j0 * chunks * 16;  /* this block: [chunks, JB, 16] */
-    v16 acc[MB][JB];
+  for (int64_t j0 = 0; j0 < r; j0 += JP) {
+    const int nj = r - j0 < JP ? (int)(r - j0) : JP;
+    /* this pass's ranks in their block [chunks, JB, 16] */
+    const wt *ab = a + j0 / JB * JB * chunks * 16 + j0 % JB * 16;
+    vf acc[MB][JP];
     for (int i = 0; i < mb; i++)
-      for (int jj = 0; jj < JB; jj++) acc[i][jj] = bc(0.0f);
+      for (int jj = 0; jj < JP; jj++) acc[i][jj] = bc(0.0f);
     for (int64_t k = 0; k < in; k += 16) {
-      v16 xv[MB];
-      if (k < kv) {
-        for (int i = 0; i < mb; i++) xv[i] = ld(xr[i] + k);
-      } else {  /* the last chunk of an `in` that is not a multiple of 16 */
-        for (int i = 0; i < mb; i++) {
-          float t[16] = {0};
-          memcpy(t, xr[i] + k, (size_t)(in - k) * sizeof(float));
-          xv[i] = ld(t);
-        }
-      }
       const wt *ak = ab + k * JB;
-      for (int l = 0; l < JB * 16; l += LINE) __builtin_prefetch(ak + AHEAD_A + l, 0, 0);
-      for (int jj = 0; jj < JB; jj++) {
-        const v16 av = ldw(ak + 16 * jj);
-        for (int i = 0; i < mb; i++) acc[i][jj] += xv[i] * av;
+      for (int l = 0; l < JP * 16; l += LINE) __builtin_prefetch(ak + AHEAD_A + l, 0, 0);
+      for (int c = 0; c < 16; c += VW) {
+        vf xv[MB];
+        if (k < kv) {
+          for (int i = 0; i < mb; i++) xv[i] = ld(xr[i] + k + c);
+        } else {  /* the last chunk of an `in` that is not a multiple of 16 */
+          for (int i = 0; i < mb; i++) {
+            float t[16] = {0};
+            memcpy(t, xr[i] + k, (size_t)(in - k) * sizeof(float));
+            xv[i] = ld(t + c);
+          }
+        }
+        for (int jj = 0; jj < JP; jj++) {
+          const vf av = ldw(ak + 16 * jj + c);
+          for (int i = 0; i < mb; i++) acc[i][jj] += xv[i] * av;
+        }
       }
     }
     for (int i = 0; i < mb; i++)
@@ -159,40 +177,45 @@ static inline __attribute__((always_inline)) void shrink(
   }
 }
 
-/* y[row i] += scale * h[i][0:r] @ B^T[0:r, :] for mb rows, one 64-column panel at a time.
- * NAME reads weights of type T through LOAD: `expand` the adapters' (wt: fp32, or bf16 in a
- * LP_WEIGHTS_BF16 build), `expand_f32` the base's dense copy (fp32 in either build). */
+/* y[row i] += scale * h[i][0:r] @ B^T[0:r, :] for mb rows, CG columns of a 64-column panel
+ * at a time. Each output column's sum runs over j in order whatever CG, so both builds give
+ * the same bits. NAME reads weights of type T through LOAD: `expand` the adapters' (wt: fp32,
+ * or bf16 in a LP_WEIGHTS_BF16 build), `expand_f32` the base's dense copy (fp32 in either
+ * build). */
 #define EXPAND(NAME, T, LOAD)                                                               \
   static inline __attribute__((always_inline)) void NAME(                                    \
       float *const yr[MB], int mb, const float *h, int64_t ldh, const T *panels, int64_t r,  \
       int64_t out, float scale) {                                                            \
-    const v16 sv = bc(scale);                                                                \
+    const vf sv = bc(scale);                                                                 \
     for (int64_t o0 = 0; o0 < out; o0 += PW) {                                               \
-      const T *bp = panels + o0 * r; /* panel o0 / PW: [r, PW] */                            \
-      v16 acc[MB][OV];                                                                       \
-      for (int i = 0; i < mb; i++)                                                           \
-        for (int v = 0; v < OV; v++) acc[i][v] = bc(0.0f);                                   \
-      for (int64_t j = 0; j < r; j++) {                                                      \
-        v16 b[OV];                                                                           \
-        for (int v = 0; v < OV; v++) b[v] = LOAD(bp + j * PW + 16 * v);                      \
-        for (int l = 0; l < PW; l += 64 / (int)sizeof(T))                                    \
-          __builtin_prefetch(bp + j * PW + l + AHEAD_B_BYTES / (int)sizeof(T), 0, 0);        \
-        for (int i = 0; i < mb; i++) {                                                       \
-          v16 hv = bc(h[i * ldh + j]);                                                       \
-          for (int v = 0; v < OV; v++) acc[i][v] += hv * b[v];                               \
-        }                                                                                    \
-      }                                                                                      \
-      if (o0 + PW <= out) {                                                                  \
+      for (int64_t c0 = 0; c0 < PW && o0 + c0 < out; c0 += CG) {                             \
+        const T *bp = panels + o0 * r + c0; /* panel o0 / PW: [r, PW], from column c0 */     \
+        vf acc[MB][GV];                                                                      \
         for (int i = 0; i < mb; i++)                                                         \
-          for (int v = 0; v < OV; v++) {                                                     \
-            float *p = yr[i] + o0 + 16 * v;                                                  \
-            st(p, ld(p) + acc[i][v] * sv);                                                   \
+          for (int v = 0; v < GV; v++) acc[i][v] = bc(0.0f);                                 \
+        for (int64_t j = 0; j < r; j++) {                                                    \
+          vf b[GV];                                                                          \
+          for (int v = 0; v < GV; v++) b[v] = LOAD(bp + j * PW + VW * v);                    \
+          for (int l = 0; l < CG; l += 64 / (int)sizeof(T))                                  \
+            __builtin_prefetch(bp + j * PW + l + AHEAD_B_BYTES / (int)sizeof(T), 0, 0);      \
+          for (int i = 0; i < mb; i++) {                                                     \
+            vf hv = bc(h[i * ldh + j]);                                                      \
+            for (int v = 0; v < GV; v++) acc[i][v] += hv * b[v];                             \
           }                                                                                  \
-      } else { /* the last panel of an `out` that is not a multiple of 64 */                 \
-        float tail[OV * 16];                                                                 \
-        for (int i = 0; i < mb; i++) {                                                       \
-          for (int v = 0; v < OV; v++) st(tail + 16 * v, acc[i][v] * sv);                    \
-          for (int64_t o = o0; o < out; o++) yr[i][o] += tail[o - o0];                       \
+        }                                                                                    \
+        const int64_t o1 = o0 + c0;                                                          \
+        if (o1 + CG <= out) {                                                                \
+          for (int i = 0; i < mb; i++)                                                       \
+            for (int v = 0; v < GV; v++) {                                                   \
+              float *p = yr[i] + o1 + VW * v;                                                \
+              st(p, ld(p) + acc[i][v] * sv);                                                 \
+            }                                                                                \
+        } else { /* the last columns of an `out` that is not a multiple of CG */             \
+          float tail[CG];                                                                    \
+          for (int i = 0; i < mb; i++) {                                                     \
+            for (int v = 0; v < GV; v++) st(tail + VW * v, acc[i][v] * sv);                  \
+            for (int64_t o = o1; o < out; o++) yr[i][o] += tail[o - o1];                     \
+          }                                                                                  \
         }                                                                                    \
       }                                                                                      \
     }                                                                                        \
