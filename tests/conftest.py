@@ -18,6 +18,17 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture
+def dense_rows_64(monkeypatch) -> int:
+    """The C kernel takes the base's calls of up to 64 rows, and so the one-call path of base
+    and adapters, as with AVX-512, on any CPU (with AVX2 only it takes up to 4): the tests of
+    those paths then run the same steps everywhere."""
+    from loraplex.server.runner import cpu_gemm
+
+    monkeypatch.setattr(cpu_gemm, "DENSE_ROWS", 64)
+    return 64
+
+
 @pytest.fixture(scope="session")
 def embedded_dir():
     from loraplex.server.runner.loader import convert_gguf, embedded_gguf_path

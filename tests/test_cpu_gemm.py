@@ -10,7 +10,6 @@ from loraplex.kernels import sgmv_cpu
 from loraplex.server.cli import build_parser, config_from_args
 from loraplex.server.config import ConfigError
 from loraplex.server.runner.cpu_gemm import (
-    DENSE_ROWS,
     PackedLinear,
     _works,
     bucket,
@@ -44,9 +43,10 @@ def test_row_counts_run_at_a_bounded_set_of_sizes():
     (torch.float32, 1e-5, False), pytest.param(torch.float32, 1e-5, True, marks=DENSE.marks),
     pytest.param(*BF16.values, False, marks=BF16.marks)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_packed_linear_computes_what_f_linear_does(monkeypatch, dtype, tol, dense, bias):
+def test_packed_linear_computes_what_f_linear_does(monkeypatch, dense_rows_64, dtype, tol,
+                                                   dense, bias):
     """Row counts on and off the sizes oneDNN runs at (17 and 99 rows are padded); with the C
-    kernel's copy, the calls of up to DENSE_ROWS rows (and only they) take it."""
+    kernel's copy, the calls of up to DENSE_ROWS rows (and only they) take it (pinned to 64)."""
     import loraplex.server.runner.cpu_gemm as cpu_gemm
 
     torch.manual_seed(0)
@@ -57,14 +57,14 @@ def test_packed_linear_computes_what_f_linear_does(monkeypatch, dtype, tol, dens
     dense_rows = []
     monkeypatch.setattr(cpu_gemm, "dense_cpu", lambda x, w: dense_rows.append(x.numel() // 96)
                         or sgmv_cpu.dense_cpu(x, w))
-    shapes = [(1, 96), (1, 7, 96), (3, 5, 96), (1, DENSE_ROWS, 96), (3, 33, 96),
-              (DENSE_ROWS + 1, 96), (1, 99, 96)]
+    shapes = [(1, 96), (1, 7, 96), (3, 5, 96), (1, dense_rows_64, 96), (3, 33, 96),
+              (dense_rows_64 + 1, 96), (1, 99, 96)]
     for shape in shapes:
         x = torch.randn(shape).to(dtype)
         got, want = packed(x), F.linear(x, linear.weight, linear.bias)
         assert got.shape == want.shape and got.dtype == dtype
         torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
-    assert dense_rows == ([1, 7, 15, DENSE_ROWS] if dense else [])  # 17, 99 rows: oneDNN's
+    assert dense_rows == ([1, 7, 15, dense_rows_64] if dense else [])  # 17, 99 rows: oneDNN's
     # A strided input, as a column slice of a wider activation (oneDNN's, even at 5 rows).
     x = torch.randn(5, 192).to(dtype)[:, ::2]
     torch.testing.assert_close(packed(x).float(), F.linear(x, linear.weight, linear.bias).float(),

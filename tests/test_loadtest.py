@@ -416,6 +416,7 @@ def test_cpu_variants_help_names_every_variant_and_peers_its_systems(capsys):
 
 
 def test_engine_overhead_runs_every_variant_and_counts_the_kernels_bytes(tmp_path, embedded_dir,
+                                                                          dense_rows_64,
                                                                           capsys):
     """In process, one round: both slot dtypes, the base and adapters as two calls, oneDNN's
     base and torch's layers mixed, then the base only each of three ways; then a run of each

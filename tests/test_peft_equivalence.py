@@ -219,7 +219,8 @@ TINY_PROMPTS = [[random.Random(i).randrange(3, 256) for _ in range(n)]
     ("llama", "none", "auto"), ("qwen2", "none", "auto"), ("mistral", "none", "auto"),
     ("llama", "nf4", "auto"), ("llama", "none", "torch"), ("llama", "none", "onednn"),
 ])
-def test_tiny_mixed_batches_match_peft(tmp_path, monkeypatch, arch, quantization, gemm):
+def test_tiny_mixed_batches_match_peft(tmp_path, monkeypatch, dense_rows_64, arch, quantization,
+                                       gemm):
     model_dir = save_tiny_model(arch, tmp_path / "model")
     setup = Setup(ModelConfig(model=str(model_dir), quantization=quantization, cpu_gemm=gemm),
                   tmp_path / "adapters", TINY_PROMPTS, ADAPTER_SPECS)
@@ -258,7 +259,8 @@ def test_tiny_bf16_mixed_batches_match_peft_with_the_cpu_kernel(tmp_path):
 
 
 @pytest.mark.skipif(sgmv_cpu.load(torch.bfloat16) is None, reason="no C compiler")
-def test_tiny_adapters_saved_in_bf16_match_peft_from_bf16_slots(tmp_path, monkeypatch):
+def test_tiny_adapters_saved_in_bf16_match_peft_from_bf16_slots(tmp_path, monkeypatch,
+                                                                 dense_rows_64):
     """--lora-dtype bfloat16 on an fp32 base: adapters saved in bf16 (their values bf16
     already) are served from bf16 slots, half the bytes, with PEFT's results (which widens
     them to fp32)."""

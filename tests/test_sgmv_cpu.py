@@ -584,12 +584,13 @@ def test_fused_call_with_bf16_slots_gives_the_two_calls_bits(threads):
         torch.set_num_threads(before)
 
 
-def test_lora_model_fuses_base_and_adapters_at_decode_steps_unless_told_not_to(monkeypatch):
+def test_lora_model_fuses_base_and_adapters_at_decode_steps_unless_told_not_to(monkeypatch,
+                                                                            dense_rows_64):
     """A projection whose base is a PackedLinear with the C kernel's copy runs as one call at
     steps of few rows (with a merged adapter's correction pass as a second call), and as the
     two calls at longer steps or with `fuse` off: right, and the same bits either way."""
     from loraplex.adapters.peft_format import LoRAAdapter, LoRAWeights
-    from loraplex.server.runner.cpu_gemm import DENSE_ROWS, PackedLinear
+    from loraplex.server.runner.cpu_gemm import PackedLinear
     from loraplex.server.runner.lora_layers import LoRAModel
     from torch import nn
 
@@ -614,7 +615,7 @@ def test_lora_model_fuses_base_and_adapters_at_decode_steps_unless_told_not_to(m
             lora.load(slot, LoRAAdapter(f"a{slot}", "unused", {}, {"layer.q_proj": w}))
         models[fuse] = model, lora
     for rows, correction in ((1, None), (5, None), (5, [3, 3, -1, -1, -1]),
-                             (DENSE_ROWS + 3, None)):
+                             (dense_rows_64 + 3, None)):
         token_slots = sorted((i + 1) % 3 - 1 for i in range(rows))
         x = torch.randn(1, rows, 40, generator=gen)
         with torch.no_grad():
@@ -630,6 +631,6 @@ def test_lora_model_fuses_base_and_adapters_at_decode_steps_unless_told_not_to(m
             fused.clear()
             with torch.no_grad():
                 got[fuse] = model.layer.q_proj(x)
-            assert len(fused) == (fuse and rows <= DENSE_ROWS)
+            assert len(fused) == (fuse and rows <= dense_rows_64)
             torch.testing.assert_close(got[fuse][0], want, atol=1e-4, rtol=1e-4)
         assert torch.equal(got[True], got[False])

@@ -18,7 +18,8 @@ Steps of at most DENSE_ROWS rows (decode) in fp32 go instead to loraplex's C ker
 second copy of the weight in its own panel layout (`DenseWeights`, kernels/sgmv_cpu.c): such
 a step mostly reads the weights, and oneDNN read them at about half the memory's bandwidth.
 Over SmolLM2's 211 projections, one decode step's worth, the C kernel ran 1.31-1.74x as fast
-as oneDNN at 1-4 rows, 1.00-1.40x at 8-24 and 1.11-1.30x at 32-64 (`_bench`, two runs).
+as oneDNN at 1-4 rows, 1.00-1.40x at 8-24 and 1.11-1.30x at 32-64 (`_bench`, two runs) with
+AVX-512; with AVX2 only it wins at 1-4 rows alone (DENSE_ROWS).
 
 The packed weights are copies derived from `weight`, which stays the source of truth: the
 embedding tied to `lm_head`, merges (adapters/merge.py) and state dicts read and write
@@ -43,11 +44,13 @@ from ..config import ConfigError
 log = logging.getLogger(__name__)
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
-# The most rows a call sends to the C kernel: over one decode step's projections it was never
-# slower at any row count measured up to 64 (`_bench`), and the engine's base-only run of 32
-# requests sped up by 5-8% more with 32 than with 16 (its steps of 17-32 rows: 54-66 ms
-# against 63-85).
-DENSE_ROWS = 64
+# The most rows a call sends to the C kernel (read at each call: tests pin it). With AVX-512 (a
+# Zen 5 VM), over one decode step's projections, it was never slower at any row count measured
+# up to 64 (`_bench`), and the engine's base-only run of 32 requests sped up by 5-8% more with
+# 32 than with 16 (its steps of 17-32 rows: 54-66 ms against 63-85). With AVX2 only (a Zen 3
+# VM), whose registers hold a quarter of the 4-row tiles' accumulators, it ran 1.09-1.12x
+# oneDNN's speed at 1-4 rows and 0.75-0.89x at 8-64 (`_bench`, 2026-12-02).
+DENSE_ROWS = 64 if torch.backends.cpu.get_cpu_capability() == "AVX512" else 4
 
 
 def bucket(rows: int) -> int:
@@ -202,7 +205,7 @@ def _bench() -> None:
     print("| dtype | rows | out x in | F.linear (us) | oneDNN packed (us) | speed-up "
           "| C kernel (us) | C / oneDNN |")
     print("|---|---|---|---|---|---|---|---|")
-    for dtype in PACKABLE_DTYPES:
+    for dtype in filter(_works, PACKABLE_DTYPES):  # oneDNN's bf16 needs AVX-512 (or AMX)
         for rows in (1, 4, 16, 32, 256):
             for out_f, in_f in ((576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)):
                 w = torch.randn(out_f, in_f).to(dtype)

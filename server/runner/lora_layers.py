@@ -28,7 +28,8 @@ from loraplex.kernels.sgmv_cpu import PackedSlots, SegmentTable, SlotArena, slot
 from torch import nn
 
 from ..config import ConfigError
-from .cpu_gemm import DENSE_ROWS, PackedLinear
+from . import cpu_gemm
+from .cpu_gemm import PackedLinear
 
 # The projections of Llama, Mistral and Qwen2 decoder layers that take LoRA.
 TARGET_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -315,7 +316,7 @@ class LoRAModel:
         self.num_slots = num_slots
         self.max_rank = max_rank
         # Tokens up to which a step's C kernel table has scratch for the fused call.
-        self.fused_rows = DENSE_ROWS if fuse else 0
+        self.fused_rows = cpu_gemm.DENSE_ROWS if fuse else 0
         # The merged (or merging) adapter's slot while the other tokens are corrected.
         self.correcting_slot: int | None = None
         self.device = device
