@@ -9,7 +9,9 @@ model only, one after another (and the base model only once more for each other 
 running the base among the variants: `onednn-gemm`'s --cpu-gemm onednn, `torch-layers`'
 --cpu-layers torch). The overhead is given two ways: from each run's median over the rounds,
 and as the median of each round's ratio to its base-only run in the same round (which shares
-that minute's machine speed).
+that minute's machine speed); each both by wall time and by this process's CPU time, which
+leaves out what the hypervisor stole from the VM (reported beside each run: /proc/stat's
+`steal`, the share of all CPUs' time over the run).
 
 `--kernel-stats` then runs each variant once more with the C kernel's calls timed
 (monkeypatched in; these runs are not among the timed rounds, whose engines run as served),
@@ -27,6 +29,7 @@ moment: bytes divided by that is the kernel's floor.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -129,17 +132,47 @@ def _timed(fn: Callable) -> float:
     return time.perf_counter() - start
 
 
-def _run(engine, requests: list[tuple[list[int], str | None, int]], base_only: bool) -> float:
+def steal_seconds() -> float:
+    """CPU seconds the hypervisor has taken from this machine's CPUs since boot, all CPUs
+    together (/proc/stat's `steal`); nan where Linux does not say."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()  # cpu user nice system idle iowait irq softirq steal
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One run: wall seconds, this process's CPU seconds (all threads, user and system), and
+    the CPU seconds the hypervisor stole from the machine meanwhile. CPU time leaves out
+    stolen time, which wall time counts: on a shared VM it is the steadier of the two."""
+
+    wall: float
+    cpu: float
+    steal: float
+
+
+def _run(engine, requests: list[tuple[list[int], str | None, int]],
+         base_only: bool) -> Timing:
     from loraplex.server.engine.request import SamplingParams
 
-    start = time.perf_counter()
+    steal, cpu, start = steal_seconds(), time.process_time(), time.perf_counter()
     for i, (prompt, adapter, max_tokens) in enumerate(requests):
         engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=max_tokens,
                                                            temperature=0.0, ignore_eos=True),
                            None if base_only else adapter)
     while engine.has_unfinished():
         engine.step()
-    return time.perf_counter() - start
+    return Timing(time.perf_counter() - start, time.process_time() - cpu,
+                  steal_seconds() - steal)
+
+
+def _paired(runs: list[float], bases: list[float]) -> float:
+    """The median of each round's run over the base-only run right after it: this VM's speed
+    drifts by 10% and more within minutes, and a pair run close together shares the drift."""
+    return statistics.median(s / b - 1 for s, b in zip(runs, bases))
 
 
 def engine_overhead(spec: WorkloadSpec, model: str | None, quantization: str,
@@ -187,13 +220,16 @@ def engine_overhead(spec: WorkloadSpec, model: str | None, quantization: str,
         engine_of[run] = engines[name]
         engine_of.setdefault(base_run[run], engines[name])
     runs = mixed + list(dict.fromkeys(base_run.values()))
-    seconds: dict[str, list[float]] = {run: [] for run in runs}
+    timings: dict[str, list[Timing]] = {run: [] for run in runs}
+    cpus = os.cpu_count() or 1
     for r in range(rounds):
         for run in runs:
-            seconds[run].append(_run(engine_of[run], requests,
-                                     base_only=run.startswith("base only")))
-            say(f"round {r + 1}/{rounds}: {run}: {seconds[run][-1]:.2f} s "
-                f"({tokens / seconds[run][-1]:.1f} output tok/s)")
+            t = _run(engine_of[run], requests, base_only=run.startswith("base only"))
+            timings[run].append(t)
+            say(f"round {r + 1}/{rounds}: {run}: {t.wall:.2f} s ({tokens / t.wall:.1f} output "
+                f"tok/s), CPU {t.cpu:.2f} s, stolen {t.steal / (t.wall * cpus):.1%}")
+    seconds = {run: [t.wall for t in ts] for run, ts in timings.items()}
+    cpu = {run: [t.cpu for t in ts] for run, ts in timings.items()}
     stats: dict[str, KernelStats] = {}
     bandwidth: list[float] = []
     original, original_fused = sgmv_cpu.sgmv_cpu, sgmv_cpu.linear_lora_cpu
@@ -203,7 +239,7 @@ def engine_overhead(spec: WorkloadSpec, model: str | None, quantization: str,
             stats[f"{name}, mixed"] = ks = KernelStats()
             sgmv_cpu.sgmv_cpu = ks.wrap(original)
             sgmv_cpu.linear_lora_cpu = ks.wrap_fused(original_fused)
-            ks.run_seconds = _run(engines[name], requests, base_only=False)
+            ks.run_seconds = _run(engines[name], requests, base_only=False).wall
             sgmv_cpu.sgmv_cpu, sgmv_cpu.linear_lora_cpu = original, original_fused
             say(f"{name}, mixed, kernel timed: {ks.seconds:.2f} s in {len(ks.calls)} calls, "
                 f"{ks.share:.1%} of the rest of the run; {ks.fused_calls} calls with the base "
@@ -215,16 +251,24 @@ def engine_overhead(spec: WorkloadSpec, model: str | None, quantization: str,
     for run in runs:
         own_base = base_run.get(run, run)
         med, base = statistics.median(seconds[run]), statistics.median(seconds[own_base])
-        # Each round's run against the base-only run right after it: this VM's speed drifts
-        # by 10% and more within minutes, and a pair run close together shares the drift.
-        paired = statistics.median(s / b - 1 for s, b in zip(seconds[run], seconds[own_base]))
+        paired = _paired(seconds[run], seconds[own_base])
+        cpu_med, cpu_base = statistics.median(cpu[run]), statistics.median(cpu[own_base])
+        cpu_paired = _paired(cpu[run], cpu[own_base])
+        stolen = statistics.median(t.steal / (t.wall * cpus) for t in timings[run])
         result = {"seconds": seconds[run], "median_s": round(med, 3),
                   "output_tok_per_s": round(tokens / med, 1),
                   "lora_overhead": round(med / base - 1, 4),
-                  "lora_overhead_paired": round(paired, 4)}
+                  "lora_overhead_paired": round(paired, 4),
+                  "cpu_seconds": [round(c, 3) for c in cpu[run]],
+                  "cpu_overhead": round(cpu_med / cpu_base - 1, 4),
+                  "cpu_overhead_paired": round(cpu_paired, 4),
+                  "stolen_share": round(stolen, 4)}
+        own = run == own_base
         cells = [run, f"{med:.2f} ({', '.join(f'{s:.2f}' for s in seconds[run])})",
-                 f"{tokens / med:.1f}", "-" if run == own_base else f"{med / base - 1:.1%}",
-                 "-" if run == own_base else f"{paired:.1%}"]
+                 f"{tokens / med:.1f}", "-" if own else f"{med / base - 1:.1%}",
+                 "-" if own else f"{paired:.1%}", f"{cpu_med:.2f}",
+                 "-" if own else f"{cpu_med / cpu_base - 1:.1%} / {cpu_paired:.1%}",
+                 f"{stolen:.1%}"]
         if run in stats:
             by_step = stats[run].by_step()
             kernel_s = stats[run].seconds
@@ -244,13 +288,15 @@ def engine_overhead(spec: WorkloadSpec, model: str | None, quantization: str,
         results[run] = result
         rows.append("| " + " | ".join(cells) + " |")
     head = ("| run | seconds (rounds) | output tok/s | LoRA overhead (run / base - 1) "
-            "| paired by round (median) |")
+            "| paired by round (median) | CPU s (median) | overhead by CPU time (medians / "
+            "paired) | stolen by the hypervisor (median) |")
     if kernel_stats:
         head += (" C kernel s (a run of its own) | kernel / rest of that run "
                  "| kernel GB/s |")
     lines = [f"{run}: LoRA overhead {results[run]['lora_overhead']:.1%} (medians), "
-             f"{results[run]['lora_overhead_paired']:.1%} (round by round, median)"
-             for run in mixed]
+             f"{results[run]['lora_overhead_paired']:.1%} (round by round, median); "
+             f"by CPU time {results[run]['cpu_overhead']:.1%}, "
+             f"{results[run]['cpu_overhead_paired']:.1%}" for run in mixed]
     lines += [f"{run}: {results['base only']['median_s'] / results[run]['median_s']:.2f}x "
               "the speed of the first base-only run (medians)" for run in runs[len(mixed) + 1:]]
     if kernel_stats:
