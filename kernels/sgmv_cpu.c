@@ -111,7 +111,11 @@ typedef struct {
 
 static inline vf ld(const float *p) { return *(const vf *)p; }
 static inline void st(float *p, vf v) { *(vf *)p = v; }
-static inline vf bc(float f) { const vf zero = {0}; return zero + f; }
+#if VW == 16
+static inline vf bc(float f) { return (vf){f, f, f, f, f, f, f, f, f, f, f, f, f, f, f, f}; }
+#else
+static inline vf bc(float f) { return (vf){f, f, f, f, f, f, f, f}; }
+#endif
 
 typedef float v8 __attribute__((vector_size(32), aligned(4)));
 typedef float v4 __attribute__((vector_size(16), aligned(4)));
