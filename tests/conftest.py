@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
 @pytest.fixture
 def dense_rows_64(monkeypatch) -> int:
     """The C kernel takes the base's calls of up to 64 rows, and so the one-call path of base
-    and adapters, as with AVX-512, on any CPU (with AVX2 only it takes up to 4): the tests of
+    and adapters, as with AVX-512, on any CPU (with AVX2 only, up to 16): the tests of
     those paths then run the same steps everywhere."""
     from loraplex.server.runner import cpu_gemm
 

@@ -19,7 +19,7 @@ second copy of the weight in its own panel layout (`DenseWeights`, kernels/sgmv_
 a step mostly reads the weights, and oneDNN read them at about half the memory's bandwidth.
 Over SmolLM2's 211 projections, one decode step's worth, the C kernel ran 1.31-1.74x as fast
 as oneDNN at 1-4 rows, 1.00-1.40x at 8-24 and 1.11-1.30x at 32-64 (`_bench`, two runs) with
-AVX-512; with AVX2 only it wins at 1-4 rows alone (DENSE_ROWS).
+AVX-512; with AVX2 only it wins up to 16 rows (DENSE_ROWS).
 
 The packed weights are copies derived from `weight`, which stays the source of truth: the
 embedding tied to `lm_head`, merges (adapters/merge.py) and state dicts read and write
@@ -48,9 +48,10 @@ PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 # Zen 5 VM), over one decode step's projections, it was never slower at any row count measured
 # up to 64 (`_bench`), and the engine's base-only run of 32 requests sped up by 5-8% more with
 # 32 than with 16 (its steps of 17-32 rows: 54-66 ms against 63-85). With AVX2 only (a Zen 3
-# VM), whose registers hold a quarter of the 4-row tiles' accumulators, it ran 1.09-1.12x
-# oneDNN's speed at 1-4 rows and 0.75-0.89x at 8-64 (`_bench`, 2026-12-02).
-DENSE_ROWS = 64 if torch.backends.cpu.get_cpu_capability() == "AVX512" else 4
+# VM, 2026-12-02, `_bench`) it ran 1.04-1.12x oneDNN's speed at 1-8 rows, 1.00x at 16 and
+# 0.95-0.99x at 24-64; up to 16 rows its call also takes the step's adapters along
+# (lora_layers.KernelLoRALinear). In the engine 4, 16 and 64 came out within that VM's noise.
+DENSE_ROWS = 64 if torch.backends.cpu.get_cpu_capability() == "AVX512" else 16
 
 
 def bucket(rows: int) -> int:
