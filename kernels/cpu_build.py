@@ -24,6 +24,12 @@ import torch
 log = logging.getLogger(__name__)
 
 
+def avx512() -> bool:
+    """Whether the kernels are built for AVX-512 here (flags() passes -mavx512f exactly then:
+    16-float vectors, else 8); cpu_gemm.DENSE_ROWS follows it."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
 def flags() -> list[str]:
     # Only instruction sets this CPU has (torch has already asked it); no -march=native, so
     # a cache directory shared by two CPUs of the same capability stays valid.

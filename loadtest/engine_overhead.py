@@ -147,7 +147,8 @@ def steal_seconds() -> float:
 class Timing:
     """One run: wall seconds, this process's CPU seconds (all threads, user and system), and
     the CPU seconds the hypervisor stole from the machine meanwhile. CPU time leaves out
-    stolen time, which wall time counts: on a shared VM it is the steadier of the two."""
+    stolen time, which wall time counts; a machine that slows without steal (a Zen 3 VM whose
+    memory ran slower from one run to the next) moves both alike."""
 
     wall: float
     cpu: float

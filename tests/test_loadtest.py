@@ -461,7 +461,7 @@ def test_engine_overhead_runs_every_variant_and_counts_the_kernels_bytes(tmp_pat
     assert fp32["lora_overhead_paired"] == pytest.approx(
         fp32["seconds"][0] / base["seconds"][0] - 1, abs=1e-4)
     assert report["read_gb_per_s"][0] > 0
-    # CPU time, all threads: a run keeps at least one core busy most of its time
+    # CPU time, all threads: a fair share of the run's wall time, whatever the thread count
     assert fp32["cpu_seconds"][0] > 0.2 * fp32["seconds"][0]
     assert fp32["cpu_overhead_paired"] == pytest.approx(
         fp32["cpu_seconds"][0] / base["cpu_seconds"][0] - 1, abs=2e-3)

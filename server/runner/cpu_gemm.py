@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loraplex.kernels import sgmv_cpu
+from loraplex.kernels import cpu_build, sgmv_cpu
 from loraplex.kernels.sgmv_cpu import DenseWeights, SlotArena, dense_cpu
 
 from ..config import ConfigError
@@ -51,7 +51,7 @@ PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 # VM, 2026-12-02, `_bench`) it ran 1.04-1.12x oneDNN's speed at 1-8 rows, 1.00x at 16 and
 # 0.95-0.99x at 24-64; up to 16 rows its call also takes the step's adapters along
 # (lora_layers.KernelLoRALinear). In the engine 4, 16 and 64 came out within that VM's noise.
-DENSE_ROWS = 64 if torch.backends.cpu.get_cpu_capability() == "AVX512" else 16
+DENSE_ROWS = 64 if cpu_build.avx512() else 16
 
 
 def bucket(rows: int) -> int:
