@@ -88,7 +88,9 @@ def single_tenant(args, adapters: dict) -> dict:
     would credit that to whichever mode runs last. Merges happen on an idle engine (every
     layer at once) and are timed, as are unmerges."""
     engine = _engine(args.model, "none", adapters)
-    reqs = make_requests(engine.tokenizer, [HOT], args.requests, args.seed)
+    low, high = map(int, args.single_tokens.split(","))
+    reqs = make_requests(engine.tokenizer, [HOT], args.requests, args.seed,
+                         output_range=(low, high))
     base = [Req(r.prompt, None, r.max_tokens) for r in reqs]
     tokens = sum(r.max_tokens for r in reqs)
     _serve(engine, reqs[:2], "warm-up")
@@ -356,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="single-tenant rounds")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--output-tokens", type=int, default=32)
+    ap.add_argument("--single-tokens", default="16,96",
+                    help="part 1: each request's new tokens, drawn from LOW,HIGH")
     ap.add_argument("--phase", type=float, default=20.0, help="seconds of each mixed phase "
                     "(the hot phase lasts twice as long)")
     ap.add_argument("--threshold", type=float, default=0.95)
@@ -374,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         args.shares = "0.5"
         args.adapters = 2
         args.drift_prompts, args.drift_tokens, args.output_tokens = 2, 2, 4
+        args.single_tokens = "4,8"
     parts = set(args.parts.split(","))
     results: dict = {"model": args.model or "embedded SmolLM2-135M-Instruct", "dtype": "float32",
                      "threads": torch.get_num_threads(), "argv": argv or sys.argv[1:]}
