@@ -309,6 +309,8 @@ def _eventually(client: openai.OpenAI, model: str, deadline_s: float = 180) -> t
             time.sleep(2)
 
 
+# The long form (scripts/long_tests.sh): redeploying both replicas takes over a minute here.
+@pytest.mark.long
 def test_ray_without_affinity_every_replica_loads_every_adapter(cluster):
     """The control: the same application with affinity off (Ray replaces the replicas too)
     spreads each adapter over both replicas."""

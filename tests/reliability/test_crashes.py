@@ -123,7 +123,7 @@ def test_f7_same_name_races_over_http(make_server, adapter_variants, tmp_path, f
                    for k in range(8)]
         for w in workers:
             w.start()
-        time.sleep(scale(10, 60))
+        time.sleep(scale(6, 60))
         stop.set()
         for w in workers:
             w.join(120)

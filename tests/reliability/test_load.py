@@ -139,7 +139,7 @@ def ms(seconds: float) -> float:
 def test_l1_steady_load_has_no_errors(server, figures):
     """L1: SEATS closed-loop clients (one per engine seat: no request waits for a seat) of
     streamed completions over base and adapters: every call succeeds."""
-    results, wall = closed_loop(server.url, SEATS, scale(30, 300), seed=1)
+    results, wall = closed_loop(server.url, SEATS, scale(20, 300), seed=1)
     ok = [r for r in results if r.ok]
     ttfts = [r.ttft for r in ok if r.ttft is not None]
     figures.record("L1", "requests", len(results), "", f"{SEATS} closed-loop clients, {wall:.0f} s")
@@ -192,10 +192,10 @@ def test_l3_soak_memory_and_open_files_stay_flat(server, figures):
     slots are allocated at start-up and every request's state is freed when it ends, so what
     may still grow after warm-up is allocator fragmentation, which levels off. At the ~1
     request/s of this load, leaking one logits row (49152 fp32, 192 KiB) per request would
-    be several times the bound. Short run (60 s, a 30 s half): only RSS under 1.5x what it
+    be several times the bound. Short run (40 s, a 20 s half): only RSS under 1.5x what it
     was after warm-up. Open files: back to the idle count once the clients have gone, in
     both runs (every connection closed and nothing else left open)."""
-    seconds, interval = scale(60, 1800), scale(2, 10)
+    seconds, interval = scale(40, 1800), scale(2, 10)
     with httpx.Client(base_url=server.url) as client:  # some first calls, then idle
         for i in range(3):
             assert call(client, random.Random(i)).ok
