@@ -145,7 +145,7 @@ def markdown(report: dict, out: Path) -> str:
     lines = [f"# GPU check ({'dry run, CPU' if report['dry_run'] else env.get('gpu', 'no GPU')})",
              "", f"- Date: {report['date']}", f"- Commit: `{report['commit']}`",
              f"- Command: `{report['command']}`",
-             f"- Versions: " + ", ".join(f"{k} {v}" for k, v in env.items() if k != "nvidia_smi"),
+             "- Versions: " + ", ".join(f"{k} {v}" for k, v in env.items() if k != "nvidia_smi"),
              f"- nvidia-smi: {env.get('nvidia_smi')}", f"- Wall time: {report['seconds']} s", "",
              "| stage | status | seconds (budget) | summary |", "|---|---|---|---|"]
     for s in report["stages"]:
