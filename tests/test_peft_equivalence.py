@@ -346,7 +346,7 @@ TRITON_SPECS = ("r1_qv", "patterns", "rslora_patterns", "regex_mlp01")
 
 # The long form (scripts/long_tests.sh) adds the unfused Qwen2 case and the fused Llama one at
 # full size: CI runs the fused Llama one, the path CUDA takes by default, on one layer and
-# requests of 2-6 new tokens (each condition asserted below still occurs; a third of the
+# requests of 2-6 new tokens (each condition asserted below still occurs; a quarter of the
 # interpreter's time), and the unfused path in test_tiny_mixed_batches_match_peft.
 @pytest.mark.parametrize("arch,fuse,decode,layers,max_tokens", [
     pytest.param("llama", True, "triton", 1, (2, 6), id="llama-fused-paged-static"),
