@@ -62,7 +62,7 @@ def stages(out: Path) -> list[Stage]:
                [*pytest, "-m", "long or not long", "tests/test_peft_equivalence.py", "-k",
                 "triton_backend"]],
               [[*pytest, "tests/test_sgmv.py", "tests/test_paged_attention.py", "-k",
-                "one_launch or bf16_cache and not cpu"],
+                "one_launch or (bf16_cache and not cpu)"],
                [*pytest, "tests/test_peft_equivalence.py", "-k", "lora_backend_is"]]),
         Stage("kernels", 0.2,
               [[*bench, "--batches", "1,16,256", "--adapters", "1,B", "--ranks", "16,mixed",
