@@ -106,6 +106,16 @@ typedef struct {
  * after. Farther ahead (8-32 KB) or with the default cache hint it gained nothing. A prefetch
  * past the end of the weights never faults. */
 #define AHEAD_A (1024 / (int)sizeof(wt))
+/* The cache hint: prefetchnta on AMD's cores (cpu_build defines LP_PREFETCH_NTA there), as
+ * measured above; prefetcht1 (into L2) elsewhere. On an Intel Xeon with AVX-512 (2026-12-03)
+ * prefetchnta kept the lines out of L2, so every 4-row tile of a base panel read it from memory
+ * again: the base's 211 projections ran at 0.18x oneDNN's speed at 32 rows and 0.67x at one
+ * row, and at 1.06x and 1.38x with prefetcht1 (docs/benchmarks.md). t0 and t2 did as t1. */
+#ifdef LP_PREFETCH_NTA
+#define PF_HINT 0
+#else
+#define PF_HINT 2
+#endif
 #define AHEAD_B_BYTES 2048
 #define LINE (64 / (int)sizeof(wt)) /* weights per cache line */
 
@@ -158,7 +168,7 @@ static inline __attribute__((always_inline)) void shrink(
       for (int jj = 0; jj < JP; jj++) acc[i][jj] = bc(0.0f);
     for (int64_t k = 0; k < in; k += 16) {
       const wt *ak = ab + k * JB;
-      for (int l = 0; l < JP * 16; l += LINE) __builtin_prefetch(ak + AHEAD_A + l, 0, 0);
+      for (int l = 0; l < JP * 16; l += LINE) __builtin_prefetch(ak + AHEAD_A + l, 0, PF_HINT);
       for (int c = 0; c < 16; c += VW) {
         vf xv[MB];
         if (k < kv) {
@@ -201,7 +211,7 @@ static inline __attribute__((always_inline)) void shrink(
           vf b[GV];                                                                          \
           for (int v = 0; v < GV; v++) b[v] = LOAD(bp + j * PW + VW * v);                    \
           for (int l = 0; l < CG; l += 64 / (int)sizeof(T))                                  \
-            __builtin_prefetch(bp + j * PW + l + AHEAD_B_BYTES / (int)sizeof(T), 0, 0);      \
+            __builtin_prefetch(bp + j * PW + l + AHEAD_B_BYTES / (int)sizeof(T), 0, PF_HINT);\
           for (int i = 0; i < mb; i++) {                                                     \
             vf hv = bc(h[i * ldh + j]);                                                      \
             for (int v = 0; v < GV; v++) acc[i][v] += hv * b[v];                             \

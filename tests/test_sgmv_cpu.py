@@ -532,6 +532,35 @@ def test_fused_call_gives_the_two_calls_bits(in_features, out, pattern, threads)
         torch.set_num_threads(before)
 
 
+def test_either_prefetch_hint_builds_and_gives_the_same_bits(monkeypatch, tmp_path):
+    """sgmv_cpu.c prefetches weights with the non-temporal hint on AMD's cores only (cpu_build
+    defines LP_PREFETCH_NTA there): the other vendor's build compiles here too and computes the
+    same bits, base and adapters, at one tile and at many tiles of a panel."""
+    other_vendor = "GenuineIntel" if cpu_build.vendor() == "AuthenticAMD" else "AuthenticAMD"
+    monkeypatch.setattr(cpu_build, "vendor", lambda: other_vendor)
+    assert ("-DLP_PREFETCH_NTA" in cpu_build.flags()) == (other_vendor == "AuthenticAMD")
+    monkeypatch.setenv("LORAPLEX_CACHE", str(tmp_path))
+    other = sgmv_cpu.load_source(sgmv_cpu.SOURCE)
+    assert other is not None and other._name != LIB._name
+    rng = random.Random(3)
+    gen = torch.Generator().manual_seed(3)
+    w, bias = torch.randn(960, 576, generator=gen), torch.randn(960, generator=gen)
+    for batch in (1, 5, 17, 64):
+        case = Case(token_slots("zipf", batch, rng), [1, 15, 17, 33, 64, 0], 576, 960,
+                    seed=batch)
+        packed = sgmv_cpu.PackedSlots(other, NUM_SLOTS, 64, 576, 960,
+                                      torch.tensor(case.ranks, dtype=torch.int32),
+                                      torch.tensor(case.scales))
+        packed.data.copy_(case.packed.data)
+        x = case.x.unsqueeze(0)  # [1, T, in]
+        ours, theirs = (sgmv_cpu.linear_lora_cpu(x, sgmv_cpu.DenseWeights(lib, w, bias), slots,
+                                                 sgmv_cpu.SegmentTable(case.segments, 64, 64))
+                        for lib, slots in ((LIB, case.packed), (other, packed)))
+        assert torch.equal(ours, theirs)
+        assert torch.equal(case.run(), sgmv_cpu.sgmv_cpu(
+            case.fresh_y(), case.x, packed, sgmv_cpu.SegmentTable(case.segments)))
+
+
 def test_fused_call_declines_what_it_cannot_take():
     """None (the caller then makes the two calls) for a table without scratch or too many
     tokens for it, other dtypes, rows apart, other widths, and slots past the weights'."""
