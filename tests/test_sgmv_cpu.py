@@ -505,11 +505,12 @@ def test_dense_weights_follow_a_repack_and_refuse_what_c_cannot_read():
 
 @pytest.mark.parametrize("in_features,out", [(7, 63), (64, 64), (130, 65), (576, 960)])
 @pytest.mark.parametrize("pattern", ["distinct", "zipf", "identical", "skewed"])
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2, 3])  # 3: more than CI's cores
 def test_fused_call_gives_the_two_calls_bits(in_features, out, pattern, threads):
     """`linear_lora_cpu` against `dense_cpu` then `sgmv_cpu`, bit for bit, and against fp64:
     batches of one token to the engine's 64, one segment to many, tokens without an adapter,
-    ranks off the 4-rank block, NaN past every rank (never read)."""
+    ranks off the 4-rank block, NaN past every rank (never read). Its expands wait for the
+    shrinks and base panels they read, with no barrier: a missed wait shows as other bits."""
     rng = random.Random(in_features * out + threads)
     gen = torch.Generator().manual_seed(in_features + out)
     w = torch.randn(out, in_features, generator=gen)
