@@ -487,11 +487,12 @@ static void item_expand(float *y, int64_t ldy, const lp_slots *p, const lp_step 
  * panel or a shrink, microseconds), then yielding the core, where more threads than cores
  * may have descheduled the thread that runs the unit. */
 static inline void await_unit(const int *done, int64_t u) {
-  for (int spins = 0; !__atomic_load_n(done + u, __ATOMIC_ACQUIRE); spins++) {
-    if (spins >= 4096) {
+  for (int spins = 0; !__atomic_load_n(done + u, __ATOMIC_ACQUIRE);) {
+    if (spins == 4096) {
       sched_yield();
       continue;
     }
+    spins++;
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_ia32_pause();
 #endif
@@ -510,16 +511,17 @@ static inline void await_unit(const int *done, int64_t u) {
  * adapters' expands, each split into enough column ranges to keep every thread busy.
  *
  * No barrier between the phases: a thread that finds no phase-1 unit left starts on the
- * expands while the other finishes its last unit (a base panel of up to 147 KB), and each
+ * expands while the other finishes its last unit (a base panel: in x 256 bytes), and each
  * expand waits only for the units it reads: its item's shrink (h) and the panels of its
  * columns (y). Every unit waited for has been handed to a thread that waits for nothing, so
  * each wait ends. The expands go column range by column range (every item's first range,
- * then every item's second), in at least 3 ranges, so that the first ones read panels phase 1
- * finished early. On an Intel Xeon VM (2026-12-03; SmolLM2's 210 projections, 8 adapters of
- * ranks 4-64, kernel alone, in turn with the barrier) the adapters' cost per decode step fell
- * by 17%, 10%, 17% and 6% at 4, 8, 16 and 24 tokens (3.88 -> 3.23 ms at 4). Waits alone, with
- * the old order (item by item, one range each when there are 4 items or more), gained nothing
- * there: such a range spans every panel, the last one included. */
+ * then every item's second), in at least 3 ranges where there are 3 panels, so that the first
+ * ones read panels phase 1 finished early (libgomp hands the panels out in order). On an Intel
+ * Xeon VM (2026-12-03; SmolLM2's 210 projections, 8 adapters of ranks 4-64, kernel alone, in
+ * turn with the barrier) the adapters' cost per decode step fell by 17%, 10%, 17% and 6% at 4,
+ * 8, 16 and 24 tokens (3.88 -> 3.23 ms at 4). Waits alone, with the old order (item by item,
+ * one range each when there are 4 items or more), gained nothing there: such a range spans
+ * every panel, the last one included. */
 void lp_linear_lora_f32(float *y, const float *x, int64_t rows, const lp_dense *d,
                         const lp_slots *p, const lp_step *st) {
   const int64_t threads = omp_get_max_threads();
