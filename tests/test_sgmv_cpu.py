@@ -394,6 +394,35 @@ def test_a_bf16_step_computes_the_delta_in_fp32_and_rounds_once_as_peft_does():
     assert not torch.equal(got, bf16_weights)
 
 
+def test_bf16_rows_round_ties_to_even_overflow_and_keep_nan_as_torch_does():
+    """The bf16 path widens and rounds rows VW lanes at a time, with a scalar tail: widths
+    off the vector (37 columns, 21 inputs), ties, a sum past bf16's largest value, NaN and
+    infinities, each against torch's float -> bfloat16; a token without an adapter keeps its
+    row's bits."""
+    case = Case([0, 0, -1], [1, 0, 0, 0, 0, 0], 21, 37)
+    a = torch.zeros(1, 21)
+    a[0, 0] = 1.0
+    gen = torch.Generator().manual_seed(3)
+    delta = torch.randn(37, generator=gen)  # the delta of each column, for x[t, 0] = 1
+    y = torch.randn(3, 37, generator=gen).bfloat16()
+    ulp_1 = 2.0 ** -7  # bf16's step at 1.0
+    for col, (y0, d) in enumerate([(1.0, ulp_1 / 2), (1.0 + ulp_1, ulp_1 / 2),  # ties
+                                   (-1.0, -ulp_1 / 2), (3.3895e38, 2.0 ** 119),  # to inf
+                                   (float("nan"), 1.0), (float("inf"), -1.0),
+                                   (float("-inf"), 5.0), (0.0, -0.0)]):
+        for c in (col, 32 + col % 5):  # in the vectors and in the tail
+            y[:, c], delta[c] = y0, d
+    case.packed.write(0, a, (delta / case.scales[0])[:, None])  # B: [out, rank 1]
+    x = torch.zeros(3, 21, dtype=torch.bfloat16)
+    x[:, 0] = 1.0
+    got = sgmv_cpu.sgmv_cpu(y.clone(), x, case.packed, sgmv_cpu.SegmentTable(case.segments))
+    want = (y[:2].float() + delta).bfloat16()
+    assert (want[0, 3] == float("inf")) and want[0, 0] == 1.0 and want[0, 1] == 1.0 + 2 * ulp_1
+    assert torch.equal(got[:2].isnan(), want.isnan())
+    assert torch.equal(got[:2].nan_to_num(), want.nan_to_num())
+    assert torch.equal(got[2].view(torch.int16), y[2].view(torch.int16))
+
+
 def test_fp16_rows_take_the_delta_in_fp32_and_one_rounding():
     """An fp16 model: the delta computed in fp32 from widened rows, added to the widened y and
     rounded once, as PEFT computes with its adapters in fp32; 3-D [1, T, width] rows too."""
