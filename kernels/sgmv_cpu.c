@@ -50,14 +50,15 @@ typedef float vf __attribute__((vector_size(4 * VW), aligned(4), may_alias));
 /* The adapters' weights are fp32, or bf16 where the library is built with LP_WEIGHTS_BF16
  * (`--lora-dtype bfloat16`: half the bytes to stream); either way they are widened to fp32
  * as loaded and every product and sum is fp32. */
-#ifdef LP_WEIGHTS_BF16
-typedef uint16_t wt;
 typedef uint16_t u16v __attribute__((vector_size(2 * VW), aligned(2), may_alias));
 typedef uint32_t u32v __attribute__((vector_size(4 * VW)));
-static inline vf ldw(const wt *p) {
-  const u32v u = __builtin_convertvector(*(const u16v *)p, u32v) << 16;  /* bf16 -> fp32 */
-  return (vf)u;
+/* VW bf16 values widened to fp32: the weights of a LP_WEIGHTS_BF16 build, a bf16 model's rows */
+static inline vf ld_bf16(const uint16_t *p) {
+  return (vf)(__builtin_convertvector(*(const u16v *)p, u32v) << 16);
 }
+#ifdef LP_WEIGHTS_BF16
+typedef uint16_t wt;
+static inline vf ldw(const wt *p) { return ld_bf16(p); }
 #else
 typedef float wt;
 static inline vf ldw(const wt *p) { return *(const vf *)p; }
@@ -381,23 +382,19 @@ static inline uint16_t f2bf(float f) {
 /* A row of bf16 widened to fp32, and one rounded back as f2bf does, VW lanes at a time (GCC
  * vectorised f2bf's loop 4 lanes wide: for a low-rank adapter, the rows took longer than the
  * weights). */
-typedef uint16_t b16v __attribute__((vector_size(2 * VW), aligned(2), may_alias));
-typedef uint32_t b32v __attribute__((vector_size(4 * VW), aligned(4), may_alias));
-
 static inline void widen_row(float *dst, const uint16_t *src, int64_t n) {
   int64_t o = 0;
-  for (; o + VW <= n; o += VW)
-    *(b32v *)(dst + o) = __builtin_convertvector(*(const b16v *)(src + o), b32v) << 16;
+  for (; o + VW <= n; o += VW) st(dst + o, ld_bf16(src + o));
   for (; o < n; o++) dst[o] = bf2f(src[o]);
 }
 
 static inline void round_row(uint16_t *dst, const float *src, int64_t n) {
   int64_t o = 0;
   for (; o + VW <= n; o += VW) {
-    const b32v u = *(const b32v *)(src + o);
-    const b32v nan = (b32v)((u & 0x7fffffffu) > 0x7f800000u);  /* all ones in a NaN's lane */
-    const b32v r = ((u + 0x7fffu + ((u >> 16) & 1u)) >> 16 & ~nan) | ((u >> 16 | 0x40u) & nan);
-    *(b16v *)(dst + o) = __builtin_convertvector(r, b16v);
+    const u32v u = (u32v)ld(src + o);
+    const u32v nan = (u32v)((u & 0x7fffffffu) > 0x7f800000u);  /* all ones in a NaN's lane */
+    const u32v r = ((u + 0x7fffu + ((u >> 16) & 1u)) >> 16 & ~nan) | ((u >> 16 | 0x40u) & nan);
+    *(u16v *)(dst + o) = __builtin_convertvector(r, u16v);
   }
   for (; o < n; o++) dst[o] = f2bf(src[o]);
 }
